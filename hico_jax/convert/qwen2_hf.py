@@ -1,0 +1,246 @@
+"""Hugging Face Qwen2 / Qwen2.5 layout <-> hico_jax Qwen2 params, as a table.
+
+Each row: the HF key (with {i} for the layer), the path in our params (layers stacked on axis 0 by
+nn.scan), and the transform from the HF tensor to ours. Every transform is a pure reshape/transpose, so
+HF -> params -> HF reproduces the file bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from hico_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
+from hico_jax.models.qwen2 import Qwen2Config
+
+
+def _linear(w):            # torch Linear (out, in) -> flax kernel (in, out)
+  return w.T
+
+
+def _to_heads(heads):      # (heads*head_dim, D) -> (D, heads, head_dim)
+  return lambda w: w.T.reshape(w.shape[1], heads, -1)
+
+
+def _bias_to_heads(heads):
+  return lambda b: b.reshape(heads, -1)
+
+
+def _from_heads_out(heads):  # o_proj (D, heads*head_dim) -> (heads, head_dim, D)
+  return lambda w: w.T.reshape(heads, -1, w.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  hf: str                        # HF key; "{i}" is the layer index
+  path: tuple[str, ...]          # where the tensor lives in our params
+  to_jax: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def rules(config: Qwen2Config, prefix: str = "model.") -> list[Rule]:
+  """The full table for one config. `prefix` is where the decoder sits in a bigger model's state dict."""
+  n, k = config.num_heads, config.num_kv_heads
+  ident = lambda x: x
+  layer = [
+      Rule("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), _to_heads(n), lambda x: x.reshape(x.shape[0], -1).T),
+      Rule("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), _bias_to_heads(n), lambda x: x.reshape(-1)),
+      Rule("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), _to_heads(k), lambda x: x.reshape(x.shape[0], -1).T),
+      Rule("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), _bias_to_heads(k), lambda x: x.reshape(-1)),
+      Rule("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), _to_heads(k), lambda x: x.reshape(x.shape[0], -1).T),
+      Rule("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), _bias_to_heads(k), lambda x: x.reshape(-1)),
+      Rule("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), _from_heads_out(n), lambda x: x.reshape(-1, x.shape[-1]).T),
+      Rule("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), _linear, _linear),
+      Rule("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), _linear, _linear),
+      Rule("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), _linear, _linear),
+      Rule("input_layernorm.weight", ("input_layernorm", "scale"), ident, ident),
+      Rule("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), ident, ident),
+  ]
+  table = [Rule(f"{prefix}layers.{{i}}.{r.hf}", ("layers",) + r.path, r.to_jax, r.to_hf) for r in layer]
+  table += [
+      Rule(f"{prefix}embed_tokens.weight", ("embed_tokens", "embedding"), ident, ident),
+      Rule(f"{prefix}norm.weight", ("norm", "scale"), ident, ident),
+  ]
+  if not config.tie_word_embeddings:
+    table.append(Rule("lm_head.weight", ("lm_head", "kernel"), _linear, _linear))
+  return table
+
+
+def expected_hf_shapes(config: Qwen2Config, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+  """Every HF key this config needs, with its shape (what a well-formed checkpoint holds)."""
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  per_layer = {
+      "self_attn.q_proj.weight": (q, d), "self_attn.q_proj.bias": (q,),
+      "self_attn.k_proj.weight": (kv, d), "self_attn.k_proj.bias": (kv,),
+      "self_attn.v_proj.weight": (kv, d), "self_attn.v_proj.bias": (kv,),
+      "self_attn.o_proj.weight": (d, q),
+      "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
+      "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+  }
+  shapes = {f"{prefix}layers.{i}.{name}": s for i in range(config.num_layers) for name, s in per_layer.items()}
+  shapes[f"{prefix}embed_tokens.weight"] = (v, d)
+  shapes[f"{prefix}norm.weight"] = (d,)
+  if not config.tie_word_embeddings:
+    shapes["lm_head.weight"] = (v, d)
+  return shapes
+
+
+def check_tensors(reader, expected: dict[str, tuple[int, ...]], where: str):
+  """One error naming every missing, unexpected and mis-shaped tensor."""
+  present = set(reader.keys())
+  problems = []
+  missing = sorted(set(expected) - present)
+  extra = sorted(present - set(expected))
+  if missing:
+    problems.append(f"missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+  if extra:
+    problems.append(f"unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+  for name in sorted(set(expected) & present):
+    if reader.shape(name) != tuple(expected[name]):
+      problems.append(f"tensor {name!r} has shape {reader.shape(name)}, expected {tuple(expected[name])}")
+  if problems:
+    raise ValueError(f"checkpoint {where!r} does not match its config.json: " + "; ".join(problems))
+
+
+def tensors_to_params(reader, config: Qwen2Config, prefix: str = "model.", dtype=None) -> dict:
+  """HF tensors -> nested params dict of numpy arrays (layers stacked). `dtype` None keeps the file's."""
+  params: dict[str, Any] = {}
+  for rule in rules(config, prefix):
+    if "{i}" in rule.hf:
+      value = np.stack([rule.to_jax(reader[rule.hf.format(i=i)]) for i in range(config.num_layers)])
+    else:
+      value = rule.to_jax(reader[rule.hf])
+    _set(params, rule.path, value if dtype is None else value.astype(dtype))
+  return params
+
+
+def params_to_tensors(params, config: Qwen2Config, prefix: str = "model.", dtype=None) -> dict[str, np.ndarray]:
+  """Our params -> HF state-dict tensors, in the order transformers writes them."""
+  out = {}
+  for rule in rules(config, prefix):
+    value = np.asarray(_get(params, rule.path))
+    if dtype is not None:
+      value = value.astype(dtype)
+    if "{i}" in rule.hf:
+      for i in range(config.num_layers):
+        out[rule.hf.format(i=i)] = np.ascontiguousarray(rule.to_hf(value[i]))
+    else:
+      out[rule.hf] = np.ascontiguousarray(rule.to_hf(value))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+
+# Fields that size the model, as (config.json name, our name).
+_SIZE_FIELDS = (
+    ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
+    ("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"),
+    ("num_key_value_heads", "num_kv_heads"), ("head_dim", "head_dim"), ("rms_norm_eps", "rms_norm_eps"),
+    ("tie_word_embeddings", "tie_word_embeddings"), ("max_position_embeddings", "max_position_embeddings"),
+)
+# Fields that do not change the computation of a forward pass (bookkeeping, training-only, generation).
+_INERT_FIELDS = {
+    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
+    "transformers_version", "use_cache", "initializer_range", "max_window_layers", "sliding_window",
+    "attention_dropout", "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
+    "tokenizer_class", "generation_config", "is_decoder", "use_return_dict",
+}
+# Fields that change the architecture, with the only value we implement.
+_REQUIRED_VALUES = {"hidden_act": "silu", "use_sliding_window": False, "rope_scaling": None,
+                    "use_mrope": False}
+
+
+def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str = "config.json") -> dict:
+  """The Qwen2 fields of a config.json as Qwen2Config keyword arguments. Fails naming the field if the
+  file asks for something this decoder does not implement, or holds a field we do not know."""
+  for field, value in _REQUIRED_VALUES.items():
+    if field in hf and hf[field] != value and not (value is False and hf[field] is None):
+      raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
+  rope = hf.get("rope_parameters") or {}
+  if rope.get("rope_type", "default") != "default":
+    raise ValueError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r} is not supported (only 'default')")
+  layer_types = hf.get("layer_types") or []
+  if any(t != "full_attention" for t in layer_types):
+    raise ValueError(f"{where}: layer_types {sorted(set(layer_types))} is not supported (only 'full_attention')")
+  if hf.get("attention_dropout", 0.0):
+    raise ValueError(f"{where}: attention_dropout = {hf['attention_dropout']} is not supported (only 0)")
+
+  known = {name for name, _ in _SIZE_FIELDS} | _INERT_FIELDS | set(_REQUIRED_VALUES) | {
+      "rope_theta", "rope_parameters", "layer_types"} | set(extra_known)
+  unknown = sorted(set(hf) - known)
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {unknown}: hico_jax cannot tell whether they change the "
+                     "architecture, so it refuses to guess")
+
+  fields = {ours: hf[theirs] for theirs, ours in _SIZE_FIELDS if theirs in hf}
+  for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    if required not in hf:
+      raise ValueError(f"{where}: required field {required!r} is missing")
+  fields.setdefault("num_kv_heads", hf["num_attention_heads"])
+  fields.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+  # transformers 5 keeps theta in rope_parameters; 4.x files have it at the top level.
+  theta = rope.get("rope_theta", hf.get("rope_theta"))
+  if theta is None:
+    raise ValueError(f"{where}: no rope_theta (neither rope_parameters.rope_theta nor rope_theta)")
+  fields["rope_theta"] = float(theta)
+  fields.setdefault("tie_word_embeddings", False)
+  return fields
+
+
+def dict_to_hf_config(config: Qwen2Config, dtype: str) -> dict:
+  """A config.json that transformers (4.x and 5.x) loads as Qwen2ForCausalLM."""
+  hf = {theirs: getattr(config, ours) for theirs, ours in _SIZE_FIELDS}
+  hf.update(
+      architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", use_sliding_window=False,
+      attention_dropout=0.0, rope_theta=config.rope_theta,
+      rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"},
+      bos_token_id=151643, eos_token_id=151645, dtype=dtype, torch_dtype=dtype, use_cache=True,
+      initializer_range=0.02)
+  return hf
+
+
+def read_config(model_dir: str) -> dict:
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no config.json in model directory {model_dir!r}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load(model_dir: str, *, params_dtype=None, **config_overrides) -> tuple[Qwen2Config, dict, str]:
+  """(config, params as numpy, the checkpoint's dtype name) from a plain HF Qwen2 directory.
+
+  `params_dtype` None keeps the file's dtype; `config_overrides` set compute options (dtype, remat...)."""
+  fields = hf_config_to_dict(read_config(model_dir), where=os.path.join(model_dir, "config.json"))
+  config = Qwen2Config.from_dict({**fields, **config_overrides})
+  reader = CheckpointReader(model_dir)
+  check_tensors(reader, expected_hf_shapes(config), model_dir)
+  file_dtype = str(reader[reader.keys()[0]].dtype)
+  return config, tensors_to_params(reader, config, dtype=params_dtype), file_dtype
+
+
+def save(model_dir: str, config: Qwen2Config, params, dtype: str = "float32"):
+  """Writes config.json and safetensors that transformers loads with Qwen2ForCausalLM.from_pretrained."""
+  tensors = params_to_tensors(params, config, dtype=np.dtype(dtype))
+  write_checkpoint(tensors, model_dir)
+  path = os.path.join(model_dir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(dict_to_hf_config(config, dtype), f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree

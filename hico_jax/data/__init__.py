@@ -1,0 +1,1 @@
+"""Input pipeline: tokenizer, video decoding, packing and batching."""

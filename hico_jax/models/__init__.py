@@ -1,0 +1,1 @@
+"""Pure-functional Flax linen modules: the Qwen2 decoder now; the video ViT, merge and HiCo model later."""

@@ -1,0 +1,132 @@
+"""One device mesh, and the only place that knows which mesh axis a logical axis name maps to.
+
+Modules name their axes (`("embed", "mlp")`, `("act_batch", "act_len", "act_emb")`); the rules below turn
+those names into mesh axes. Changing the parallel layout is a change of these rules or of the mesh sizes in
+the config, never an edit of model code (MaxText's logical-rules habit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+# Slowest to fastest varying: data-parallel replicas outermost, tensor parallelism on the fastest links.
+MESH_AXES = ("data", "fsdp", "seq", "tensor")
+
+# Parameters: the embedding side of every matrix is sharded over fsdp *and* seq, so the replicas of the
+# sequence axis do not each hold a full copy of the weights and optimizer state (LWM's layout).
+PARAM_RULES = (
+    ("embed", ("fsdp", "seq")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+ACTIVATION_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", "seq"),
+    ("act_kv_len", "seq"),
+    ("act_emb", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+LOGICAL_RULES = PARAM_RULES + ACTIVATION_RULES
+
+
+def mesh_shape(mesh_config: Sequence[tuple[str, int]], num_devices: int) -> dict[str, int]:
+  """Resolves `[(axis, size), ...]` with at most one -1 into sizes for all four mesh axes.
+
+  Axes the config leaves out have size 1. The product must equal the number of devices.
+  """
+  sizes = {name: 1 for name in MESH_AXES}
+  wildcard = None
+  for name, size in mesh_config:
+    if name not in sizes:
+      raise ValueError(f"unknown mesh axis {name!r} in config.mesh; expected names from {MESH_AXES}")
+    if size == -1:
+      if wildcard is not None:
+        raise ValueError(f"config.mesh has two -1 sizes ({wildcard!r} and {name!r}); at most one may be -1")
+      wildcard = name
+    elif size < 1:
+      raise ValueError(f"mesh axis {name!r} has size {size}; sizes are positive or -1")
+    else:
+      sizes[name] = int(size)
+  fixed = math.prod(s for n, s in sizes.items() if n != wildcard)
+  if wildcard is not None:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh {list(mesh_config)}: the fixed axes multiply to {fixed}, which does not "
+                       f"divide the {num_devices} devices, so {wildcard!r}=-1 has no integer size")
+    sizes[wildcard] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"config.mesh {list(mesh_config)} has {math.prod(sizes.values())} devices in all, "
+                     f"but {num_devices} are available")
+  return sizes
+
+
+def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh with axes `MESH_AXES`, sized from config.
+
+  Axis types are Auto: flax linen's logical constraints call `with_sharding_constraint`, which only
+  constrains (rather than asserts) on Auto axes.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[name] for name in MESH_AXES)
+  try:
+    # Knows the physical topology (ICI rings on TPU, NVLink islands on GPU) when devices are all local.
+    from jax.experimental import mesh_utils
+    device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # pylint: disable=broad-except  # e.g. CPU devices, or a multi-slice layout
+    device_grid = np.asarray(devices).reshape(shape)
+  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
+  """Logical PartitionSpecs (or boxed params) -> NamedShardings on `mesh`."""
+  specs = nn.get_partition_spec(logical_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def named_sharding(mesh: Mesh, *logical_axes: str | None, rules=LOGICAL_RULES) -> NamedSharding:
+  """NamedSharding for an array whose dimensions carry these logical names."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def sharding_report(params, shardings) -> tuple[str, float]:
+  """A table of every parameter's shape, spec and per-device bytes; and the fraction of parameter bytes
+  that sit unsharded (fully replicated) on every device.
+
+  `params` may hold arrays or ShapeDtypeStructs; `shardings` is the matching tree of NamedShardings.
+  """
+  rows, total, replicated_bytes = [], 0, 0
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), sharding in zip(flat_params, flat_shardings):
+    nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    shard_shape = sharding.shard_shape(leaf.shape)
+    per_device = math.prod(shard_shape) * np.dtype(leaf.dtype).itemsize
+    total += nbytes
+    if per_device == nbytes:
+      replicated_bytes += nbytes
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    rows.append(f"{name:60s} {str(tuple(leaf.shape)):24s} {str(sharding.spec):40s} {per_device / 2**20:10.2f} MiB")
+  fraction = replicated_bytes / max(total, 1)
+  rows.append(f"total {total / 2**30:.3f} GiB; unsharded {replicated_bytes / 2**20:.2f} MiB ({100 * fraction:.3f}%)")
+  return "\n".join(rows), fraction
