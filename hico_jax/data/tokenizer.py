@@ -126,7 +126,7 @@ def build_qwen2_tokenizer_json(out_dir) -> Path:
   tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
   tok.save_pretrained(str(tmp))
   out_dir.mkdir(parents=True, exist_ok=True)
-  for name in os.listdir(tmp):
+  for name in sorted(os.listdir(tmp), key=lambda n: n == "tokenizer.json"):  # the cache marker goes last
     os.replace(tmp / name, out_dir / name)
   tmp.rmdir()
   # Check the ids we promise before anyone trains on them.

@@ -24,13 +24,24 @@ from hico_jax.ops import rope
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+def _is_fused_attention_forward(prim, *_, **__):
+  """The cuDNN flash-attention forward primitive lives inside jax, out of reach of checkpoint_name; saving
+  its outputs (attention output and softmax statistics) spares the backward pass from re-running it."""
+  return prim.name.startswith("dot_product_attention_fwd")
+
+
 # What the backward pass may keep instead of recomputing, per decoder layer. "dots" keeps every projection
-# output (q, k, v, o, gate, up, down): most memory, least recompute. "qkv_attn" keeps the attention inputs
+# output (q, k, v, o, gate, up, down): most memory, least recompute; "dots_attn" also keeps the fused
+# attention's outputs, so nothing but elementwise work is recomputed. "qkv_attn" keeps the attention inputs
 # and output, recomputing the MLP. "full" keeps only the layer input.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attn": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        lambda prim, *a, **k: _is_fused_attention_forward(prim) or
+        jax.checkpoint_policies.save_only_these_names("attention_out")(prim, *a, **k)),
     "qkv_attn": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attention_out"),
 }
 
@@ -216,6 +227,13 @@ class Qwen2ForCausalLM(nn.Module):
   def embed(self, input_ids):
     """(B, L) int ids -> (B, L, D) embeddings in the compute dtype."""
     return _constrain(self.embed_tokens(input_ids), ("act_batch", "act_len", "act_emb"))
+
+  def head_kernel(self):
+    """The output head as a (D, V) matrix in the compute dtype (the embedding, transposed, when tied), for
+    the fused loss in hico_jax.ops.loss, which never forms all logits at once."""
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens.embedding.T.astype(self.config.compute_dtype)
+    return self.lm_head.variables["params"]["kernel"].astype(self.config.compute_dtype)
 
   def logits(self, hidden):
     if self.config.tie_word_embeddings:

@@ -1,0 +1,1 @@
+"""Inference: prefill + decode generation with a preallocated KV cache."""

@@ -1,0 +1,98 @@
+"""Generation: one prefill over the prompt, then a decode loop over a preallocated KV cache.
+
+Everything has static shapes under one jit: the cache holds prompt + max_new_tokens slots, and a
+`lax.while_loop` stops early once every row has produced an eos id. Prompts may be left- or right-padded
+(attention_mask 0 on padding): padding gets segment id 0, so no real token ever attends to it, and each
+row's positions count only its real tokens, so a padded row decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hico_jax.models import qwen2
+
+
+def sample_token(logits, rng, temperature: float, top_p: float):
+  """(B, V) logits -> (B,) ids: argmax when temperature == 0, else temperature + nucleus (top-p) sampling."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    keep = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "pad_id", "temperature",
+                                             "top_p"))
+def _generate(model, params, input_ids, attention_mask, embeddings, rng, *, max_new_tokens, eos_ids, pad_id,
+              temperature, top_p):
+  batch, prompt_len = attention_mask.shape
+  mask = attention_mask.astype(jnp.int32)
+  lengths = jnp.sum(mask, axis=1)                                     # real tokens per row
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  last_real = prompt_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)     # works for left and right padding
+
+  cache = qwen2.init_cache(model.config, batch, prompt_len + max_new_tokens)
+  _, aux = model.apply(params, input_ids, embeddings=embeddings, segment_ids=mask, positions=positions,
+                       cache=cache, return_logits=False)
+  last_hidden = jnp.take_along_axis(aux["hidden"], last_real[:, None, None], axis=1)   # (B, 1, D)
+  logits = model.apply(params, last_hidden, method=qwen2.Qwen2ForCausalLM.logits)[:, 0]
+  rng, step_rng = jax.random.split(rng)
+  first = sample_token(logits, step_rng, temperature, top_p)
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def cond(state):
+    step, _, _, done, _, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, cache, token, done, out, rng = state
+    out = out.at[:, step].set(jnp.where(done, pad_id, token))
+    done = done | jnp.isin(token, eos)
+    logits, aux = model.apply(params, token[:, None], segment_ids=jnp.ones((batch, 1), jnp.int32),
+                              positions=(lengths + step)[:, None], cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    return step + 1, aux["cache"], sample_token(logits[:, 0], step_rng, temperature, top_p), done, out, rng
+
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  state = (jnp.zeros((), jnp.int32), aux["cache"], first, jnp.zeros((batch,), bool), out, rng)
+  return jax.lax.while_loop(cond, body, state)[4]
+
+
+def generate(model: qwen2.Qwen2ForCausalLM, params, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
+             eos_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, embeddings=None) -> np.ndarray:
+  """New tokens (B, max_new_tokens) int32; after a row's eos id the rest of the row is `pad_id`.
+
+  params is the full variables dict ({"params": ...}). `embeddings` (B, L, D) replaces the embedding of
+  input_ids (the multimodal model passes prompts with visual tokens spliced in).
+  """
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  attention_mask = jnp.asarray(attention_mask, jnp.int32)
+  if attention_mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+  if not bool(jnp.all(jnp.sum(attention_mask, axis=1) > 0)):
+    raise ValueError("every row of attention_mask needs at least one real token")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+  out = _generate(model, params, input_ids, attention_mask, embeddings, jax.random.key(seed),
+                  max_new_tokens=int(max_new_tokens), eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+                  temperature=float(temperature), top_p=float(top_p))
+  return np.asarray(out)

@@ -1,0 +1,90 @@
+"""Cross-entropy over supervised tokens, fused with the output head and computed in chunks of tokens.
+
+At 16k tokens a 152k vocabulary makes 10 GB of float32 logits, and as much again for their gradient. Here
+no more than one chunk's logits exist at a time, and the head is never recomputed: while the forward pass
+has a chunk's logits in hand it also forms that chunk's gradient (softmax − one-hot) and pushes it through
+the head, so the backward pass only scales the stored gradients. Three head matmuls per chunk, like the
+unfused form, and none of its memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def token_cross_entropy(logits, labels):
+  """Per-token -log p(label), float32. logits (..., V) any float dtype; labels (...) int."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return log_z - label_logit
+
+
+def linear_cross_entropy(hidden, kernel, labels, weights, chunk_size: int = 4096):
+  """(Σ weight·CE, Σ weight) of logits = hidden @ kernel, without materialising all logits.
+
+  hidden (B, L, D) and kernel (D, V) in the compute dtype; labels, weights (B, L). The caller divides the
+  two sums, after summing them across the whole mesh, to get the mean over supervised tokens. Gradients
+  flow to hidden and kernel (not to labels or weights).
+  """
+  weights = weights.astype(jnp.float32)
+  total = _fused_loss(hidden, kernel, labels, weights, min(chunk_size, hidden.shape[1]))
+  return total, jnp.sum(weights)
+
+
+def _chunks(x, chunk_size):
+  """(B, L, ...) -> (C, B, c, ...), zero-padding L up to a multiple of c."""
+  pad = (-x.shape[1]) % chunk_size
+  if pad:
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape(x.shape[0], -1, chunk_size, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _loss_and_grads(hidden, kernel, labels, weights, chunk_size):
+  batch, length, dim = hidden.shape
+
+  def body(carry, xs):
+    total, kernel_grad = carry
+    h, y, w = xs
+    logits = jnp.einsum("bld,dv->blv", h, kernel, preferred_element_type=jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    total = total + jnp.sum((log_z - label_logit) * w)
+    # d(Σ w·CE)/d logits = w · (softmax − one-hot)
+    probs = jnp.exp(logits - log_z[..., None])
+    is_label = jnp.arange(logits.shape[-1]) == y[..., None]   # fused by XLA, never a one-hot array
+    logits_grad = (jnp.where(is_label, probs - 1.0, probs) * w[..., None]).astype(h.dtype)
+    hidden_grad = jnp.einsum("blv,dv->bld", logits_grad, kernel, preferred_element_type=jnp.float32)
+    kernel_grad = kernel_grad + jnp.einsum("bld,blv->dv", h, logits_grad, preferred_element_type=jnp.float32)
+    return (total, kernel_grad), hidden_grad.astype(h.dtype)
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+  (total, kernel_grad), hidden_grad = jax.lax.scan(
+      body, init, (_chunks(hidden, chunk_size), _chunks(labels, chunk_size), _chunks(weights, chunk_size)))
+  hidden_grad = jnp.moveaxis(hidden_grad, 0, 1).reshape(batch, -1, dim)[:, :length]
+  return total, (hidden_grad, kernel_grad.astype(kernel.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_loss(hidden, kernel, labels, weights, chunk_size):
+  return _loss_and_grads(hidden, kernel, labels, weights, chunk_size)[0]
+
+
+def _fused_loss_fwd(hidden, kernel, labels, weights, chunk_size):
+  total, grads = _loss_and_grads(hidden, kernel, labels, weights, chunk_size)
+  return total, (grads, labels, weights)
+
+
+def _fused_loss_bwd(chunk_size, residuals, total_grad):
+  (hidden_grad, kernel_grad), labels, weights = residuals
+  scale = lambda g: (g.astype(jnp.float32) * total_grad).astype(g.dtype)
+  # Integer labels take a float0 cotangent; weights are data, not parameters: no gradient.
+  labels_grad = jnp.zeros(labels.shape, jax.dtypes.float0)
+  return scale(hidden_grad), scale(kernel_grad), labels_grad, jnp.zeros_like(weights)
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)

@@ -1,0 +1,56 @@
+"""`validate(config, mesh)`: every disagreement between config numbers and the mesh, before any compile.
+
+A run that would fail deep inside XLA with an opaque sharding error, or silently replicate a 7B embedding,
+stops here with one message listing each offending pair of numbers.
+"""
+
+from __future__ import annotations
+
+from jax.sharding import Mesh
+
+from hico_jax.models.qwen2 import Qwen2Config
+
+
+class ConfigError(ValueError):
+  """The config cannot run on this mesh; the message lists every reason."""
+
+
+def validate(config, mesh: Mesh) -> Qwen2Config:
+  """Checks `config.model` (Qwen2 fields) and, when present, `config.batch_size` and `config.seq_len`
+  against the mesh. Returns the parsed model config."""
+  problems = []
+  try:
+    model = Qwen2Config.from_dict(dict(config.model))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.model: {e}") from None
+  size = dict(mesh.shape)
+  tensor, fsdp_seq = size.get("tensor", 1), size.get("fsdp", 1) * size.get("seq", 1)
+  batch_axes = size.get("data", 1) * size.get("fsdp", 1)
+
+  def divides(count, what, axis_value, axis_desc):
+    if count % axis_value:
+      problems.append(f"{what}={count} is not divisible by {axis_desc}={axis_value}")
+
+  divides(model.num_heads, "model.num_heads", tensor, "mesh tensor")
+  divides(model.num_kv_heads, "model.num_kv_heads", tensor, "mesh tensor")
+  divides(model.intermediate_size, "model.intermediate_size", tensor, "mesh tensor")
+  divides(model.vocab_size, "model.vocab_size", tensor, "mesh tensor")
+  divides(model.hidden_size, "model.hidden_size", fsdp_seq, "mesh fsdp*seq (embed sharding)")
+  if "batch_size" in config:
+    divides(config.batch_size, "batch_size", batch_axes, "mesh data*fsdp")
+  if "seq_len" in config:
+    divides(config.seq_len, "seq_len", size.get("seq", 1), "mesh seq")
+    if config.seq_len > model.max_position_embeddings:
+      problems.append(f"seq_len={config.seq_len} exceeds model.max_position_embeddings="
+                      f"{model.max_position_embeddings}")
+  if model.attention_impl == "cudnn":
+    if model.dtype not in ("bfloat16", "float16"):
+      problems.append(f"attention_impl='cudnn' needs model.dtype bfloat16 or float16, got {model.dtype!r}")
+    if model.head_dim % 8 or model.head_dim > 256:
+      problems.append(f"attention_impl='cudnn' needs head_dim a multiple of 8 and <= 256, got {model.head_dim}")
+    platforms = {d.platform for d in mesh.devices.flat}
+    if platforms != {"gpu"}:
+      problems.append(f"attention_impl='cudnn' runs on GPUs only; this mesh has {sorted(platforms)} devices")
+  if problems:
+    raise ConfigError("config does not fit the mesh " + str(dict(size)) + ":\n  " + "\n  ".join(problems))
+  return model

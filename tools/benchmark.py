@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Benchmarks on one accelerator, each case beside the peer it is compared with, in the same run.
+
+  python tools/benchmark.py llm --presets qwen2_5_1_5b qwen2_7b --seq_lens 4096 16384
+
+`llm`: forward + backward (no optimizer) of the Qwen2 decoder, random init, bf16 compute, remat; tokens/s and
+MFU (FLOPs from tools/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
+Qwen2ForCausalLM (bf16, sdpa, gradient checkpointing) on the same token ids. Every case runs in its own
+subprocess so one framework's memory never crowds the other. Prints a markdown table; --out appends JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import flops  # noqa: E402  # tools/flops.py: the one FLOP count
+
+
+def _token_ids(vocab: int, seq_len: int, seed: int = 0):
+  import numpy as np
+  return np.random.default_rng(seed).integers(0, vocab, (1, seq_len)).astype(np.int32)
+
+
+def _time(fn, warmup: int, iters: int) -> list[float]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def run_jax_llm(case: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from hico_jax import presets
+  from hico_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+  from hico_jax.ops.loss import linear_cross_entropy
+
+  on_gpu = jax.devices()[0].platform == "gpu"
+  config = Qwen2Config.from_dict(dict(presets.llm(
+      case["preset"], dtype="bfloat16", param_dtype=case["param_dtype"], remat_policy=case["remat"],
+      attention_impl="cudnn" if on_gpu else "xla")))
+  model = Qwen2ForCausalLM(config)
+  ids = jnp.asarray(_token_ids(config.vocab_size, case["seq_len"]))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), ids[:, :8])["params"])
+
+  def loss_fn(p, ids):
+    _, aux = model.apply({"params": p}, ids, return_logits=False)
+    labels = jnp.roll(ids, -1, axis=1)
+    weights = jnp.ones_like(ids).at[:, -1].set(0)
+    kernel = model.apply({"params": p}, method=Qwen2ForCausalLM.head_kernel)
+    total, count = linear_cross_entropy(aux["hidden"], kernel, labels, weights, case["loss_chunk"])
+    return total / count
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+
+  def run():
+    loss, grads = step(params, ids)
+    jax.block_until_ready((loss, grads))
+    return loss
+
+  compile_start = time.perf_counter()
+  loss = float(run())
+  compile_s = time.perf_counter() - compile_start
+  times = _time(run, case["warmup"], case["iters"])
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"loss": loss, "times": times, "compile_s": compile_s,
+          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
+
+
+def run_torch_llm(case: dict) -> dict:
+  import torch
+  import transformers
+  from hico_jax import presets
+
+  p = presets.llm(case["preset"])
+  hf_config = transformers.Qwen2Config(
+      vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+      num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads,
+      rope_theta=p.rope_theta, rms_norm_eps=p.rms_norm_eps, tie_word_embeddings=p.tie_word_embeddings,
+      max_position_embeddings=max(p.max_position_embeddings, case["seq_len"]), use_cache=False)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  with torch.device(device):
+    model = transformers.Qwen2ForCausalLM._from_config(hf_config, attn_implementation="sdpa",
+                                                       dtype=torch.bfloat16)
+  model.gradient_checkpointing_enable()
+  model.train()
+  ids = torch.tensor(_token_ids(p.vocab_size, case["seq_len"]), dtype=torch.long, device=device)
+
+  def run():
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return loss
+
+  compile_start = time.perf_counter()
+  loss = float(run())
+  compile_s = time.perf_counter() - compile_start
+  times = _time(run, case["warmup"], case["iters"])
+  peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+  kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+  return {"loss": loss, "times": times, "compile_s": compile_s, "peak_gib": peak, "device": kind}
+
+
+RUNNERS = {("llm", "jax"): run_jax_llm, ("llm", "torch"): run_torch_llm}
+
+
+def _run_case_in_subprocess(case: dict, timeout: int) -> dict:
+  command = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)]
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {**case, "error": f"timed out after {timeout} s"}
+  for line in reversed(done.stdout.splitlines()):
+    if line.startswith("RESULT "):
+      return {**case, **json.loads(line[len("RESULT "):])}
+  tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+  oom = any("out of memory" in l.lower() or "resource_exhausted" in l.lower() for l in tail)
+  return {**case, "error": "out of memory" if oom else " | ".join(tail)[-400:]}
+
+
+def _summarise(result: dict) -> dict:
+  if "error" in result:
+    return result
+  median = statistics.median(result["times"])
+  from hico_jax import presets
+  from hico_jax.models.qwen2 import Qwen2Config
+  config = Qwen2Config.from_dict(dict(presets.llm(result["preset"])))
+  train_flops = flops.qwen2_train_flops(config, result["seq_len"])
+  return {**result, "median_s": median, "tokens_per_s": result["seq_len"] / median,
+          "tflops_per_s": train_flops / median / 1e12, "mfu": flops.mfu(train_flops, median)}
+
+
+def _table(results: list[dict]) -> str:
+  rows = ["| preset | tokens | framework | remat | params | step s | tokens/s | TFLOP/s | MFU | peak GiB | vs torch |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  torch_tps = {(r["preset"], r["seq_len"]): r.get("tokens_per_s") for r in results if r["framework"] == "torch"}
+  for r in results:
+    label = (r["preset"], r["seq_len"], r["framework"], r.get("remat", "layer ckpt"), r.get("param_dtype", "bf16"))
+    if "error" in r:
+      rows.append("| %s | %d | %s | %s | %s | " % label + f"{r['error']} | | | | | |")
+      continue
+    ref = torch_tps.get((r["preset"], r["seq_len"]))
+    ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref and r["framework"] == "jax" else ""
+    rows.append("| %s | %d | %s | %s | %s | " % label + f"{r['median_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                f"{r['tflops_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {ratio} |")
+  return "\n".join(rows)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("section", nargs="?", default="llm", choices=["llm"])
+  parser.add_argument("--presets", nargs="+", default=["qwen2_5_1_5b", "qwen2_7b"])
+  parser.add_argument("--seq_lens", nargs="+", type=int, default=[4096, 16384])
+  parser.add_argument("--frameworks", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
+  parser.add_argument("--remat", nargs="+", default=["dots_attn"], help="hico_jax remat policies to measure")
+  parser.add_argument("--param_dtype", default="float32", help="hico_jax master-weight dtype")
+  parser.add_argument("--param_dtype_7b", default="bfloat16",
+                      help="for 7B presets: fp32 weights plus fp32 grads (61 GB) leave no room on an 80 GB GPU")
+  parser.add_argument("--loss_chunk", type=int, default=4096, help="tokens per loss chunk")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--timeout", type=int, default=900, help="seconds per case")
+  parser.add_argument("--out", default=None, help="append JSON lines here")
+  parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print RESULT
+  args = parser.parse_args()
+
+  if args.case:
+    case = json.loads(args.case)
+    result = RUNNERS[(case["section"], case["framework"])](case)
+    print("RESULT " + json.dumps(result), flush=True)
+    return
+
+  results = []
+  for preset in args.presets:
+    for seq_len in args.seq_lens:
+      for framework in args.frameworks:
+        variants = args.remat if framework == "jax" else [None]
+        for remat in variants:
+          case = {"section": args.section, "framework": framework, "preset": preset, "seq_len": seq_len,
+                  "warmup": args.warmup, "iters": args.iters, "loss_chunk": args.loss_chunk}
+          if framework == "jax":
+            case.update(remat=remat, xla_flags=os.environ.get("XLA_FLAGS", ""), param_dtype=args.param_dtype_7b if "7b" in preset else args.param_dtype)
+          result = _summarise(_run_case_in_subprocess(case, args.timeout))
+          results.append(result)
+          print(json.dumps({k: v for k, v in result.items() if k != "times"}), flush=True)
+          if args.out:
+            with open(args.out, "a") as f:
+              f.write(json.dumps(result) + "\n")
+  print(_table(results))
+
+
+if __name__ == "__main__":
+  main()

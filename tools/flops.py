@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Model FLOPs: the one place where hico_jax counts them (MFU everywhere is computed from here).
+
+Model FLOPs count what the model needs, not what the hardware runs: rematerialised recompute is excluded,
+a matmul of (m, k) by (k, n) is 2·m·k·n, and causal attention counts only the unmasked half of the score
+and value products. Training (forward + backward) is 3 × forward.
+
+  python tools/flops.py --preset qwen2_5_1_5b --seq_len 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+H100_BF16_PEAK = 989e12  # nominal dense bf16 FLOP/s; MFU is quoted against this
+
+
+def qwen2_matmul_params_per_token(c) -> int:
+  """Weights each token multiplies through: projections, MLP and the output head (not the embedding
+  lookup, which is a gather)."""
+  attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = 3 * c.hidden_size * c.intermediate_size
+  return c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+
+
+def qwen2_forward_flops(c, seq_len: int, batch: int = 1, causal: bool = True) -> float:
+  """Forward FLOPs for `batch` sequences of `seq_len` tokens."""
+  dense = 2 * qwen2_matmul_params_per_token(c) * seq_len
+  pairs = seq_len * (seq_len + 1) / 2 if causal else seq_len * seq_len
+  attention = c.num_layers * 2 * 2 * pairs * c.num_heads * c.head_dim   # scores and weighted values
+  return batch * (dense + attention)
+
+
+def qwen2_train_flops(c, seq_len: int, batch: int = 1) -> float:
+  return 3 * qwen2_forward_flops(c, seq_len, batch)
+
+
+def mfu(flops: float, seconds: float, peak: float = H100_BF16_PEAK) -> float:
+  return flops / seconds / peak
+
+
+def main():
+  from hico_jax import presets
+  from hico_jax.models.qwen2 import Qwen2Config
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", default="qwen2_5_1_5b", choices=sorted(presets.LLM_PRESETS))
+  parser.add_argument("--seq_len", type=int, default=4096)
+  args = parser.parse_args()
+  config = Qwen2Config.from_dict(dict(presets.llm(args.preset)))
+  params = qwen2_matmul_params_per_token(config)
+  print(f"{args.preset}: {params / 1e9:.3f} G matmul params per token; forward "
+        f"{qwen2_forward_flops(config, args.seq_len) / 1e12:.2f} TFLOP and training "
+        f"{qwen2_train_flops(config, args.seq_len) / 1e12:.2f} TFLOP per {args.seq_len}-token sequence")
+
+
+if __name__ == "__main__":
+  main()
