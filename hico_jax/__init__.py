@@ -2,3 +2,9 @@
 
 # The reference's IMAGE_TOKEN_INDEX: marks, once per sample, where the video's visual tokens go.
 VIDEO_TOKEN_ID = -200
+
+
+def from_pretrained(path: str, **kwargs):
+  """A model directory (Hugging Face layout) as a callable model; see hico_jax.api."""
+  from hico_jax import api  # imported here so that `import hico_jax` stays light
+  return api.from_pretrained(path, **kwargs)

@@ -199,7 +199,7 @@ def dict_to_hf_config(config: Qwen2Config, dtype: str) -> dict:
       architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", use_sliding_window=False,
       attention_dropout=0.0, rope_theta=config.rope_theta,
       rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"},
-      bos_token_id=151643, eos_token_id=151645, dtype=dtype, torch_dtype=dtype, use_cache=True,
+      dtype=dtype, torch_dtype=dtype, use_cache=True,
       initializer_range=0.02)
   return hf
 
@@ -224,13 +224,14 @@ def load(model_dir: str, *, params_dtype=None, **config_overrides) -> tuple[Qwen
   return config, tensors_to_params(reader, config, dtype=params_dtype), file_dtype
 
 
-def save(model_dir: str, config: Qwen2Config, params, dtype: str = "float32"):
-  """Writes config.json and safetensors that transformers loads with Qwen2ForCausalLM.from_pretrained."""
+def save(model_dir: str, config: Qwen2Config, params, dtype: str = "float32", extra_fields: dict | None = None):
+  """Writes config.json and safetensors that transformers loads with Qwen2ForCausalLM.from_pretrained.
+  `extra_fields` go into config.json as they are (token ids, say)."""
   tensors = params_to_tensors(params, config, dtype=np.dtype(dtype))
   write_checkpoint(tensors, model_dir)
   path = os.path.join(model_dir, "config.json")
   with open(path + ".tmp", "w") as f:
-    json.dump(dict_to_hf_config(config, dtype), f, indent=2, sort_keys=True)
+    json.dump({**dict_to_hf_config(config, dtype), **(extra_fields or {})}, f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
 
 

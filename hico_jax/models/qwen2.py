@@ -118,19 +118,45 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
+class Projection(nn.Module):
+  """A linear map written as one einsum over named axes: (B, L, D) -> (B, L, heads, head_dim) and back.
+
+  nn.DenseGeneral would do the maths, but it initialises a flattened 2-D kernel and then reshapes it,
+  which breaks 3-D logical partitioning under a mesh."""
+  equation: str                 # e.g. "bld,dnh->blnh"
+  shape: tuple[int, ...]        # kernel shape
+  names: tuple[str, ...]        # kernel logical axes
+  bias_names: tuple[str, ...] | None
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init(self.names), self.shape, self.param_dtype)
+    y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+    if self.bias_names is not None:
+      bias_shape = self.shape[len(self.shape) - len(self.bias_names):]
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names),
+                        bias_shape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Attention(nn.Module):
   config: Qwen2Config
 
   @nn.compact
   def __call__(self, x, meta, kv_cache):
     cfg = self.config
-    dense = lambda features, names, bias, name: nn.DenseGeneral(
-        features, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        kernel_init=_init(names), bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
-        name=name)
-    q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), True, "q_proj")(x)
-    k = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), True, "k_proj")(x)
-    v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), True, "v_proj")(x)
+    d, h = cfg.hidden_size, cfg.head_dim
+
+    def project_in(heads, heads_name, name):
+      return Projection("bld,dnh->blnh", (d, heads, h), ("embed", heads_name, "head_dim"),
+                        (heads_name, "head_dim"), cfg.compute_dtype, cfg.weight_dtype, name=name)(x)
+
+    q = project_in(cfg.num_heads, "heads", "q_proj")
+    k = project_in(cfg.num_kv_heads, "kv_heads", "k_proj")
+    v = project_in(cfg.num_kv_heads, "kv_heads", "v_proj")
     q = rope.apply_rope(q, meta["cos"], meta["sin"])
     k = rope.apply_rope(k, meta["cos"], meta["sin"])
     q = checkpoint_name(_constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim")), "query")
@@ -150,9 +176,8 @@ class Attention(nn.Module):
         impl=cfg.attention_impl)
     out = checkpoint_name(_constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim")),
                           "attention_out")
-    out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-                          param_dtype=cfg.weight_dtype, kernel_init=_init(("heads", "head_dim", "embed")),
-                          name="o_proj")(out)
+    out = Projection("blnh,nhd->bld", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), None,
+                     cfg.compute_dtype, cfg.weight_dtype, name="o_proj")(out)
     return out, kv_cache
 
 
