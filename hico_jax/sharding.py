@@ -56,6 +56,8 @@ def mesh_shape(mesh_config: Sequence[tuple[str, int]], num_devices: int) -> dict
   for name, size in mesh_config:
     if name not in sizes:
       raise ValueError(f"unknown mesh axis {name!r} in config.mesh; expected names from {MESH_AXES}")
+    if sum(n == name for n, _ in mesh_config) > 1:
+      raise ValueError(f"mesh axis {name!r} appears more than once in config.mesh {list(mesh_config)}")
     if size == -1:
       if wildcard is not None:
         raise ValueError(f"config.mesh has two -1 sizes ({wildcard!r} and {name!r}); at most one may be -1")
@@ -116,17 +118,19 @@ def sharding_report(params, shardings) -> tuple[str, float]:
   `params` may hold arrays or ShapeDtypeStructs; `shardings` is the matching tree of NamedShardings.
   """
   rows, total, replicated_bytes = [], 0, 0
-  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
-  flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-  for (path, leaf), sharding in zip(flat_params, flat_shardings):
+
+  def row(path, leaf, sharding):
+    nonlocal total, replicated_bytes
     nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-    shard_shape = sharding.shard_shape(leaf.shape)
-    per_device = math.prod(shard_shape) * np.dtype(leaf.dtype).itemsize
+    per_device = math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     total += nbytes
     if per_device == nbytes:
       replicated_bytes += nbytes
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     rows.append(f"{name:60s} {str(tuple(leaf.shape)):24s} {str(sharding.spec):40s} {per_device / 2**20:10.2f} MiB")
+
+  # tree_map pairs leaves by path and fails loudly if the two trees differ in structure.
+  jax.tree_util.tree_map_with_path(row, params, shardings)
   fraction = replicated_bytes / max(total, 1)
   rows.append(f"total {total / 2**30:.3f} GiB; unsharded {replicated_bytes / 2**20:.2f} MiB ({100 * fraction:.3f}%)")
   return "\n".join(rows), fraction

@@ -90,9 +90,9 @@ def expected_hf_shapes(config: Qwen2Config, prefix: str = "model.") -> dict[str,
   return shapes
 
 
-def check_tensors(reader, expected: dict[str, tuple[int, ...]], where: str):
-  """One error naming every missing, unexpected and mis-shaped tensor."""
-  present = set(reader.keys())
+def check_tensors(reader, expected: dict[str, tuple[int, ...]], where: str, ignored=frozenset()):
+  """One error naming every missing, unexpected and mis-shaped tensor. `ignored` keys may be present."""
+  present = set(reader.keys()) - set(ignored)
   problems = []
   missing = sorted(set(expected) - present)
   extra = sorted(present - set(expected))
@@ -162,8 +162,9 @@ def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str
     if field in hf and hf[field] != value and not (value is False and hf[field] is None):
       raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
   rope = hf.get("rope_parameters") or {}
-  if rope.get("rope_type", "default") != "default":
-    raise ValueError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r} is not supported (only 'default')")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))  # transformers reads the legacy "type" too
+  if rope_type != "default":
+    raise ValueError(f"{where}: rope_parameters.rope_type = {rope_type!r} is not supported (only 'default')")
   layer_types = hf.get("layer_types") or []
   if any(t != "full_attention" for t in layer_types):
     raise ValueError(f"{where}: layer_types {sorted(set(layer_types))} is not supported (only 'full_attention')")
@@ -219,8 +220,10 @@ def load(model_dir: str, *, params_dtype=None, **config_overrides) -> tuple[Qwen
   fields = hf_config_to_dict(read_config(model_dir), where=os.path.join(model_dir, "config.json"))
   config = Qwen2Config.from_dict({**fields, **config_overrides})
   reader = CheckpointReader(model_dir)
-  check_tensors(reader, expected_hf_shapes(config), model_dir)
-  file_dtype = str(reader[reader.keys()[0]].dtype)
+  # A tied checkpoint may still carry lm_head.weight (a copy of the embedding); transformers ignores it too.
+  check_tensors(reader, expected_hf_shapes(config), model_dir,
+                ignored={"lm_head.weight"} if config.tie_word_embeddings else ())
+  file_dtype = reader.dtype(reader.keys()[0])
   return config, tensors_to_params(reader, config, dtype=params_dtype), file_dtype
 
 

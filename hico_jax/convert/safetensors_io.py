@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterator
 
 import ml_dtypes  # noqa: F401  # registers bfloat16 with numpy, so safetensors' numpy backend reads bf16
@@ -13,6 +14,11 @@ from safetensors.numpy import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 class CheckpointReader:
@@ -41,18 +47,22 @@ class CheckpointReader:
     return name in self._file_of
 
   def __getitem__(self, name: str) -> np.ndarray:
+    return self._handle(name).get_tensor(name)
+
+  def dtype(self, name: str) -> str:
+    """numpy name of a tensor's dtype, read from the header without loading the tensor."""
+    return _DTYPE_NAMES[self._handle(name).get_slice(name).get_dtype()]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handle(name).get_slice(name).get_shape())
+
+  def _handle(self, name: str):
     path = self._file_of[name]
     if path not in self._handles:
       if not os.path.exists(path):
         raise FileNotFoundError(f"{INDEX_FILE} in {self.model_dir!r} names shard {path!r}, which is missing")
       self._handles[path] = safe_open(path, "numpy")
-    return self._handles[path].get_tensor(name)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    path = self._file_of[name]
-    if path not in self._handles:
-      self._handles[path] = safe_open(path, "numpy")
-    return tuple(self._handles[path].get_slice(name).get_shape())
+    return self._handles[path]
 
 
 def write_checkpoint(tensors: Iterator[tuple[str, np.ndarray]] | dict, out_dir: str,
@@ -75,6 +85,7 @@ def write_checkpoint(tensors: Iterator[tuple[str, np.ndarray]] | dict, out_dir: 
   metadata = {"format": "pt"}  # transformers refuses files whose metadata lacks a format
   if len(shards) == 1:
     _write_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata)
+    _remove_stale(out_dir, keep={SINGLE_FILE})
     return
   weight_map = {}
   for i, shard in enumerate(shards):
@@ -83,6 +94,15 @@ def write_checkpoint(tensors: Iterator[tuple[str, np.ndarray]] | dict, out_dir: 
     weight_map.update({name: file for name in shard})
   total = sum(a.nbytes for _, a in items)
   _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, os.path.join(out_dir, INDEX_FILE))
+  _remove_stale(out_dir, keep=set(weight_map.values()) | {INDEX_FILE})
+
+
+def _remove_stale(out_dir, keep):
+  """Deletes weights of an earlier save in another layout, as transformers' save_pretrained does: with both
+  a single file and an index present, transformers reads the one and CheckpointReader the other."""
+  for file in os.listdir(out_dir):
+    if file not in keep and (file in (SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(file)):
+      os.remove(os.path.join(out_dir, file))
 
 
 def _write_file(tensors, path, metadata):
