@@ -32,6 +32,9 @@ PARAM_RULES = (
 )
 
 ACTIVATION_RULES = (
+    # Video clips are folded into one batch for the vision tower and spread over every axis but tensor,
+    # so with a sequence axis each device encodes only its own clips.
+    ("act_clips", ("data", "fsdp", "seq")),
     ("act_batch", ("data", "fsdp")),
     ("act_len", "seq"),
     ("act_kv_len", "seq"),

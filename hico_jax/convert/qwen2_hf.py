@@ -1,73 +1,42 @@
-"""Hugging Face Qwen2 / Qwen2.5 layout <-> hico_jax Qwen2 params, as a table.
-
-Each row: the HF key (with {i} for the layer), the path in our params (layers stacked on axis 0 by
-nn.scan), and the transform from the HF tensor to ours. Every transform is a pure reshape/transpose, so
-HF -> params -> HF reproduces the file bit for bit.
-"""
+"""Hugging Face Qwen2 / Qwen2.5 layout <-> hico_jax Qwen2 params: the table (see convert/table.py), the
+checks of a checkpoint against its config.json, and config.json itself."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any, Callable
-
 import numpy as np
 
+from hico_jax.convert import table
 from hico_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
 from hico_jax.models.qwen2 import Qwen2Config
 
 
-def _linear(w):            # torch Linear (out, in) -> flax kernel (in, out)
-  return w.T
-
-
-def _to_heads(heads):      # (heads*head_dim, D) -> (D, heads, head_dim)
-  return lambda w: w.T.reshape(w.shape[1], heads, -1)
-
-
-def _bias_to_heads(heads):
-  return lambda b: b.reshape(heads, -1)
-
-
-def _from_heads_out(heads):  # o_proj (D, heads*head_dim) -> (heads, head_dim, D)
-  return lambda w: w.T.reshape(heads, -1, w.shape[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  hf: str                        # HF key; "{i}" is the layer index
-  path: tuple[str, ...]          # where the tensor lives in our params
-  to_jax: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-def rules(config: Qwen2Config, prefix: str = "model.") -> list[Rule]:
+def rules(config: Qwen2Config, prefix: str = "model.") -> list[table.Rule]:
   """The full table for one config. `prefix` is where the decoder sits in a bigger model's state dict."""
-  n, k = config.num_heads, config.num_kv_heads
-  ident = lambda x: x
-  layer = [
-      Rule("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), _to_heads(n), lambda x: x.reshape(x.shape[0], -1).T),
-      Rule("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), _bias_to_heads(n), lambda x: x.reshape(-1)),
-      Rule("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), _to_heads(k), lambda x: x.reshape(x.shape[0], -1).T),
-      Rule("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), _bias_to_heads(k), lambda x: x.reshape(-1)),
-      Rule("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), _to_heads(k), lambda x: x.reshape(x.shape[0], -1).T),
-      Rule("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), _bias_to_heads(k), lambda x: x.reshape(-1)),
-      Rule("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), _from_heads_out(n), lambda x: x.reshape(-1, x.shape[-1]).T),
-      Rule("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), _linear, _linear),
-      Rule("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), _linear, _linear),
-      Rule("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), _linear, _linear),
-      Rule("input_layernorm.weight", ("input_layernorm", "scale"), ident, ident),
-      Rule("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), ident, ident),
+  n, k, layers = config.num_heads, config.num_kv_heads, config.num_layers
+  per_layer = [
+      ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), table.linear_to_heads(n), table.heads_to_linear),
+      ("self_attn.q_proj.bias", ("self_attn", "q_proj", "bias"), table.bias_to_heads(n), table.flatten),
+      ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), table.linear_to_heads(k), table.heads_to_linear),
+      ("self_attn.k_proj.bias", ("self_attn", "k_proj", "bias"), table.bias_to_heads(k), table.flatten),
+      ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), table.linear_to_heads(k), table.heads_to_linear),
+      ("self_attn.v_proj.bias", ("self_attn", "v_proj", "bias"), table.bias_to_heads(k), table.flatten),
+      ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), table.out_linear_to_heads(n),
+       table.heads_to_out_linear),
+      ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), table.linear, table.linear),
+      ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), table.linear, table.linear),
+      ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), table.linear, table.linear),
+      ("input_layernorm.weight", ("input_layernorm", "scale"), None, None),
+      ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), None, None),
   ]
-  table = [Rule(f"{prefix}layers.{{i}}.{r.hf}", ("layers",) + r.path, r.to_jax, r.to_hf) for r in layer]
-  table += [
-      Rule(f"{prefix}embed_tokens.weight", ("embed_tokens", "embedding"), ident, ident),
-      Rule(f"{prefix}norm.weight", ("norm", "scale"), ident, ident),
-  ]
+  rows = [table.one(f"{prefix}layers.{{i}}.{hf}", ("layers",) + path, to_jax, to_hf, layers)
+          for hf, path, to_jax, to_hf in per_layer]
+  rows += [table.one(f"{prefix}embed_tokens.weight", ("embed_tokens", "embedding")),
+           table.one(f"{prefix}norm.weight", ("norm", "scale"))]
   if not config.tie_word_embeddings:
-    table.append(Rule("lm_head.weight", ("lm_head", "kernel"), _linear, _linear))
-  return table
+    rows.append(table.one("lm_head.weight", ("lm_head", "kernel"), table.linear, table.linear))
+  return rows
 
 
 def expected_hf_shapes(config: Qwen2Config, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
@@ -109,29 +78,12 @@ def check_tensors(reader, expected: dict[str, tuple[int, ...]], where: str, igno
 
 def tensors_to_params(reader, config: Qwen2Config, prefix: str = "model.", dtype=None) -> dict:
   """HF tensors -> nested params dict of numpy arrays (layers stacked). `dtype` None keeps the file's."""
-  params: dict[str, Any] = {}
-  for rule in rules(config, prefix):
-    if "{i}" in rule.hf:
-      value = np.stack([rule.to_jax(reader[rule.hf.format(i=i)]) for i in range(config.num_layers)])
-    else:
-      value = rule.to_jax(reader[rule.hf])
-    _set(params, rule.path, value if dtype is None else value.astype(dtype))
-  return params
+  return table.to_params(reader, rules(config, prefix), dtype)
 
 
 def params_to_tensors(params, config: Qwen2Config, prefix: str = "model.", dtype=None) -> dict[str, np.ndarray]:
   """Our params -> HF state-dict tensors, in the order transformers writes them."""
-  out = {}
-  for rule in rules(config, prefix):
-    value = np.asarray(_get(params, rule.path))
-    if dtype is not None:
-      value = value.astype(dtype)
-    if "{i}" in rule.hf:
-      for i in range(config.num_layers):
-        out[rule.hf.format(i=i)] = np.ascontiguousarray(rule.to_hf(value[i]))
-    else:
-      out[rule.hf] = np.ascontiguousarray(rule.to_hf(value))
-  return out
+  return table.to_tensors(params, rules(config, prefix), dtype)
 
 
 # ---------------------------------------------------------------------------------------------- config.json
@@ -236,15 +188,3 @@ def save(model_dir: str, config: Qwen2Config, params, dtype: str = "float32", ex
   with open(path + ".tmp", "w") as f:
     json.dump({**dict_to_hf_config(config, dtype), **(extra_fields or {})}, f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
-
-
-def _set(tree, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from hico_jax.models.layers import Projection, constrain, normal_init
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import rope
 
@@ -94,15 +95,6 @@ class Qwen2Config:
     return DTYPES[self.param_dtype]
 
 
-def _init(names, std=0.02):
-  """transformers' Qwen2 init (normal, std = initializer_range), boxed with logical axis names."""
-  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
-
-
-def _constrain(x, names):
-  return nn.with_logical_constraint(x, names)
-
-
 class RMSNorm(nn.Module):
   """Normalises in float32, casts back, then scales: transformers' order, which matters in bf16."""
   eps: float
@@ -116,30 +108,6 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(self.dtype) * normed.astype(self.dtype)
-
-
-class Projection(nn.Module):
-  """A linear map written as one einsum over named axes: (B, L, D) -> (B, L, heads, head_dim) and back.
-
-  nn.DenseGeneral would do the maths, but it initialises a flattened 2-D kernel and then reshapes it,
-  which breaks 3-D logical partitioning under a mesh."""
-  equation: str                 # e.g. "bld,dnh->blnh"
-  shape: tuple[int, ...]        # kernel shape
-  names: tuple[str, ...]        # kernel logical axes
-  bias_names: tuple[str, ...] | None
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", _init(self.names), self.shape, self.param_dtype)
-    y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
-    if self.bias_names is not None:
-      bias_shape = self.shape[len(self.shape) - len(self.bias_names):]
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names),
-                        bias_shape, self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
 
 
 class Attention(nn.Module):
@@ -159,9 +127,9 @@ class Attention(nn.Module):
     v = project_in(cfg.num_kv_heads, "kv_heads", "v_proj")
     q = rope.apply_rope(q, meta["cos"], meta["sin"])
     k = rope.apply_rope(k, meta["cos"], meta["sin"])
-    q = checkpoint_name(_constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim")), "query")
-    k = checkpoint_name(_constrain(k, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "key")
-    v = checkpoint_name(_constrain(v, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "value")
+    q = checkpoint_name(constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim")), "query")
+    k = checkpoint_name(constrain(k, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "key")
+    v = checkpoint_name(constrain(v, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "value")
 
     q_slots, kv_segment_ids = None, meta["segment_ids"]
     if kv_cache is not None:
@@ -174,7 +142,7 @@ class Attention(nn.Module):
     out = attention_ops.attention(
         q, k, v, q_segment_ids=meta["segment_ids"], kv_segment_ids=kv_segment_ids, q_slots=q_slots,
         impl=cfg.attention_impl)
-    out = checkpoint_name(_constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim")),
+    out = checkpoint_name(constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim")),
                           "attention_out")
     out = Projection("blnh,nhd->bld", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), None,
                      cfg.compute_dtype, cfg.weight_dtype, name="o_proj")(out)
@@ -189,10 +157,10 @@ class MLP(nn.Module):
     cfg = self.config
     dense = lambda features, names, name: nn.Dense(
         features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        kernel_init=_init(names), name=name)
+        kernel_init=normal_init(names), name=name)
     gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
     up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-    hidden = _constrain(nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+    hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
     return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
 
 
@@ -206,7 +174,7 @@ class DecoderLayer(nn.Module):
     h, kv_cache = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), meta, kv_cache)
     x = x + h
     x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
-    return _constrain(x, ("act_batch", "act_len", "act_emb")), kv_cache
+    return constrain(x, ("act_batch", "act_len", "act_emb")), kv_cache
 
 
 def positions_from_segments(segment_ids):
@@ -236,7 +204,7 @@ class Qwen2ForCausalLM(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                                 param_dtype=cfg.weight_dtype, embedding_init=_init(("vocab", "embed")))
+                                 param_dtype=cfg.weight_dtype, embedding_init=normal_init(("vocab", "embed")))
     layer = DecoderLayer
     if REMAT_POLICIES[cfg.remat_policy] is not None:
       # prevent_cse=False is safe (and faster) under scan, which already stops XLA from merging recomputes.
@@ -247,11 +215,11 @@ class Qwen2ForCausalLM(nn.Module):
     self.norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.weight_dtype, kernel_init=_init(("embed", "vocab")))
+                              param_dtype=cfg.weight_dtype, kernel_init=normal_init(("embed", "vocab")))
 
   def embed(self, input_ids):
     """(B, L) int ids -> (B, L, D) embeddings in the compute dtype."""
-    return _constrain(self.embed_tokens(input_ids), ("act_batch", "act_len", "act_emb"))
+    return constrain(self.embed_tokens(input_ids), ("act_batch", "act_len", "act_emb"))
 
   def head_kernel(self):
     """The output head as a (D, V) matrix in the compute dtype (the embedding, transposed, when tied), for
@@ -265,7 +233,7 @@ class Qwen2ForCausalLM(nn.Module):
       logits = self.embed_tokens.attend(hidden)
     else:
       logits = self.lm_head(hidden)
-    return _constrain(logits, ("act_batch", "act_len", "act_vocab"))
+    return constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
   def __call__(self, input_ids=None, *, embeddings=None, segment_ids=None, positions=None, cache=None,
                return_logits=True):

@@ -88,3 +88,17 @@ def _fused_loss_bwd(chunk_size, residuals, total_grad):
 
 
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
+
+
+def next_token_loss(hidden, kernel, labels, segment_ids=None, ignore_index: int = -100, chunk_size: int = 4096):
+  """(Σ CE, number of supervised tokens) for next-token prediction.
+
+  labels (B, L) are aligned with the inputs (HF convention): position t predicts labels[t + 1]. A target is
+  supervised when it is not `ignore_index` and, in packed rows, belongs to the same segment as the position
+  predicting it (the first token of a sample is never predicted from the previous sample).
+  """
+  targets = labels[:, 1:]
+  weights = (targets != ignore_index) & (targets >= 0)     # never a placeholder id such as -200
+  if segment_ids is not None:
+    weights &= (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+  return linear_cross_entropy(hidden[:, :-1], kernel, jnp.where(weights, targets, 0), weights, chunk_size)

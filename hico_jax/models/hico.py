@@ -1,0 +1,144 @@
+"""The composed VideoChat-Flash model: clips -> UMT-L -> merge to 64 tokens -> projector -> Qwen2.
+
+Frames (B, V, T, S, S, 3) hold V videos of T frames per row (V = 1 for one video per sample; packed rows
+carry one slot per sample). Each video's T/4 clips become 64 tokens each, 16·T per video, concatenated in
+time order. In `input_ids` every visual token has a placeholder `VIDEO_TOKEN_ID` (the data pipeline and
+the API expand a sample's single placeholder to 16·T); the k-th placeholder of a row receives the row's
+k-th visual token. Clips are folded into one batch, sharded over (data, fsdp, seq), and encoded a chunk
+at a time (`nn.scan`), so memory stays bounded whatever the frame count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hico_jax.models import tome
+from hico_jax.models.layers import Projection, constrain
+from hico_jax.models.qwen2 import DTYPES, Qwen2Config, Qwen2ForCausalLM
+from hico_jax.models.vit import UMTViT, ViTConfig
+from hico_jax.ops import loss as loss_ops
+
+VIDEO_TOKEN_ID = -200     # == hico_jax.VIDEO_TOKEN_ID; models never import the package root
+
+
+@dataclasses.dataclass(frozen=True)
+class HiCoConfig:
+  vit: ViTConfig
+  llm: Qwen2Config
+  tokens_per_clip: int = 64        # 16 per frame
+  encode_chunk: int = 16           # clips per vision-tower step; bounds activation memory
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> "HiCoConfig":
+    fields = dict(fields)
+    unknown = sorted(set(fields) - {"vit", "llm", "tokens_per_clip", "encode_chunk"})
+    if unknown:
+      raise ValueError(f"unknown HiCo config field(s) {unknown}")
+    return cls(vit=ViTConfig.from_dict(dict(fields.pop("vit"))), llm=Qwen2Config.from_dict(dict(fields.pop("llm"))),
+               **fields)
+
+  @property
+  def clip_frames(self) -> int:
+    return self.vit.clip_frames
+
+  def visual_tokens(self, frames: int) -> int:
+    """Visual tokens of a video of `frames` frames (16 per frame)."""
+    return frames // self.clip_frames * self.tokens_per_clip
+
+
+class Projector(nn.Module):
+  """Linear(vision width -> H), exact GELU, Linear(H -> H)."""
+  hidden_size: int
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = Projection("nld,dh->nlh", (width, self.hidden_size), ("mlp", "embed"), ("embed",), self.dtype,
+                   self.param_dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return Projection("nlh,hk->nlk", (self.hidden_size, self.hidden_size), ("mlp", "embed"), ("embed",),
+                      self.dtype, self.param_dtype, name="fc2")(x)
+
+
+class ClipEncoder(nn.Module):
+  """A chunk of clips (n, 4, S, S, 3) -> (n, 64, H): vision tower, merge, projector. Scanned over chunks."""
+  config: HiCoConfig
+
+  @nn.compact
+  def __call__(self, carry, clips):
+    cfg = self.config
+    clips = constrain(clips, ("act_clips", None, None, None, None))
+    features = UMTViT(cfg.vit, name="vision_tower")(clips)                 # (n, 4·g·g, width)
+    merged = tome.merge_tokens(features, cfg.tokens_per_clip, cfg.vit.num_heads)   # (n, 64, width)
+    tokens = Projector(cfg.llm.hidden_size, DTYPES[cfg.llm.dtype], DTYPES[cfg.llm.param_dtype],
+                       name="projector")(merged)
+    return carry, constrain(tokens, ("act_clips", None, "act_emb"))
+
+
+class HiCo(nn.Module):
+  config: HiCoConfig
+
+  def setup(self):
+    self.visual = nn.scan(ClipEncoder, variable_broadcast="params", split_rngs={"params": False},
+                          in_axes=0, out_axes=0)(self.config)
+    self.llm = Qwen2ForCausalLM(self.config.llm)
+
+  def encode_video(self, video):
+    """(B, V, T, S, S, 3) normalised frames -> (B, V·16·T, H) visual tokens, clips in time order."""
+    cfg = self.config
+    batch, videos, frames = video.shape[:3]
+    check_video_shape(cfg, video.shape)
+    clips = video.reshape(batch * videos * frames // cfg.clip_frames, cfg.clip_frames, *video.shape[3:])
+    num_clips = clips.shape[0]
+    chunk = min(cfg.encode_chunk, num_clips)
+    num_chunks = math.ceil(num_clips / chunk)
+    pad = num_chunks * chunk - num_clips          # zero clips fill the last chunk; their tokens are dropped
+    if pad:
+      clips = jnp.concatenate([clips, jnp.zeros((pad,) + clips.shape[1:], clips.dtype)])
+    _, tokens = self.visual(None, clips.reshape(num_chunks, chunk, *clips.shape[1:]))
+    tokens = tokens.reshape(num_chunks * chunk, cfg.tokens_per_clip, -1)[:num_clips]
+    return tokens.reshape(batch, videos * cfg.visual_tokens(frames), -1)
+
+  def embed(self, input_ids, video=None):
+    """Text embeddings with the visual tokens spliced in at the VIDEO_TOKEN_ID placeholders."""
+    is_visual = input_ids == VIDEO_TOKEN_ID
+    text = self.llm.embed(jnp.where(is_visual, 0, input_ids))
+    if video is None:
+      return text
+    visual = self.encode_video(video).astype(text.dtype)
+    rank = jnp.clip(jnp.cumsum(is_visual, axis=1) - 1, 0, visual.shape[1] - 1)
+    spliced = jnp.take_along_axis(visual, rank[..., None], axis=1)
+    return constrain(jnp.where(is_visual[..., None], spliced, text), ("act_batch", "act_len", "act_emb"))
+
+  def __call__(self, input_ids, video=None, *, segment_ids=None, positions=None, return_logits=True):
+    """(logits (B, L, V), aux) as Qwen2ForCausalLM returns them, for a prompt with its videos."""
+    return self.llm(embeddings=self.embed(input_ids, video), segment_ids=segment_ids, positions=positions,
+                    return_logits=return_logits)
+
+  def loss(self, input_ids, labels, video=None, *, segment_ids=None, positions=None):
+    """Mean next-token cross-entropy over supervised tokens (labels != -100, aligned with input_ids).
+
+    Sums are over the global batch, so the division is by the token count of the whole mesh."""
+    _, aux = self(input_ids, video, segment_ids=segment_ids, positions=positions, return_logits=False)
+    total, count = loss_ops.next_token_loss(aux["hidden"], self.llm.head_kernel(), labels, segment_ids)
+    return total / jnp.maximum(count, 1.0), {"loss_sum": total, "num_tokens": count}
+
+
+def check_video_shape(config: HiCoConfig, shape) -> None:
+  """Clear errors for videos the model cannot take, before anything compiles."""
+  if len(shape) != 6:
+    raise ValueError(f"video must be (batch, videos, frames, size, size, 3), got shape {tuple(shape)}")
+  frames, height, width, channels = shape[2:]
+  if frames % config.clip_frames:
+    raise ValueError(f"clip frames must be a multiple of {config.clip_frames}, got T={frames}")
+  size = config.vit.image_size
+  if (height, width, channels) != (size, size, 3):
+    raise ValueError(f"frames must be {size}x{size}x3 for this vision tower, got {height}x{width}x{channels}")

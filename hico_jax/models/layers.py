@@ -1,0 +1,41 @@
+"""Building blocks shared by the decoder and the vision tower."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def normal_init(names, std=0.02):
+  """Normal(0, std) initialiser boxed with logical axis names (transformers' init for Qwen2 and UMT)."""
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+class Projection(nn.Module):
+  """A linear map written as one einsum over named axes, e.g. (B, L, D) -> (B, L, heads, head_dim).
+
+  nn.DenseGeneral would do the maths, but it initialises a flattened 2-D kernel and then reshapes it,
+  which breaks 3-D logical partitioning under a mesh."""
+  equation: str                           # e.g. "bld,dnh->blnh"
+  shape: tuple[int, ...]                  # kernel shape
+  names: tuple[str, ...]                  # kernel logical axes
+  bias_names: tuple[str, ...] | None      # logical axes of a bias over the output dims; None: no bias
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", normal_init(self.names), self.shape, self.param_dtype)
+    y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
+    if self.bias_names is not None:
+      bias_shape = self.shape[len(self.shape) - len(self.bias_names):]
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names),
+                        bias_shape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y

@@ -1,0 +1,132 @@
+"""UMT-L, the video ViT of VideoChat-Flash (videochat_flash.md §1).
+
+Patch 16 with tubelet 1 (every frame patched on its own), width 1024, 16 heads, MLP 4096 with exact GELU,
+q and v biases only (k's bias is fixed at zero), pre-norm LayerNorm eps 1e-6, no CLS token, the fixed
+sinusoid position table over (t, h, w). The released checkpoints run 23 of the pretrained 24 blocks and end
+with the pretrained final LayerNorm (eps 1e-12) on block 23's output: `depth` counts the blocks that run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from hico_jax.models import position_tables
+from hico_jax.models.layers import Projection, constrain, normal_init
+from hico_jax.models.qwen2 import DTYPES, REMAT_POLICIES
+from hico_jax.ops import attention as attention_ops
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  image_size: int = 224            # 224 ("umt-large") or 448 ("umt-hd-large")
+  patch_size: int = 16
+  width: int = 1024
+  depth: int = 23                  # blocks that run (the checkpoint stores 23 of the pretrained 24)
+  num_heads: int = 16
+  mlp_dim: int = 4096
+  clip_frames: int = 4             # frames per clip, the temporal extent of the position table
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  remat_policy: str = "full"
+  attention_impl: str = "xla"
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> "ViTConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"unknown ViT config field(s) {unknown}; known fields are {sorted(known)}")
+    config = cls(**fields)
+    if config.image_size % config.patch_size:
+      raise ValueError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}")
+    if config.width % config.num_heads:
+      raise ValueError(f"width={config.width} is not a multiple of num_heads={config.num_heads}")
+    if config.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={config.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    return config
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def tokens_per_frame(self) -> int:
+    return self.grid * self.grid
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+
+class ViTBlock(nn.Module):
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x, _):
+    cfg = self.config
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+    h = norm("norm1")(x)
+    project_in = lambda bias, name: Projection(
+        "bld,dnh->blnh", (cfg.width, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+        ("heads", "head_dim") if bias else None, dtype, param_dtype, name=name)(h)
+    q, k, v = project_in(True, "q_proj"), project_in(False, "k_proj"), project_in(True, "v_proj")
+    out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, causal=False)
+    out = checkpoint_name(constrain(out, ("act_clips", None, "act_heads", "act_head_dim")), "attention_out")
+    out = Projection("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width), ("heads", "head_dim", "embed"),
+                     ("embed",), dtype, param_dtype, name="proj")(out)
+    x = x + out
+
+    h = norm("norm2")(x)
+    h = Projection("bld,df->blf", (cfg.width, cfg.mlp_dim), ("embed", "mlp"), ("mlp",), dtype, param_dtype,
+                   name="fc1")(h)
+    h = constrain(nn.gelu(h, approximate=False), ("act_clips", None, "act_mlp"))   # exact erf GELU
+    h = Projection("blf,fd->bld", (cfg.mlp_dim, cfg.width), ("mlp", "embed"), ("embed",), dtype, param_dtype,
+                   name="fc2")(h)
+    return constrain(x + h, ("act_clips", None, "act_emb")), None
+
+
+class UMTViT(nn.Module):
+  """frames (N, T, S, S, 3), normalised, T == clip_frames (a clip) or 1 (an image) -> (N, T·g·g, width)."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, frames):
+    cfg = self.config
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    n, t, height, width, channels = frames.shape
+    if height != cfg.image_size or width != cfg.image_size or channels != 3:
+      raise ValueError(f"the vision tower takes {cfg.image_size}x{cfg.image_size}x3 frames, got "
+                       f"{height}x{width}x{channels}")
+    if t not in (1, cfg.clip_frames):
+      raise ValueError(f"the vision tower takes clips of {cfg.clip_frames} frames (or 1 image), got {t}")
+
+    # Conv3d with kernel = stride = (1, 16, 16) is a matmul over each frame's 16x16x3 patches.
+    g, p = cfg.grid, cfg.patch_size
+    patches = frames.astype(dtype).reshape(n, t, g, p, g, p, channels)
+    kernel = self.param("patch_kernel", normal_init((None, None, None, None, "embed")),
+                        (1, p, p, channels, cfg.width), param_dtype)
+    bias = self.param("patch_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                      (cfg.width,), param_dtype)
+    x = jnp.einsum("nthpwqc,pqcd->nthwd", patches, kernel[0].astype(dtype)) + bias.astype(dtype)
+    x = x.reshape(n, t * g * g, cfg.width)
+    table = position_tables.umt_position_table(cfg.image_size, t, cfg.width, cfg.patch_size)
+    x = constrain(x + jnp.asarray(table, dtype), ("act_clips", None, "act_emb"))
+
+    block = ViTBlock
+    if REMAT_POLICIES[cfg.remat_policy] is not None:
+      block = nn.remat(ViTBlock, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
+    x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(x, None)
+    return nn.LayerNorm(epsilon=1e-12, dtype=dtype, param_dtype=param_dtype, name="vision_layernorm",
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
