@@ -33,3 +33,34 @@ def llm(name: str, **overrides) -> ml_collections.ConfigDict:
   if name not in LLM_PRESETS:
     raise ValueError(f"unknown LLM preset {name!r}; known presets: {sorted(LLM_PRESETS)}")
   return ml_collections.ConfigDict({**LLM_PRESETS[name], **_COMPUTE_DEFAULTS, **overrides})
+
+
+VIT_PRESETS = {
+    # UMT-L as VideoChat-Flash runs it: 23 of 24 blocks, 4-frame clips.
+    "umt_l": dict(patch_size=16, width=1024, depth=23, num_heads=16, mlp_dim=4096, clip_frames=4),
+    # Same code, small: head dim 64 as in UMT-L, 112 px -> 7x7 patches, 196 tokens a clip (merged 98, 34).
+    "tiny": dict(patch_size=16, width=128, depth=2, num_heads=2, mlp_dim=256, clip_frames=4),
+}
+
+# name -> (vision preset, image size, LLM preset)
+HICO_PRESETS = {
+    "hico_2b": ("umt_l", 448, "qwen2_5_1_5b"),       # VideoChat-Flash-Qwen2_5-2B_res448
+    "hico_7b": ("umt_l", 224, "qwen2_7b"),           # VideoChat-Flash-Qwen2-7B_res224 (stage 3)
+    "hico_7b_448": ("umt_l", 448, "qwen2_7b"),       # VideoChat-Flash-Qwen2-7B_res448 (stage 4)
+    "hico_7b_1m": ("umt_l", 224, "qwen2_5_7b_1m"),   # VideoChat-Flash-Qwen2_5-7B-1M_res224
+    "tiny": ("tiny", 112, "tiny"),
+}
+
+
+def hico(name: str, **compute) -> ml_collections.ConfigDict:
+  """A composed HiCo preset: {vit, llm, tokens_per_clip, encode_chunk}. `compute` (dtype, param_dtype,
+  remat_policy, attention_impl) applies to both towers."""
+  if name not in HICO_PRESETS:
+    raise ValueError(f"unknown HiCo preset {name!r}; known presets: {sorted(HICO_PRESETS)}")
+  vit_name, image_size, llm_name = HICO_PRESETS[name]
+  return ml_collections.ConfigDict({
+      "vit": {**VIT_PRESETS[vit_name], "image_size": image_size, **_COMPUTE_DEFAULTS, **compute},
+      "llm": dict(llm(llm_name, **compute)),
+      "tokens_per_clip": 64,
+      "encode_chunk": 16,
+  })

@@ -18,14 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.models import tome
 from hico_jax.models.layers import Projection, constrain
 from hico_jax.models.qwen2 import DTYPES, Qwen2Config, Qwen2ForCausalLM
 from hico_jax.models.vit import UMTViT, ViTConfig
 from hico_jax.ops import loss as loss_ops
-
-VIDEO_TOKEN_ID = -200     # == hico_jax.VIDEO_TOKEN_ID; models never import the package root
-
 
 @dataclasses.dataclass(frozen=True)
 class HiCoConfig:
@@ -142,3 +140,13 @@ def check_video_shape(config: HiCoConfig, shape) -> None:
   size = config.vit.image_size
   if (height, width, channels) != (size, size, 3):
     raise ValueError(f"frames must be {size}x{size}x3 for this vision tower, got {height}x{width}x{channels}")
+
+
+def init_inputs(config: HiCoConfig):
+  """(input_ids, video) of the smallest prompt that touches every parameter: one clip and its
+  placeholders. `model.init(rng, *init_inputs(config))` creates the vision tower and projector too."""
+  tokens = config.tokens_per_clip
+  input_ids = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), jnp.full((1, tokens), VIDEO_TOKEN_ID, jnp.int32),
+                               jnp.zeros((1, 1), jnp.int32)], axis=1)
+  size = config.vit.image_size
+  return input_ids, jnp.zeros((1, 1, config.clip_frames, size, size, 3), jnp.float32)

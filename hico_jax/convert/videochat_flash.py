@@ -1,0 +1,179 @@
+"""The official VideoChat-Flash layout (videochat_flash.md §8) <-> HiCo params.
+
+Keys: `model.vision_tower.vision_tower.encoder.*` (UMT-L, 23 blocks, fused qkv), `model.mm_projector.mlp.{0,2}.*`
+(projector) and the Qwen2 keys (`model.layers.*`, `model.embed_tokens`, `model.norm`, `lm_head`). The vision
+tower is named in config.json as the released checkpoints name it: `mm_vision_tower` containing
+"umt-hd-large" is UMT-L@448, "umt-large" UMT-L@224. The LLM is sized by the Qwen2 fields of the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from hico_jax.convert import qwen2_hf, table
+from hico_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
+from hico_jax.models.hico import HiCoConfig
+from hico_jax.models.qwen2 import Qwen2Config
+from hico_jax.models.vit import ViTConfig
+
+VISION_PREFIX = "model.vision_tower.vision_tower.encoder."
+PROJECTOR_PREFIX = "model.mm_projector.mlp."
+UMT_L = dict(patch_size=16, width=1024, depth=23, num_heads=16, mlp_dim=4096, clip_frames=4)
+TOWER_NAMES = {224: "umt-large", 448: "umt-hd-large"}
+
+
+def vision_rules(vit: ViTConfig, path_prefix=("visual", "vision_tower")) -> list[table.Rule]:
+  heads, v = vit.num_heads, VISION_PREFIX
+
+  def split_qkv(w):                    # fused (3W, W), rows [q | k | v], each heads-major
+    return tuple(table.linear_to_heads(heads)(part) for part in np.split(w, 3))
+
+  def fuse_qkv(q, k, v_):
+    return np.concatenate([table.heads_to_linear(q), table.heads_to_linear(k), table.heads_to_linear(v_)])
+
+  block = lambda name: f"{v}blocks.{{i}}.{name}"
+  qkv_paths = tuple(("blocks", n, "kernel") for n in ("q_proj", "k_proj", "v_proj"))
+  rows = [
+      # Conv3d (W, 3, 1, 16, 16) = (out, c, t, kh, kw)  <->  ours (t, kh, kw, c, out)
+      table.one(f"{v}patch_embed.proj.weight", ("patch_kernel",), lambda w: w.transpose(2, 3, 4, 1, 0),
+                lambda k: k.transpose(4, 3, 0, 1, 2)),
+      table.one(f"{v}patch_embed.proj.bias", ("patch_bias",)),
+      table.Rule(block("attn.qkv.weight"), qkv_paths, split_qkv, fuse_qkv, vit.depth),
+      table.one(block("attn.q_bias"), ("blocks", "q_proj", "bias"), table.bias_to_heads(heads), table.flatten,
+                vit.depth),
+      table.one(block("attn.v_bias"), ("blocks", "v_proj", "bias"), table.bias_to_heads(heads), table.flatten,
+                vit.depth),
+      table.one(block("attn.proj.weight"), ("blocks", "proj", "kernel"), table.out_linear_to_heads(heads),
+                table.heads_to_out_linear, vit.depth),
+      table.one(block("attn.proj.bias"), ("blocks", "proj", "bias"), layers=vit.depth),
+  ]
+  for norm in ("norm1", "norm2"):
+    rows += [table.one(block(f"{norm}.weight"), ("blocks", norm, "scale"), layers=vit.depth),
+             table.one(block(f"{norm}.bias"), ("blocks", norm, "bias"), layers=vit.depth)]
+  for fc in ("fc1", "fc2"):
+    rows += [table.one(block(f"mlp.{fc}.weight"), ("blocks", fc, "kernel"), table.linear, table.linear, vit.depth),
+             table.one(block(f"mlp.{fc}.bias"), ("blocks", fc, "bias"), layers=vit.depth)]
+  rows += [table.one(f"{v}vision_layernorm.weight", ("vision_layernorm", "scale")),
+           table.one(f"{v}vision_layernorm.bias", ("vision_layernorm", "bias"))]
+  return table.prefixed(rows, path_prefix)
+
+
+def projector_rules(path_prefix=("visual", "projector")) -> list[table.Rule]:
+  rows = []
+  for index, name in ((0, "fc1"), (2, "fc2")):
+    rows += [table.one(f"{PROJECTOR_PREFIX}{index}.weight", (name, "kernel"), table.linear, table.linear),
+             table.one(f"{PROJECTOR_PREFIX}{index}.bias", (name, "bias"))]
+  return table.prefixed(rows, path_prefix)
+
+
+def rules(config: HiCoConfig) -> list[table.Rule]:
+  return (vision_rules(config.vit) + projector_rules()
+          + table.prefixed(qwen2_hf.rules(config.llm), ("llm",)))
+
+
+def expected_hf_shapes(config: HiCoConfig) -> dict[str, tuple[int, ...]]:
+  vit, hidden, v = config.vit, config.llm.hidden_size, VISION_PREFIX
+  w, p = vit.width, vit.patch_size
+  per_block = {"norm1.weight": (w,), "norm1.bias": (w,), "attn.qkv.weight": (3 * w, w), "attn.q_bias": (w,),
+               "attn.v_bias": (w,), "attn.proj.weight": (w, w), "attn.proj.bias": (w,), "norm2.weight": (w,),
+               "norm2.bias": (w,), "mlp.fc1.weight": (vit.mlp_dim, w), "mlp.fc1.bias": (vit.mlp_dim,),
+               "mlp.fc2.weight": (w, vit.mlp_dim), "mlp.fc2.bias": (w,)}
+  shapes = {f"{v}blocks.{i}.{name}": s for i in range(vit.depth) for name, s in per_block.items()}
+  shapes.update({f"{v}patch_embed.proj.weight": (w, 3, 1, p, p), f"{v}patch_embed.proj.bias": (w,),
+                 f"{v}vision_layernorm.weight": (w,), f"{v}vision_layernorm.bias": (w,),
+                 f"{PROJECTOR_PREFIX}0.weight": (hidden, w), f"{PROJECTOR_PREFIX}0.bias": (hidden,),
+                 f"{PROJECTOR_PREFIX}2.weight": (hidden, hidden), f"{PROJECTOR_PREFIX}2.bias": (hidden,)})
+  shapes.update(qwen2_hf.expected_hf_shapes(config.llm))
+  return shapes
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+
+# Fields of the released configs that do not change the video path's computation: LLaVA bookkeeping,
+# training settings and the image (anyres) path, which this model does not run.
+_INERT_FIELDS = frozenset({
+    "auto_map", "frame_aspect_ratio", "frame_grid_pinpoints", "image_aspect_ratio", "image_crop_resolution",
+    "image_grid_pinpoints", "image_split_resolution", "max_num_pixels", "min_slow_num_frames", "mm_close_init",
+    "mm_num_compress_latents", "mm_num_compress_query_type", "mm_pos_num_frames", "mm_projector_lr",
+    "mm_vision_tower_lr", "mm_spatial_pool_mode", "mm_spatial_pool_stride", "mm_resampler_type",
+    "mm_tunable_parts", "mm_use_im_patch_token", "mm_use_im_start_end", "mm_vision_select_feature",
+    "mm_patch_merge_type", "tokenizer_model_max_length", "tokenizer_padding_side", "tune_mm_mlp_adapter",
+    "unfreeze_mm_vision_tower", "use_mm_proj", "vision_tower_pretrained", "num_frame_patches_per_side",
+    "num_image_patches_per_side", "add_faster_video", "add_time_instruction", "faster_token_stride",
+    "force_sample", "pos_skipping_range", "llm_compress_type", "llm_compress_layer_list",
+    "llm_image_token_ratio_list", "mm_newline_position", "vision_config",
+})
+# Fields that decide the architecture, with the values this implementation computes.
+_REQUIRED = {"mm_projector_type": "tome16_mlp_hd64", "mm_local_num_frames": 4, "mm_vision_select_layer": -2}
+# Not a released field: our own record of a vision tower other than UMT-L (tiny test models).
+VISION_CONFIG_FIELD = "hico_vision_config"
+
+
+def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoConfig:
+  """HiCoConfig from a VideoChat-Flash config.json; `compute` sets dtype, remat and attention options."""
+  tower = str(hf.get("mm_vision_tower", ""))
+  if "umt-hd" in tower:
+    image_size = 448
+  elif "umt" in tower:
+    image_size = 224
+  else:
+    raise ValueError(f"{where}: mm_vision_tower = {tower!r} is not supported (only UMT-L: 'umt-large', "
+                     "'umt-hd-large')")
+  for field, value in _REQUIRED.items():
+    if field in hf and hf[field] != value:
+      raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
+  if hf.get("mm_llm_compress"):
+    raise ValueError(f"{where}: mm_llm_compress = true (progressive visual dropout) is not supported by this "
+                     "version; set it to false to run without dropout, as every released benchmark does")
+  vit_fields = {**UMT_L, **hf.get(VISION_CONFIG_FIELD, {}), "image_size": image_size}
+  if hf.get("mm_hidden_size", vit_fields["width"]) != vit_fields["width"]:
+    raise ValueError(f"{where}: mm_hidden_size = {hf['mm_hidden_size']} does not match the vision tower's "
+                     f"width {vit_fields['width']}")
+  known = _INERT_FIELDS | set(_REQUIRED) | {"mm_vision_tower", "mm_llm_compress", "mm_hidden_size",
+                                            VISION_CONFIG_FIELD}
+  llm = qwen2_hf.hf_config_to_dict(hf, extra_known=known, where=where)
+  vit_compute = {k: v for k, v in compute.items() if k in ("dtype", "param_dtype", "remat_policy", "attention_impl")}
+  return HiCoConfig.from_dict({"vit": {**vit_fields, **vit_compute}, "llm": {**llm, **compute}})
+
+
+def hico_to_hf_config(config: HiCoConfig, dtype: str) -> dict:
+  """config.json as the released checkpoints write it (the fields this implementation reads)."""
+  vit = config.vit
+  hf = qwen2_hf.dict_to_hf_config(config.llm, dtype)
+  hf.update(architectures=["VideoChatFlashQwenForCausalLM"], model_type="videochat_flash_qwen",
+            mm_vision_tower=TOWER_NAMES.get(vit.image_size, f"umt-custom-{vit.image_size}"),
+            mm_projector_type="tome16_mlp_hd64", mm_hidden_size=vit.width, mm_local_num_frames=vit.clip_frames,
+            mm_vision_select_layer=-2, mm_llm_compress=False, mm_newline_position="nothing",
+            mm_patch_merge_type="spatial_nopad", frame_aspect_ratio="square", image_aspect_ratio="anyres_nopad")
+  standard = {k: getattr(vit, k) for k in UMT_L}
+  if standard != UMT_L or vit.image_size not in TOWER_NAMES:
+    if vit.image_size not in TOWER_NAMES:
+      raise ValueError(f"image_size {vit.image_size} has no released tower name (224 or 448)")
+    hf[VISION_CONFIG_FIELD] = standard
+  return hf
+
+
+def is_videochat_flash(hf: dict) -> bool:
+  return "mm_vision_tower" in hf
+
+
+def load(model_dir: str, *, params_dtype=None, **compute) -> tuple[HiCoConfig, dict, str]:
+  """(config, params as numpy, the checkpoint's dtype name) from an official-layout directory."""
+  where = os.path.join(model_dir, "config.json")
+  config = hf_config_to_hico(qwen2_hf.read_config(model_dir), where, **compute)
+  reader = CheckpointReader(model_dir)
+  qwen2_hf.check_tensors(reader, expected_hf_shapes(config), model_dir,
+                         ignored={"lm_head.weight"} if config.llm.tie_word_embeddings else ())
+  return config, table.to_params(reader, rules(config), params_dtype), reader.dtype(reader.keys()[0])
+
+
+def save(model_dir: str, config: HiCoConfig, params, dtype: str = "float32", extra_fields: dict | None = None):
+  """Writes the official layout: config.json + safetensors."""
+  write_checkpoint(table.to_tensors(params, rules(config), np.dtype(dtype)), model_dir)
+  path = os.path.join(model_dir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump({**hico_to_hf_config(config, dtype), **(extra_fields or {})}, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
