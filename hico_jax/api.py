@@ -24,6 +24,7 @@ from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.convert import qwen2_hf, videochat_flash
 from hico_jax.infer import generate as generation
 from hico_jax.models import hico, qwen2
+from hico_jax.ops import xla_options
 
 class CausalLM:
   """A Qwen2 decoder (optionally with HiCo's video path) and its params, answering in numpy."""
@@ -41,7 +42,8 @@ class CausalLM:
                                                                     segment_ids=seg)[0])
     if self.is_video_model:
       module = hico.HiCo(config)
-      self._embed = jax.jit(lambda p, ids, video: module.apply({"params": p}, ids, video, method=hico.HiCo.embed))
+      self._embed = jax.jit(lambda p, ids, video: module.apply({"params": p}, ids, video, method=hico.HiCo.embed),
+                            compiler_options=xla_options.vision_compiler_options())
 
   def __call__(self, input_ids, video=None, attention_mask=None) -> np.ndarray:
     """Logits (B, T', V) float32 over the sequence with each video placeholder expanded (T' = T − 1 + 16·frames

@@ -2,11 +2,15 @@
 """Benchmarks on one accelerator, each case beside the peer it is compared with, in the same run.
 
   python tools/benchmark.py llm --presets qwen2_5_1_5b qwen2_7b --seq_lens 4096 16384
+  python tools/benchmark.py clip --presets hico_7b hico_7b_448 --frames 128 64
 
 `llm`: forward + backward (no optimizer) of the Qwen2 decoder, random init, bf16 compute, remat; tokens/s and
 MFU (FLOPs from tools/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
 Qwen2ForCausalLM (bf16, sdpa, gradient checkpointing) on the same token ids. Every case runs in its own
 subprocess so one framework's memory never crowds the other. Prints a markdown table; --out appends JSON lines.
+
+`clip`: clip encoding (UMT-L ViT + merge to 64 tokens + projector) in frames/s, bf16, forward only, for
+hico_jax and the independent PyTorch reference of tests/torch_reference (bf16, sdpa) on the same sizes.
 """
 
 from __future__ import annotations
@@ -118,7 +122,73 @@ def run_torch_llm(case: dict) -> dict:
   return {"loss": loss, "times": times, "compile_s": compile_s, "peak_gib": peak, "device": kind}
 
 
-RUNNERS = {("llm", "jax"): run_jax_llm, ("llm", "torch"): run_torch_llm}
+def _clip_configs(case: dict):
+  from hico_jax import presets
+  from hico_jax.models.hico import HiCoConfig
+  return HiCoConfig.from_dict(dict(presets.hico(case["preset"], dtype="bfloat16", remat_policy="none",
+                                                attention_impl="cudnn" if case["on_gpu"] else "xla")))
+
+
+def run_jax_clip(case: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from hico_jax.models.hico import ClipEncoder
+  from hico_jax.ops.xla_options import vision_compiler_options
+
+  case = {**case, "on_gpu": jax.devices()[0].platform == "gpu"}
+  config = _clip_configs(case)
+  size, clips = config.vit.image_size, case["frames"] // config.clip_frames
+  encoder = ClipEncoder(config)
+  video = jax.random.normal(jax.random.key(1), (clips, config.clip_frames, size, size, 3), jnp.float32)
+  params = nn.unbox(jax.jit(encoder.init)(jax.random.key(0), None, video[:1]))["params"]
+  options = vision_compiler_options() if case.get("vision_options", True) else {}
+  encode = jax.jit(lambda p, v: encoder.apply({"params": p}, None, v)[1], compiler_options=options)
+
+  def run():
+    return jax.block_until_ready(encode(params, video))
+
+  compile_start = time.perf_counter()
+  tokens = run()
+  compile_s = time.perf_counter() - compile_start
+  times = _time(run, case["warmup"], case["iters"])
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"out_shape": list(tokens.shape), "times": times, "compile_s": compile_s,
+          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
+
+
+def run_torch_clip(case: dict) -> dict:
+  import torch
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  from torch_reference.videochat_flash import ClipEncoder
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  config = _clip_configs({**case, "on_gpu": device == "cuda"})
+  vit = config.vit
+  with torch.device(device):
+    model = ClipEncoder(vit.image_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim, config.llm.hidden_size,
+                        vit.patch_size, vit.clip_frames, attention="sdpa").to(torch.bfloat16).eval()
+    frames = torch.randn(1, case["frames"], 3, vit.image_size, vit.image_size, dtype=torch.bfloat16)
+
+  def run():
+    with torch.no_grad():
+      out = model(frames)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  compile_start = time.perf_counter()
+  tokens = run()
+  compile_s = time.perf_counter() - compile_start
+  times = _time(run, case["warmup"], case["iters"])
+  peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+  kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+  return {"out_shape": list(tokens.shape), "times": times, "compile_s": compile_s, "peak_gib": peak,
+          "device": kind}
+
+
+RUNNERS = {("llm", "jax"): run_jax_llm, ("llm", "torch"): run_torch_llm,
+           ("clip", "jax"): run_jax_clip, ("clip", "torch"): run_torch_clip}
 
 
 def _run_case_in_subprocess(case: dict, timeout: int) -> dict:
@@ -140,6 +210,12 @@ def _summarise(result: dict) -> dict:
     return result
   median = statistics.median(result["times"])
   from hico_jax import presets
+  if result["section"] == "clip":
+    from hico_jax.models.hico import HiCoConfig
+    config = HiCoConfig.from_dict(dict(presets.hico(result["preset"])))
+    clip_flops = flops.umt_clip_forward_flops(config.vit, config.llm.hidden_size) * result["frames"] / 4
+    return {**result, "median_s": median, "frames_per_s": result["frames"] / median,
+            "tflops_per_s": clip_flops / median / 1e12, "mfu": flops.mfu(clip_flops, median)}
   from hico_jax.models.qwen2 import Qwen2Config
   config = Qwen2Config.from_dict(dict(presets.llm(result["preset"])))
   train_flops = flops.qwen2_train_flops(config, result["seq_len"])
@@ -147,7 +223,27 @@ def _summarise(result: dict) -> dict:
           "tflops_per_s": train_flops / median / 1e12, "mfu": flops.mfu(train_flops, median)}
 
 
+def _clip_table(results: list[dict]) -> str:
+  rows = ["| preset | px | frames | framework | step s | frames/s | TFLOP/s | MFU | peak GiB | vs torch |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+  torch_fps = {(r["preset"], r["frames"]): r.get("frames_per_s") for r in results if r["framework"] == "torch"}
+  from hico_jax import presets
+  for r in results:
+    size = presets.HICO_PRESETS[r["preset"]][1]
+    label = f"| {r['preset']} | {size} | {r['frames']} | {r['framework']} | "
+    if "error" in r:
+      rows.append(label + f"{r['error']} | | | | | |")
+      continue
+    ref = torch_fps.get((r["preset"], r["frames"]))
+    ratio = f"{r['frames_per_s'] / ref:.2f}x" if ref and r["framework"] == "jax" else ""
+    rows.append(label + f"{r['median_s']:.3f} | {r['frames_per_s']:,.0f} | {r['tflops_per_s']:.0f} | "
+                f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {ratio} |")
+  return "\n".join(rows)
+
+
 def _table(results: list[dict]) -> str:
+  if results and results[0]["section"] == "clip":
+    return _clip_table(results)
   rows = ["| preset | tokens | framework | remat | params | step s | tokens/s | TFLOP/s | MFU | peak GiB | vs torch |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
   torch_tps = {(r["preset"], r["seq_len"]): r.get("tokens_per_s") for r in results if r["framework"] == "torch"}
@@ -165,9 +261,11 @@ def _table(results: list[dict]) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("section", nargs="?", default="llm", choices=["llm"])
+  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip"])
   parser.add_argument("--presets", nargs="+", default=["qwen2_5_1_5b", "qwen2_7b"])
   parser.add_argument("--seq_lens", nargs="+", type=int, default=[4096, 16384])
+  parser.add_argument("--frames", nargs="+", type=int, default=[128, 64],
+                      help="clip section: frames per step, one per preset")
   parser.add_argument("--frameworks", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
   parser.add_argument("--remat", nargs="+", default=["dots_attn"], help="hico_jax remat policies to measure")
   parser.add_argument("--param_dtype", default="float32", help="hico_jax master-weight dtype")
@@ -188,6 +286,19 @@ def main():
     return
 
   results = []
+  if args.section == "clip":
+    for preset, frames in zip(args.presets, args.frames):
+      for framework in args.frameworks:
+        case = {"section": "clip", "framework": framework, "preset": preset, "frames": frames,
+                "warmup": args.warmup, "iters": args.iters}
+        result = _summarise(_run_case_in_subprocess(case, args.timeout))
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "times"}), flush=True)
+        if args.out:
+          with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    print(_table(results))
+    return
   for preset in args.presets:
     for seq_len in args.seq_lens:
       for framework in args.frameworks:

@@ -39,6 +39,23 @@ def qwen2_train_flops(c, seq_len: int, batch: int = 1) -> float:
   return 3 * qwen2_forward_flops(c, seq_len, batch)
 
 
+def umt_clip_forward_flops(vit, hidden_size: int, tokens_per_clip: int = 64) -> float:
+  """Forward FLOPs to encode one clip: patch embedding, the ViT blocks (full, non-causal attention) and
+  the projector on the merged tokens. The merge's own similarity products are counted too (small)."""
+  tokens = vit.clip_frames * vit.grid * vit.grid
+  patch = 2 * tokens * 3 * vit.patch_size ** 2 * vit.width
+  block_matmuls = 2 * tokens * (4 * vit.width ** 2 + 2 * vit.width * vit.mlp_dim)
+  block_attention = 2 * 2 * tokens * tokens * vit.width
+  merge, remaining = 0, tokens
+  head_dim = vit.width // vit.num_heads
+  while remaining > tokens_per_clip:     # each step: |A|·|B| scores over head_dim, plus the one-hot adds
+    r = min(remaining // 2, remaining - tokens_per_clip)
+    merge += 2 * (remaining // 2) ** 2 * head_dim + 2 * r * (remaining // 2) * vit.width
+    remaining -= r
+  projector = 2 * tokens_per_clip * (vit.width * hidden_size + hidden_size ** 2)
+  return patch + vit.depth * (block_matmuls + block_attention) + merge + projector
+
+
 def mfu(flops: float, seconds: float, peak: float = H100_BF16_PEAK) -> float:
   return flops / seconds / peak
 

@@ -28,24 +28,17 @@ TOWER_NAMES = {224: "umt-large", 448: "umt-hd-large"}
 def vision_rules(vit: ViTConfig, path_prefix=("visual", "vision_tower")) -> list[table.Rule]:
   heads, v = vit.num_heads, VISION_PREFIX
 
-  def split_qkv(w):                    # fused (3W, W), rows [q | k | v], each heads-major
-    return tuple(table.linear_to_heads(heads)(part) for part in np.split(w, 3))
-
-  def fuse_qkv(q, k, v_):
-    return np.concatenate([table.heads_to_linear(q), table.heads_to_linear(k), table.heads_to_linear(v_)])
-
   block = lambda name: f"{v}blocks.{{i}}.{name}"
-  qkv_paths = tuple(("blocks", n, "kernel") for n in ("q_proj", "k_proj", "v_proj"))
   rows = [
       # Conv3d (W, 3, 1, 16, 16) = (out, c, t, kh, kw)  <->  ours (t, kh, kw, c, out)
       table.one(f"{v}patch_embed.proj.weight", ("patch_kernel",), lambda w: w.transpose(2, 3, 4, 1, 0),
                 lambda k: k.transpose(4, 3, 0, 1, 2)),
       table.one(f"{v}patch_embed.proj.bias", ("patch_bias",)),
-      table.Rule(block("attn.qkv.weight"), qkv_paths, split_qkv, fuse_qkv, vit.depth),
-      table.one(block("attn.q_bias"), ("blocks", "q_proj", "bias"), table.bias_to_heads(heads), table.flatten,
-                vit.depth),
-      table.one(block("attn.v_bias"), ("blocks", "v_proj", "bias"), table.bias_to_heads(heads), table.flatten,
-                vit.depth),
+      # fused (3W, W), rows [q | k | v], each heads-major  <->  ours (W, 3, heads, head_dim)
+      table.one(block("attn.qkv.weight"), ("blocks", "qkv", "kernel"),
+                lambda w: w.T.reshape(w.shape[1], 3, heads, -1), lambda k: k.reshape(k.shape[0], -1).T, vit.depth),
+      table.one(block("attn.q_bias"), ("blocks", "q_bias"), table.bias_to_heads(heads), table.flatten, vit.depth),
+      table.one(block("attn.v_bias"), ("blocks", "v_bias"), table.bias_to_heads(heads), table.flatten, vit.depth),
       table.one(block("attn.proj.weight"), ("blocks", "proj", "kernel"), table.out_linear_to_heads(heads),
                 table.heads_to_out_linear, vit.depth),
       table.one(block("attn.proj.bias"), ("blocks", "proj", "bias"), layers=vit.depth),

@@ -135,7 +135,7 @@ def check_video_shape(config: HiCoConfig, shape) -> None:
   if len(shape) != 6:
     raise ValueError(f"video must be (batch, videos, frames, size, size, 3), got shape {tuple(shape)}")
   frames, height, width, channels = shape[2:]
-  if frames % config.clip_frames:
+  if frames == 0 or frames % config.clip_frames:
     raise ValueError(f"clip frames must be a multiple of {config.clip_frames}, got T={frames}")
   size = config.vit.image_size
   if (height, width, channels) != (size, size, 3):

@@ -76,10 +76,13 @@ class ViTBlock(nn.Module):
                                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
     h = norm("norm1")(x)
-    project_in = lambda bias, name: Projection(
-        "bld,dnh->blnh", (cfg.width, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-        ("heads", "head_dim") if bias else None, dtype, param_dtype, name=name)(h)
-    q, k, v = project_in(True, "q_proj"), project_in(False, "k_proj"), project_in(True, "v_proj")
+    # One fused projection for q, k and v (as the checkpoint stores them): one large matmul instead of three.
+    qkv = Projection("bld,dsnh->blsnh", (cfg.width, 3, cfg.num_heads, cfg.head_dim),
+                     ("embed", None, "heads", "head_dim"), None, dtype, param_dtype, name="qkv")(h)
+    bias = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+                                   (cfg.num_heads, cfg.head_dim), param_dtype).astype(dtype)
+    # BEiT-style biases: q and v only; k's bias is fixed at zero and is no parameter.
+    q, k, v = qkv[:, :, 0] + bias("q_bias"), qkv[:, :, 1], qkv[:, :, 2] + bias("v_bias")
     out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, causal=False)
     out = checkpoint_name(constrain(out, ("act_clips", None, "act_heads", "act_head_dim")), "attention_out")
     out = Projection("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width), ("heads", "head_dim", "embed"),
