@@ -105,6 +105,13 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def unbox_abstract(tree):
+  """Boxed (logically partitioned) ShapeDtypeStructs -> plain ones. nn.unbox would also apply the
+  sharding constraint, which an abstract value cannot take under a mesh."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def named_sharding(mesh: Mesh, *logical_axes: str | None, rules=LOGICAL_RULES) -> NamedSharding:
   """NamedSharding for an array whose dimensions carry these logical names."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, rules))

@@ -54,3 +54,46 @@ def validate(config, mesh: Mesh) -> Qwen2Config:
   if problems:
     raise ConfigError("config does not fit the mesh " + str(dict(size)) + ":\n  " + "\n  ".join(problems))
   return model
+
+
+def validate_training(config, model_config, mesh: Mesh) -> None:
+  """The numbers of a HiCo training config against the mesh (and the process count), all reported
+  together before anything compiles."""
+  import jax  # pylint: disable=import-outside-toplevel
+  problems = []
+  size = dict(mesh.shape)
+  tensor, seq = size.get("tensor", 1), size.get("seq", 1)
+  rows = size.get("data", 1) * size.get("fsdp", 1)
+  clip_devices = rows * seq
+  llm, vit = model_config.llm, model_config.vit
+  try:
+    validate(type(config)({"model": dict(llm.__dict__)}), mesh)
+  except ConfigError as e:
+    problems += [line.strip() for line in str(e).splitlines()[1:]]
+  if vit.num_heads % tensor:
+    problems.append(f"model.vit.num_heads={vit.num_heads} is not divisible by mesh tensor={tensor}")
+  if vit.width % (size.get("fsdp", 1) * seq):
+    problems.append(f"model.vit.width={vit.width} is not divisible by mesh fsdp*seq={size.get('fsdp', 1) * seq}")
+  if model_config.encode_chunk % clip_devices:
+    problems.append(f"model.encode_chunk={model_config.encode_chunk} is not divisible by mesh data*fsdp*seq="
+                    f"{clip_devices} (each device encodes whole clips)")
+  batch = config.batch_size
+  if batch % rows:
+    problems.append(f"batch_size={batch} is not divisible by mesh data*fsdp={rows}")
+  if batch % (config.accumulation_steps * rows) and batch % rows == 0:
+    problems.append(f"batch_size={batch} does not split into accumulation_steps={config.accumulation_steps} "
+                    f"micro-batches of a multiple of data*fsdp={rows} rows")
+  if batch % jax.process_count():
+    problems.append(f"batch_size={batch} is not divisible by the {jax.process_count()} processes")
+  budget = config.data.token_budget
+  if seq > 1 and budget % (2 * seq):
+    problems.append(f"data.token_budget={budget} is not divisible by 2*mesh seq={2 * seq} (zig-zag chunks)")
+  if budget > llm.max_position_embeddings:
+    problems.append(f"data.token_budget={budget} exceeds model.llm.max_position_embeddings="
+                    f"{llm.max_position_embeddings}")
+  if config.data.image_size != vit.image_size:
+    problems.append(f"data.image_size={config.data.image_size} differs from model.vit.image_size={vit.image_size}")
+  if config.total_steps < 1:
+    problems.append(f"total_steps={config.total_steps} must be >= 1")
+  if problems:
+    raise ConfigError("config does not fit the mesh " + str(size) + ":\n  " + "\n  ".join(problems))

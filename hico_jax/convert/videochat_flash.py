@@ -121,7 +121,7 @@ def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoCo
   if hf.get("mm_llm_compress"):
     raise ValueError(f"{where}: mm_llm_compress = true (progressive visual dropout) is not supported by this "
                      "version; set it to false to run without dropout, as every released benchmark does")
-  vit_fields = {**UMT_L, **hf.get(VISION_CONFIG_FIELD, {}), "image_size": image_size}
+  vit_fields = {**UMT_L, "image_size": image_size, **hf.get(VISION_CONFIG_FIELD, {})}
   if hf.get("mm_hidden_size", vit_fields["width"]) != vit_fields["width"]:
     raise ValueError(f"{where}: mm_hidden_size = {hf['mm_hidden_size']} does not match the vision tower's "
                      f"width {vit_fields['width']}")
@@ -137,15 +137,15 @@ def hico_to_hf_config(config: HiCoConfig, dtype: str) -> dict:
   vit = config.vit
   hf = qwen2_hf.dict_to_hf_config(config.llm, dtype)
   hf.update(architectures=["VideoChatFlashQwenForCausalLM"], model_type="videochat_flash_qwen",
-            mm_vision_tower=TOWER_NAMES.get(vit.image_size, f"umt-custom-{vit.image_size}"),
+            mm_vision_tower=TOWER_NAMES.get(vit.image_size, "umt-large"),
             mm_projector_type="tome16_mlp_hd64", mm_hidden_size=vit.width, mm_local_num_frames=vit.clip_frames,
             mm_vision_select_layer=-2, mm_llm_compress=False, mm_newline_position="nothing",
             mm_patch_merge_type="spatial_nopad", frame_aspect_ratio="square", image_aspect_ratio="anyres_nopad")
   standard = {k: getattr(vit, k) for k in UMT_L}
   if standard != UMT_L or vit.image_size not in TOWER_NAMES:
-    if vit.image_size not in TOWER_NAMES:
-      raise ValueError(f"image_size {vit.image_size} has no released tower name (224 or 448)")
-    hf[VISION_CONFIG_FIELD] = standard
+    # Not a released tower: record its sizes (image size included) in our own field; released loaders that
+    # do not know the field would see UMT-L, so such a checkpoint is for hico_jax only.
+    hf[VISION_CONFIG_FIELD] = {**standard, "image_size": vit.image_size}
   return hf
 
 

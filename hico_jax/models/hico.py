@@ -130,6 +130,16 @@ class HiCo(nn.Module):
     return total / jnp.maximum(count, 1.0), {"loss_sum": total, "num_tokens": count}
 
 
+  def loss_sums(self, input_ids, targets, video=None, *, segment_ids=None, positions=None, chunk_size=4096):
+    """(Σ CE, number of supervised tokens) for pre-shifted targets: targets[t] is the id that position t
+    predicts, negative where nothing is supervised (the data pipeline shifts per sample before packing).
+    The trainer sums both over micro-batches and the mesh before dividing."""
+    _, aux = self(input_ids, video, segment_ids=segment_ids, positions=positions, return_logits=False)
+    weights = targets >= 0
+    return loss_ops.linear_cross_entropy(aux["hidden"], self.llm.head_kernel(), jnp.where(weights, targets, 0),
+                                         weights, chunk_size)
+
+
 def check_video_shape(config: HiCoConfig, shape) -> None:
   """Clear errors for videos the model cannot take, before anything compiles."""
   if len(shape) != 6:

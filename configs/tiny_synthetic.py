@@ -1,0 +1,35 @@
+"""The embedded default: the tiny model trained on synthetic videos through the stage sequence on a CPU.
+
+  python -m hico_jax.train --config configs/tiny_synthetic.py:stage2 --workdir runs/tiny/stage2 \
+      --config.init.path=runs/tiny/stage1
+
+The whole sequence (data, stages, evaluation, export) is one command: python -m hico_jax.train.default
+Same code as the real presets, small sizes: UMT-like ViT of width 128 at 112 px, Qwen2-shaped decoder of
+width 64 with the real 151,936-token vocabulary.
+"""
+
+from hico_jax import presets
+from hico_jax.train import recipe
+
+DATA = "data/synthetic"
+
+
+def get_config(arg=None):
+  stage = arg or "stage2"
+  model = presets.hico("tiny", dtype="float32", remat_policy="none")
+  model.encode_chunk = 8
+  c = recipe.stage_config(stage, model, shards=f"{DATA}/shards", tokenizer_dir=f"{DATA}/tokenizer",
+                          batch_size=4, total_steps=100)
+  # A tiny model from scratch learns at rates a pretrained one would not survive.
+  c.optim.lr = {"stage1": 3e-3, "stage2": 1e-3, "stage3": 1e-3, "stage4": 1e-3}[stage]
+  # The synthetic events start and end on sixteenths of each video, so 16 frames taken from the middles of 16
+  # equal segments see every event; ~1 fps sampling can miss short ones (hico_jax/data/synthetic.py).
+  c.data.sampling, c.data.num_frames, c.data.min_frames, c.data.max_frames = "middle", 16, 16, 16
+  c.data.token_budget = 512
+  c.data.frame_budget = 16
+  c.data.max_samples_per_row = 8
+  c.log_every = 10
+  c.checkpoint.every = 50
+  c.eval.shards = f"{DATA}/eval_shards"
+  c.eval.max_per_task = 40
+  return c

@@ -1,0 +1,232 @@
+"""The training input pipeline: shards -> samples -> packed rows -> global arrays on the mesh.
+
+  source   MixedSource over the shard directory (datasets mixed by their sampling strategies)
+  host     this host's slice, ds[process_index::process_count], before shuffling: hosts never overlap
+  order    a seeded global shuffle, a new order every epoch
+  decode   in worker processes: record -> sampled, resized frames (uint8) + token ids + shifted targets
+  skip     bad records (corrupt video, malformed annotation, too long) dropped, counted, logged once
+  pack     first-fit (or best-fit) packing into rows of `token_budget` tokens and `frame_budget` frames,
+           with segment ids and per-sample positions
+  batch    this host's rows; zig-zag reordered along the sequence when the mesh has a seq axis
+
+Each row's frames are its samples' frames one after another (every sample brings a multiple of 4), so the
+k-th video placeholder of a row is the k-th visual token of the row's clips: exactly what HiCo.embed does.
+Targets are shifted here, per sample, before packing: targets[t] is the label of token t + 1, so no
+target ever crosses into the next sample, and zig-zag reordering cannot break the shift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import grain
+import numpy as np
+
+from hico_jax.data import records, shards, text, video
+
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  shards: str
+  tokenizer_dir: str
+  image_size: int = 224
+  token_budget: int = 32768          # tokens per packed row
+  frame_budget: int = 512            # frames per packed row (a multiple of 4)
+  max_samples_per_row: int = 64
+  sampling: str = "dynamic_fps1"     # or "middle"
+  num_frames: int | None = None      # "middle": frames to take
+  min_frames: int = 64
+  max_frames: int = 512
+  template: str = "qwen_2"           # or "plain" (stage 1)
+  strategies: tuple = ()             # ((dataset name, sampling strategy), ...) overriding the manifest
+  packing: str = "first_fit"         # or "best_fit"
+  num_packing_bins: int = 8
+  num_workers: int = 0
+  seed: int = 0
+  num_epochs: int | None = None      # None: repeat forever
+
+  @classmethod
+  def from_dict(cls, fields) -> "DataConfig":
+    fields = dict(fields)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"unknown data config field(s) {unknown}")
+    if "strategies" in fields:
+      fields["strategies"] = tuple(tuple(x) for x in (fields["strategies"].items() if isinstance(
+          fields["strategies"], dict) else fields["strategies"]))
+    config = cls(**fields)
+    if config.frame_budget % 4:
+      raise ValueError(f"data.frame_budget={config.frame_budget} must be a multiple of 4 (whole clips)")
+    if config.packing not in ("first_fit", "best_fit"):
+      raise ValueError(f"data.packing={config.packing!r} is not first_fit or best_fit")
+    return config
+
+
+_logged_once: set = set()
+
+
+def _log_skip(record_id, reason):
+  if record_id not in _logged_once:      # each bad record once per process, however many epochs
+    _logged_once.add(record_id)
+    logging.warning("skipping record %s: %s", record_id, reason)
+
+
+class DecodeSample(grain.transforms.Map):
+  """Record bytes -> training sample, or a skip marker {"skip": 1} with the reason logged."""
+
+  def __init__(self, config: DataConfig):
+    self.config = config
+    self._tokenizer = None
+
+  def map(self, data: bytes) -> dict:
+    cfg = self.config
+    record_id = "<unparsed>"
+    try:
+      header, media = records.decode_record(data)
+      record_id = f"{header.get('dataset')}/{header['id']}"
+      if self._tokenizer is None:                  # loaded in each worker process, not pickled
+        from hico_jax.data.tokenizer import load_tokenizer
+        self._tokenizer = load_tokenizer(cfg.tokenizer_dir)
+      frames = np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
+      num_frames = duration = None
+      if header["media_type"] == "video":
+        raw, info = video.decode_frames(media, mode=cfg.sampling, num_frames=cfg.num_frames,
+                                        min_frames=cfg.min_frames, max_frames=cfg.max_frames,
+                                        start=header.get("start"), end=header.get("end"))
+        frames = video.resize_frames(raw, cfg.image_size)
+        num_frames, duration = len(frames), info["duration"]
+        if num_frames > cfg.frame_budget:
+          raise text.SampleTooLongError(f"{num_frames} frames exceed data.frame_budget={cfg.frame_budget}")
+      elif header["media_type"] == "image":
+        raise ValueError("image records are not supported by the video pipeline yet")
+      sample = text.encode_sample(header["conversations"], self._tokenizer, num_frames=num_frames,
+                                  duration=duration, template=cfg.template, max_length=cfg.token_budget)
+    except (ValueError, KeyError, TypeError) as e:   # VideoDecodeError, RecordError, SampleTooLongError are ValueErrors
+      _log_skip(record_id, f"{type(e).__name__}: {e}")
+      return {"skip": np.int32(1)}
+    labels = sample["labels"]
+    targets = np.concatenate([labels[1:], [IGNORE]]).astype(np.int32)
+    return {"input_ids": sample["input_ids"].astype(np.int32), "targets": targets, "frames": frames,
+            "skip": np.int32(0)}
+
+
+class _SkipCountingIterator(grain.DatasetIterator):
+  def __init__(self, parent):
+    super().__init__(parent)
+    self._pending = 0
+
+  def __next__(self):
+    while True:
+      element = next(self._parent)
+      if element["skip"]:
+        self._pending += 1
+        continue
+      element = {k: v for k, v in element.items() if k != "skip"}
+      element["num_skipped"], self._pending = np.int32(self._pending), 0
+      return element
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "pending": self._pending}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._pending = state["pending"]
+
+
+class SkipCounting(grain.IterDataset):
+  """Drops skip markers; the next good sample carries how many were dropped before it (`num_skipped`),
+  so the count survives worker processes and packing and arrives with the batch."""
+
+  def __iter__(self):
+    return _SkipCountingIterator(self._parent.__iter__())
+
+
+def zigzag(x, num_shards: int, axis: int = 1):
+  """Reorders the sequence axis for causal load balance over `num_shards` sequence shards: the axis is cut
+  into 2·n chunks and shard i holds chunks i and 2n−1−i, so every shard has as much early (cheap) as late
+  (expensive) causal work."""
+  if num_shards == 1:
+    return x
+  chunks = np.split(x, 2 * num_shards, axis=axis)
+  order = [c for i in range(num_shards) for c in (i, 2 * num_shards - 1 - i)]
+  return np.concatenate([chunks[c] for c in order], axis=axis)
+
+
+def unzigzag(x, num_shards: int, axis: int = 1):
+  """The inverse of zigzag."""
+  if num_shards == 1:
+    return x
+  chunks = np.split(x, 2 * num_shards, axis=axis)
+  order = [c for i in range(num_shards) for c in (i, 2 * num_shards - 1 - i)]
+  restored = [None] * len(chunks)
+  for position, c in enumerate(order):
+    restored[c] = chunks[position]
+  return np.concatenate(restored, axis=axis)
+
+
+class FinishBatch(grain.transforms.Map):
+  """Packed batch -> the names the trainer uses; zig-zag along the sequence for seq-parallel meshes."""
+
+  def __init__(self, seq_shards: int):
+    self.seq_shards = seq_shards
+
+  def map(self, batch: dict) -> dict:
+    return _finish_batch(batch, self.seq_shards)
+
+
+def _finish_batch(batch: dict, seq_shards: int) -> dict:
+  out = {
+      "input_ids": batch["input_ids"], "targets": batch["targets"],
+      "segment_ids": batch["input_ids_segment_ids"], "positions": batch["input_ids_positions"],
+      "frames": batch["frames"], "num_skipped": batch["num_skipped"].sum().astype(np.int32),
+  }
+  if seq_shards > 1:
+    for key in ("input_ids", "targets", "segment_ids", "positions"):
+      out[key] = zigzag(out[key], seq_shards)
+  # Padding in packed rows has segment 0 and nothing to predict.
+  out["targets"] = np.where(out["segment_ids"] == 0, IGNORE, out["targets"]).astype(np.int32)
+  return out
+
+
+def make_dataset(config: DataConfig, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                 seq_shards: int = 1) -> grain.IterDataset:
+  """This host's packed batches of `batch_size` rows (the global batch divided by the process count)."""
+  if config.token_budget % (2 * seq_shards) and seq_shards > 1:
+    raise ValueError(f"data.token_budget={config.token_budget} must divide into 2·seq={2 * seq_shards} chunks")
+  source = shards.MixedSource(config.shards, dict(config.strategies), config.seed)
+  if len(source) < process_count:
+    raise ValueError(f"{len(source)} records cannot feed {process_count} processes")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.seed(config.seed).shuffle().repeat(config.num_epochs)
+  ds = ds.map(DecodeSample(config))
+  it = SkipCounting(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+  packer = (grain.experimental.FirstFitPackIterDataset if config.packing == "first_fit"
+            else grain.experimental.BestFitPackIterDataset)
+  it = packer(it, length_struct={"input_ids": config.token_budget, "targets": config.token_budget,
+                                 "frames": config.frame_budget, "num_skipped": config.max_samples_per_row},
+              num_packing_bins=config.num_packing_bins, seed=config.seed, meta_features=("num_skipped",))
+  it = it.batch(batch_size, drop_remainder=True)
+  it = it.map(FinishBatch(seq_shards))
+  if config.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=2))
+  return it
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """Host-local numpy batch -> global jax Arrays sharded for training (rows over data·fsdp, tokens over
+  seq). Every host passes its own rows; jax assembles the global batch."""
+  import jax
+  from hico_jax import sharding
+  specs = {"input_ids": ("act_batch", "act_len"), "targets": ("act_batch", "act_len"),
+           "segment_ids": ("act_batch", "act_len"), "positions": ("act_batch", "act_len"),
+           "frames": ("act_batch", None, None, None, None)}
+  out = {}
+  for key, names in specs.items():
+    local = batch[key]
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(sharding.named_sharding(mesh, *names), local, global_shape)
+  out["num_skipped"] = int(batch["num_skipped"])
+  return out

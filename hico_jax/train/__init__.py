@@ -1,0 +1,1 @@
+"""Training: optimizer, train state and step, checkpoints, the loop."""

@@ -1,0 +1,81 @@
+"""The embedded default: synthetic videos -> shards -> the tiny model through the stage sequence ->
+held-out accuracy per task next to chance -> an HF export. README's main command.
+
+  python -m hico_jax.train.default [--workdir runs/tiny] [--stages stage1,stage2] [--steps 200]
+
+Everything it needs it makes if missing: the synthetic train and eval sets, their shards and the Qwen2
+tokenizer file. Each stage starts from the previous stage's run directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+from absl import app, flags
+
+from hico_jax.data import shards, synthetic
+from hico_jax.data.tokenizer import build_qwen2_tokenizer_json
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "where the stage run directories go")
+_STAGES = flags.DEFINE_list("stages", ["stage1", "stage2"], "stages to run, in order")
+_STEPS = flags.DEFINE_integer("steps", None, "steps per stage (default: the config's)")
+_STAGE_CONFIG = flags.DEFINE_string("stage_config", "configs/tiny_synthetic.py", "config file with get_config(stage)")
+_TRAIN_VIDEOS = flags.DEFINE_integer("train_videos", 600, "synthetic training videos")
+_EVAL_VIDEOS = flags.DEFINE_integer("eval_videos", 200, "synthetic held-out videos")
+
+
+def _load_config_module(path: str):
+  spec = importlib.util.spec_from_file_location("stage_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def prepare_data(root: str, train_videos: int, eval_videos: int, size: int):
+  """Synthetic train/eval sets, their shards and the tokenizer, each made only if missing."""
+  start = time.perf_counter()
+  for name, count, seed in (("train", train_videos, 0), ("eval", eval_videos, 1)):
+    dataset = synthetic.make_dataset(os.path.join(root, name), num_videos=count, seed=seed, size=size)
+    out = os.path.join(root, "shards" if name == "train" else "eval_shards")
+    if not os.path.exists(os.path.join(out, shards.MANIFEST)) or not dataset.reused:
+      report = shards.build(str(dataset), out, log=lambda _: None)
+      print(f"{name} shards: {report.summary().splitlines()[-1]}")
+  build_qwen2_tokenizer_json(os.path.join(root, "tokenizer"))
+  print(f"data ready in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv):
+  del argv
+  from hico_jax.train import evaluate, trainer
+  module = _load_config_module(_STAGE_CONFIG.value)
+  first = module.get_config(_STAGES.value[0])
+  prepare_data(module.DATA, _TRAIN_VIDEOS.value, _EVAL_VIDEOS.value, size=first.model.vit.image_size)
+  previous, results = None, {}
+  for stage in _STAGES.value:
+    config = module.get_config(stage)
+    with config.unlocked():
+      if _STEPS.value:
+        config.total_steps = _STEPS.value
+      config.init.path = previous
+      config.eval.shards = config.eval.shards if stage == _STAGES.value[-1] else None
+      config.export_hf = stage == _STAGES.value[-1]
+    workdir = os.path.join(_WORKDIR.value, stage)
+    start = time.perf_counter()
+    results[stage] = trainer.train(config, workdir)
+    print(f"{stage}: {config.total_steps} steps in {(time.perf_counter() - start) / 60:.1f} min, "
+          f"final loss {results[stage].get('loss', float('nan')):.3f}")
+    previous = workdir
+  final = results[_STAGES.value[-1]]
+  if "eval" in final:
+    print("held-out accuracy after", _STAGES.value[-1])
+    print(evaluate.format_results(final["eval"]))
+  with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
+    json.dump(results, f, indent=2, default=float)
+  print(f"run directories in {_WORKDIR.value}; HF export in {os.path.join(previous, 'hf')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

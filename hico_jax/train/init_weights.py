@@ -1,0 +1,68 @@
+"""Where a stage's weights come from, and where they go: a previous stage's run directory, the official
+VideoChat-Flash layout, or a plain Qwen2 checkpoint for the LLM alone; and the HF export at the end.
+
+config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A checkpoint whose architecture
+does not match the configured model fails with one line naming the first tensor or field that differs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from hico_jax.convert import qwen2_hf, videochat_flash
+from hico_jax.train import checkpoint as ckpt
+
+
+def _check_same_shapes(loaded, target, where: str):
+  flat_loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if path not in flat_loaded:
+      raise ValueError(f"{where}: has no parameter {name} that the configured model needs")
+    if tuple(flat_loaded[path].shape) != tuple(leaf.shape):
+      raise ValueError(f"{where}: parameter {name} has shape {tuple(flat_loaded[path].shape)}, the configured "
+                       f"model needs {tuple(leaf.shape)}")
+
+
+def _place(loaded, like):
+  """numpy params -> arrays with the dtype and sharding of `like`."""
+  return jax.tree.map(lambda x, t: jax.device_put(np.asarray(x, t.dtype), t.sharding), loaded, like)
+
+
+def load_into_state(state, init, model_config, param_shardings):
+  """state with its params replaced by the init checkpoint's (optimizer state stays fresh)."""
+  path, kind = init.path, init.get("kind", "run")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init.path {path!r} does not exist")
+  params = state["params"]
+  if kind == "run":
+    checkpointer = ckpt.Checkpointer(path)
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init.path {path!r} holds no finished checkpoint")
+    abstract = ckpt.abstract_like(params, param_shardings)
+    try:
+      restored = checkpointer.manager.restore(step, args=ckpt.ocp.args.Composite(
+          state=ckpt.ocp.args.StandardRestore({"params": abstract}, strict=False)))["state"]["params"]
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"init.path {path!r} (step {step}) does not match the configured model: {e}") from None
+    checkpointer.close()
+    return {**state, "params": restored}
+  if kind == "videochat_flash":
+    _, loaded, _ = videochat_flash.load(path)
+  elif kind == "qwen2":
+    _, llm, _ = qwen2_hf.load(path)
+    loaded = {**jax.tree.map(np.asarray, params), "llm": llm}
+  else:
+    raise ValueError(f"init.kind {kind!r} is not run, videochat_flash or qwen2")
+  _check_same_shapes(loaded, params, path)
+  return {**state, "params": _place(loaded, params)}
+
+
+def export_hf(out_dir: str, model_config, params, dtype: str = "bfloat16"):
+  """The official VideoChat-Flash layout (loads back with hico_jax.from_pretrained; its LLM keys load in
+  transformers' Qwen2ForCausalLM)."""
+  videochat_flash.save(out_dir, model_config, jax.tree.map(np.asarray, jax.device_get(params)), dtype=dtype)

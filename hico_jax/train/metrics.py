@@ -1,0 +1,54 @@
+"""Training observability: a console line per log step (step, loss, tokens/s, MFU, ETA) and TensorBoard
+event files in the workdir (loss, learning rate per group, grad norm, skipped records, throughput)."""
+
+from __future__ import annotations
+
+import time
+
+from absl import logging
+import jax
+
+from hico_jax import flops
+
+
+def train_flops(model_config, config, data_config) -> float:
+  """Model FLOPs of one step: every row filled to its token and frame budgets."""
+  per_row = flops.hico_train_flops(model_config, data_config.token_budget, data_config.frame_budget)
+  return per_row * config.batch_size
+
+
+class MetricWriter:
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int, flops_per_step: float,
+               peak_flops_per_device: float = flops.H100_BF16_PEAK):
+    self.total_steps, self.flops_per_step = total_steps, flops_per_step
+    self.peak = peak_flops_per_device * jax.device_count()
+    self._last_time, self._last_step = time.perf_counter(), start_step
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._writer = SummaryWriter(workdir)
+
+  def write(self, step: int, values: dict):
+    now = time.perf_counter()
+    seconds_per_step = (now - self._last_time) / max(step - self._last_step, 1)
+    self._last_time, self._last_step = now, step
+    values = dict(values)
+    values["seconds_per_step"] = seconds_per_step
+    values["tokens_per_s"] = values.get("tokens", 0.0) / seconds_per_step
+    values["mfu"] = self.flops_per_step / seconds_per_step / self.peak
+    eta = seconds_per_step * (self.total_steps - step)
+    line = (f"step {step}/{self.total_steps} loss {values.get('loss', float('nan')):.4f} "
+            f"grad_norm {values.get('grad_norm', float('nan')):.3f} {values['tokens_per_s']:,.0f} tok/s "
+            f"MFU {100 * values['mfu']:.1f}% skipped {int(values.get('num_skipped_records', 0))} "
+            f"ETA {eta / 60:.1f} min")
+    logging.info(line)
+    print(line, flush=True)
+    if self._writer is not None:
+      for key, value in values.items():
+        if isinstance(value, (int, float)):
+          self._writer.add_scalar(key, value, step)
+      self._writer.flush()
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()

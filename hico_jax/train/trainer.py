@@ -1,0 +1,134 @@
+"""The trainer: one readable file, top to bottom (big_vision's train.py is the model).
+
+  python -m hico_jax.train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
+
+Sections: config and workdir; mesh; input pipeline; model and optimizer; shardings and state; the step;
+checkpoint restore; evaluation; the loop. Every check that can fail does so before anything compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from absl import logging
+import flax.linen as nn
+import jax
+
+from hico_jax import sharding, validate
+from hico_jax.data import pipeline
+from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+from hico_jax.train import checkpoint as ckpt
+from hico_jax.train import evaluate, init_weights, metrics, optimizer as optim, step as step_lib
+
+def train(config, workdir: str) -> dict:
+  """Runs the configured stage; returns the final metrics (and evaluation results)."""
+  # ------------------------------------------------------------------------------------------ config, workdir
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  model_config = HiCoConfig.from_dict(dict(config.model))
+  data_config = pipeline.DataConfig.from_dict(dict(config.data))
+  for path, what in ((data_config.shards, "data.shards"), (data_config.tokenizer_dir, "data.tokenizer_dir")):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{what} {path!r} does not exist")
+
+  # -------------------------------------------------------------------------------------------------- mesh
+  # jax.distributed.initialize() has already run (launch/) when there are several processes.
+  mesh = sharding.make_mesh(config.mesh)
+  validate.validate_training(config, model_config, mesh)      # every misfit named, before any compile
+  seq_shards = dict(mesh.shape)["seq"]
+  logging.info("mesh %s on %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
+
+  # -------------------------------------------------------------------------------------------- input pipeline
+  # Each process reads its own slice of the records and builds its rows of the global batch.
+  local_batch = config.batch_size // jax.process_count()
+  dataset = pipeline.make_dataset(data_config, batch_size=local_batch, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), seq_shards=seq_shards)
+  data_iter = iter(dataset)
+
+  # ---------------------------------------------------------------------------------- model and optimizer
+  model = HiCo(model_config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    abstract = jax.eval_shape(model.init, jax.random.key(config.seed), *init_inputs(model_config))
+    param_shardings = sharding.logical_to_sharding(abstract, mesh)["params"]
+    abstract_params = sharding.unbox_abstract(abstract)["params"]
+    tx, schedules = optim.make_optimizer(config.optim, abstract_params)
+    frozen = optim.frozen_mask(abstract_params, config.optim.schedule)
+
+    # ------------------------------------------------------------------------------ shardings and state
+    # Parameters are born sharded. The optimizer state is made eagerly from them, so each moment lands with
+    # its parameter's sharding; its counters (and the step) are replicated.
+    init_params = lambda rng: nn.unbox(model.init(rng, *init_inputs(model_config)))["params"]
+    params = jax.jit(init_params, out_shardings=param_shardings)(jax.random.key(config.seed))
+    state = _replicate_scalars(step_lib.init_state(params, tx), mesh)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    # ---------------------------------------------------------------------------------------- the step
+    # Donating the state lets XLA update parameters and moments in place: one copy of them in memory.
+    train_step = jax.jit(
+        step_lib.make_train_step(model, tx, frozen, accumulation_steps=config.accumulation_steps,
+                                 schedules=schedules),
+        donate_argnums=(0,), out_shardings=(state_shardings, None))
+
+    # ---------------------------------------------------------------------------------- checkpoint restore
+    checkpointer = ckpt.Checkpointer(workdir, max_to_keep=config.checkpoint.keep,
+                                     save_interval_steps=config.checkpoint.every,
+                                     async_save=config.checkpoint.async_save)
+    abstract_target = ckpt.abstract_like(state, state_shardings)
+    start_step = checkpointer.latest_step()
+    if start_step is not None:
+      state = checkpointer.restore(start_step, abstract_target, data_iter)
+      logging.info("resumed from step %d of %s", start_step, checkpointer.directory)
+    elif config.init.get("path"):
+      state = init_weights.load_into_state(state, config.init, model_config, param_shardings)
+      logging.info("initialised weights from %s", config.init.path)
+    start_step = int(start_step or 0)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))   # preemption: save, then exit
+    writer = metrics.MetricWriter(workdir, total_steps=config.total_steps, start_step=start_step,
+                                  flops_per_step=metrics.train_flops(model_config, config, data_config))
+    nonfinite_in_a_row, last = 0, {}
+    for step in range(start_step + 1, config.total_steps + 1):
+      local = next(data_iter)
+      batch = pipeline.to_global(local, mesh)
+      state, step_metrics = train_step(state, batch)
+      if step % config.log_every == 0 or step == config.total_steps:
+        last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        # Throughput counts every real (non-padding) token the step processed, over all processes.
+        last.update(num_skipped_records=batch["num_skipped"], step=step,
+                    tokens=float((local["segment_ids"] > 0).sum()) * jax.process_count())
+        writer.write(step, last)
+        nonfinite_in_a_row = 0 if last["finite"] else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+          checkpointer.close()
+          raise FloatingPointError(f"loss or gradient non-finite {nonfinite_in_a_row} logs in a row, last at "
+                                   f"step {step}; the last good checkpoint is step {checkpointer.latest_step()}")
+      checkpointer.save(step, state, data_iter, config=json.loads(config.to_json_best_effort()),
+                        force=stop["requested"] or step == config.total_steps)
+      if stop["requested"]:
+        checkpointer.close()
+        logging.info("stopped at step %d on SIGTERM; checkpoint saved", step)
+        return last
+    checkpointer.close()
+    writer.close()
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    results = dict(last)
+    if config.get("eval") and config.eval.get("annotations"):
+      results["eval"] = evaluate.evaluate_qa(model, state["params"], config.eval, data_config, mesh)
+    if config.get("export_hf"):
+      init_weights.export_hf(os.path.join(workdir, "hf"), model_config, state["params"])
+  return results
+
+
+def _replicate_scalars(tree, mesh):
+  """Leaves that live on one device (counters made eagerly) -> replicated over the mesh."""
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.device_put(x, replicated)
+                      if isinstance(x.sharding, jax.sharding.SingleDeviceSharding) else x, tree)
