@@ -3,6 +3,7 @@
 
   python tools/benchmark.py llm --presets qwen2_5_1_5b qwen2_7b --seq_lens 4096 16384
   python tools/benchmark.py clip --presets hico_7b hico_7b_448 --frames 128 64
+  python tools/benchmark.py train --presets hico_2b --frames 64 256 --remat dots_attn
 
 `llm`: forward + backward (no optimizer) of the Qwen2 decoder, random init, bf16 compute, remat; tokens/s and
 MFU (FLOPs from tools/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
@@ -11,6 +12,9 @@ subprocess so one framework's memory never crowds the other. Prints a markdown t
 
 `clip`: clip encoding (UMT-L ViT + merge to 64 tokens + projector) in frames/s, bf16, forward only, for
 hico_jax and the independent PyTorch reference of tests/torch_reference (bf16, sdpa) on the same sizes.
+
+`train`: a full train step of the composed model (ViT + merge + projector + LLM, AdamW, fp32 master weights,
+bf16 compute) on one row of F frames (16·F visual tokens) plus a text.
 """
 
 from __future__ import annotations
@@ -187,7 +191,56 @@ def run_torch_clip(case: dict) -> dict:
           "device": kind}
 
 
-RUNNERS = {("llm", "jax"): run_jax_llm, ("llm", "torch"): run_torch_llm,
+def run_jax_train(case: dict) -> dict:
+  """A full HiCo train step (ViT + merge + projector + LLM, AdamW) on one row of `frames` frames and
+  `text_tokens` text tokens."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import ml_collections
+  import flax.linen as nn
+  from hico_jax import presets
+  from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+  from hico_jax.train import optimizer as optim, step as step_lib
+
+  on_gpu = jax.devices()[0].platform == "gpu"
+  config = HiCoConfig.from_dict(dict(presets.hico(case["preset"], dtype="bfloat16", remat_policy=case["remat"],
+                                                  attention_impl="cudnn" if on_gpu else "xla")))
+  model = HiCo(config)
+  frames, visual = case["frames"], config.visual_tokens(case["frames"])
+  length = visual + case["text_tokens"]
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, config.llm.vocab_size, (1, length)).astype(np.int32)
+  ids[0, 8:8 + visual] = -200
+  batch = {"input_ids": ids, "targets": np.where(ids < 0, -100, np.roll(ids, -1)).astype(np.int32),
+           "segment_ids": np.ones((1, length), np.int32),
+           "positions": np.arange(length, dtype=np.int32)[None],
+           "frames": rng.integers(0, 255, (1, frames, config.vit.image_size, config.vit.image_size, 3), np.uint8)}
+  batch = jax.tree.map(jnp.asarray, batch)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *init_inputs(config)))["params"]
+  optim_config = ml_collections.ConfigDict(dict(
+      lr=1e-5, total_steps=1000, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+      schedule=(("visual/vision_tower/.*", 0.2), (".*", 1.0))))
+  tx, _ = optim.make_optimizer(optim_config, params)
+  frozen = optim.frozen_mask(params, optim_config.schedule)
+  state = step_lib.init_state(params, tx)
+  step = jax.jit(step_lib.make_train_step(model, tx, frozen), donate_argnums=(0,))
+
+  def run():
+    nonlocal state
+    state, metrics = step(state, batch)
+    return jax.block_until_ready(metrics["loss"])
+
+  compile_start = time.perf_counter()
+  loss = float(run())
+  compile_s = time.perf_counter() - compile_start
+  times = _time(run, case["warmup"], case["iters"])
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"loss": loss, "tokens": length, "times": times, "compile_s": compile_s,
+          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
+
+
+RUNNERS = {("llm", "jax"): run_jax_llm, ("llm", "torch"): run_torch_llm, ("train", "jax"): run_jax_train,
            ("clip", "jax"): run_jax_clip, ("clip", "torch"): run_torch_clip}
 
 
@@ -210,6 +263,12 @@ def _summarise(result: dict) -> dict:
     return result
   median = statistics.median(result["times"])
   from hico_jax import presets
+  if result["section"] == "train":
+    from hico_jax.models.hico import HiCoConfig
+    config = HiCoConfig.from_dict(dict(presets.hico(result["preset"])))
+    train_flops = flops.hico_train_flops(config, result["tokens"], result["frames"])
+    return {**result, "median_s": median, "tokens_per_s": result["tokens"] / median,
+            "tflops_per_s": train_flops / median / 1e12, "mfu": flops.mfu(train_flops, median)}
   if result["section"] == "clip":
     from hico_jax.models.hico import HiCoConfig
     config = HiCoConfig.from_dict(dict(presets.hico(result["preset"])))
@@ -241,7 +300,21 @@ def _clip_table(results: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def _train_table(results: list[dict]) -> str:
+  rows = ["| preset | frames | tokens | remat | step s | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    label = f"| {r['preset']} | {r['frames']} | {r.get('tokens', '')} | {r['remat']} | "
+    if "error" in r:
+      rows.append(label + f"{r['error']} | | | | |")
+      continue
+    rows.append(label + f"{r['median_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tflops_per_s']:.0f} | "
+                f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+  return "\n".join(rows)
+
+
 def _table(results: list[dict]) -> str:
+  if results and results[0]["section"] == "train":
+    return _train_table(results)
   if results and results[0]["section"] == "clip":
     return _clip_table(results)
   rows = ["| preset | tokens | framework | remat | params | step s | tokens/s | TFLOP/s | MFU | peak GiB | vs torch |",
@@ -261,7 +334,8 @@ def _table(results: list[dict]) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip"])
+  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train"])
+  parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row")
   parser.add_argument("--presets", nargs="+", default=["qwen2_5_1_5b", "qwen2_7b"])
   parser.add_argument("--seq_lens", nargs="+", type=int, default=[4096, 16384])
   parser.add_argument("--frames", nargs="+", type=int, default=[128, 64],
@@ -286,6 +360,20 @@ def main():
     return
 
   results = []
+  if args.section == "train":
+    for preset in args.presets:
+      for frames in args.frames:
+        for remat in args.remat:
+          case = {"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
+                  "text_tokens": args.text_tokens, "warmup": args.warmup, "iters": args.iters}
+          result = _summarise(_run_case_in_subprocess(case, args.timeout))
+          results.append(result)
+          print(json.dumps({k: v for k, v in result.items() if k != "times"}), flush=True)
+          if args.out:
+            with open(args.out, "a") as f:
+              f.write(json.dumps(result) + "\n")
+    print(_table(results))
+    return
   if args.section == "clip":
     for preset, frames in zip(args.presets, args.frames):
       for framework in args.frameworks:

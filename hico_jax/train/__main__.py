@@ -1,8 +1,10 @@
 """python -m hico_jax.train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]"""
 
 import json
+import os
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
 from hico_jax.train import trainer
@@ -15,6 +17,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if os.environ.get("HICO_DISTRIBUTED") == "1":
+    # Multi-process (Slurm, TPU pod): JAX's own runtime finds the coordinator from the environment.
+    jax.distributed.initialize()
   results = trainer.train(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(results, indent=2, default=str))
 

@@ -45,8 +45,11 @@ def load_into_state(state, init, model_config, param_shardings):
       raise FileNotFoundError(f"init.path {path!r} holds no finished checkpoint")
     abstract = ckpt.abstract_like(params, param_shardings)
     try:
+      # Only the params: the previous stage's optimizer groups (and so its state) differ from this one's.
+      restore_args = jax.tree.map(lambda x: ckpt.ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
       restored = checkpointer.manager.restore(step, args=ckpt.ocp.args.Composite(
-          state=ckpt.ocp.args.StandardRestore({"params": abstract}, strict=False)))["state"]["params"]
+          state=ckpt.ocp.args.PyTreeRestore({"params": abstract}, restore_args={"params": restore_args},
+                                            partial_restore=True)))["state"]["params"]
     except (ValueError, KeyError) as e:
       raise ValueError(f"init.path {path!r} (step {step}) does not match the configured model: {e}") from None
     checkpointer.close()
