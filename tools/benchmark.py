@@ -201,11 +201,14 @@ def run_jax_train(case: dict) -> dict:
   import flax.linen as nn
   from hico_jax import presets
   from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+  from hico_jax.ops import xla_options
   from hico_jax.train import optimizer as optim, step as step_lib
 
   on_gpu = jax.devices()[0].platform == "gpu"
-  config = HiCoConfig.from_dict(dict(presets.hico(case["preset"], dtype="bfloat16", remat_policy=case["remat"],
-                                                  attention_impl="cudnn" if on_gpu else "xla")))
+  fields = presets.hico(case["preset"], dtype="bfloat16", remat_policy=case["remat"],
+                        attention_impl="cudnn" if on_gpu else "xla")
+  fields.vit.remat_policy = case.get("vit_remat", case["remat"])
+  config = HiCoConfig.from_dict(dict(fields))
   model = HiCo(config)
   frames, visual = case["frames"], config.visual_tokens(case["frames"])
   length = visual + case["text_tokens"]
@@ -224,7 +227,8 @@ def run_jax_train(case: dict) -> dict:
   tx, _ = optim.make_optimizer(optim_config, params)
   frozen = optim.frozen_mask(params, optim_config.schedule)
   state = step_lib.init_state(params, tx)
-  step = jax.jit(step_lib.make_train_step(model, tx, frozen), donate_argnums=(0,))
+  options = xla_options.train_compiler_options(config, frames) if case.get("options", True) else {}
+  step = jax.jit(step_lib.make_train_step(model, tx, frozen), donate_argnums=(0,), compiler_options=options)
 
   def run():
     nonlocal state
@@ -303,7 +307,8 @@ def _clip_table(results: list[dict]) -> str:
 def _train_table(results: list[dict]) -> str:
   rows = ["| preset | frames | tokens | remat | step s | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
   for r in results:
-    label = f"| {r['preset']} | {r['frames']} | {r.get('tokens', '')} | {r['remat']} | "
+    label = (f"| {r['preset']} | {r['frames']} | {r.get('tokens', '')} | vit {r.get('vit_remat')}, llm {r['remat']}"
+             f"{'' if r.get('options', True) else ', default XLA'} | ")
     if "error" in r:
       rows.append(label + f"{r['error']} | | | | |")
       continue
@@ -336,6 +341,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train"])
   parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row")
+  parser.add_argument("--vit_remat", default="full", help="train section: the vision tower's remat policy")
+  parser.add_argument("--no_options", action="store_true", help="train section: default XLA options only")
   parser.add_argument("--presets", nargs="+", default=["qwen2_5_1_5b", "qwen2_7b"])
   parser.add_argument("--seq_lens", nargs="+", type=int, default=[4096, 16384])
   parser.add_argument("--frames", nargs="+", type=int, default=[128, 64],
@@ -365,6 +372,7 @@ def main():
       for frames in args.frames:
         for remat in args.remat:
           case = {"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
+                  "vit_remat": args.vit_remat, "options": not args.no_options,
                   "text_tokens": args.text_tokens, "warmup": args.warmup, "iters": args.iters}
           result = _summarise(_run_case_in_subprocess(case, args.timeout))
           results.append(result)

@@ -114,13 +114,23 @@ class DecodeSample(grain.transforms.Map):
 
 
 class _SkipCountingIterator(grain.DatasetIterator):
-  def __init__(self, parent):
+  def __init__(self, parent, image_size: int):
     super().__init__(parent)
     self._pending = 0
+    self._image_size = image_size
 
   def __next__(self):
     while True:
-      element = next(self._parent)
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        if not self._pending:
+          raise
+        # A finite stream that ends on bad records has no later sample to carry their count: an empty
+        # sample (no tokens, no frames) carries it into the last packed row.
+        size = self._image_size
+        element = {"input_ids": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32),
+                   "frames": np.zeros((0, size, size, 3), np.uint8), "skip": np.int32(0)}
       if element["skip"]:
         self._pending += 1
         continue
@@ -140,8 +150,12 @@ class SkipCounting(grain.IterDataset):
   """Drops skip markers; the next good sample carries how many were dropped before it (`num_skipped`),
   so the count survives worker processes and packing and arrives with the batch."""
 
+  def __init__(self, parent: grain.IterDataset, image_size: int):
+    super().__init__(parent)
+    self._image_size = image_size
+
   def __iter__(self):
-    return _SkipCountingIterator(self._parent.__iter__())
+    return _SkipCountingIterator(self._parent.__iter__(), self._image_size)
 
 
 def zigzag(x, num_shards: int, axis: int = 1):
@@ -202,7 +216,7 @@ def make_dataset(config: DataConfig, *, batch_size: int, process_index: int = 0,
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.seed(config.seed).shuffle().repeat(config.num_epochs)
   ds = ds.map(DecodeSample(config))
-  it = SkipCounting(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+  it = SkipCounting(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)), config.image_size)
   packer = (grain.experimental.FirstFitPackIterDataset if config.packing == "first_fit"
             else grain.experimental.BestFitPackIterDataset)
   it = packer(it, length_struct={"input_ids": config.token_budget, "targets": config.token_budget,

@@ -34,8 +34,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from hico_jax.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  # re-exported
 
 MODES = ("dynamic_fps1", "middle")
 

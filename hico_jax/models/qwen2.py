@@ -34,7 +34,7 @@ def _is_fused_attention_forward(prim, *_, **__):
 # What the backward pass may keep instead of recomputing, per decoder layer. "dots" keeps every projection
 # output (q, k, v, o, gate, up, down): most memory, least recompute; "dots_attn" also keeps the fused
 # attention's outputs, so nothing but elementwise work is recomputed. "qkv_attn" keeps the attention inputs
-# and output, recomputing the MLP. "full" keeps only the layer input.
+# and output, recomputing the MLP. "attn" keeps only the attention outputs. "full" keeps only the layer input.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -44,6 +44,10 @@ REMAT_POLICIES = {
         lambda prim, *a, **k: _is_fused_attention_forward(prim) or
         jax.checkpoint_policies.save_only_these_names("attention_out")(prim, *a, **k)),
     "qkv_attn": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attention_out"),
+    # Only the fused attention's outputs: for the vision tower at 448 px, where attention is a third of the
+    # FLOPs and saving every projection would not fit.
+    "attn": lambda prim, *a, **k: _is_fused_attention_forward(prim) or
+            jax.checkpoint_policies.save_only_these_names("attention_out")(prim, *a, **k),
 }
 
 

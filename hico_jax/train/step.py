@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hico_jax.data.video import IMAGENET_MEAN, IMAGENET_STD
+from hico_jax.data import IMAGENET_MEAN, IMAGENET_STD
 from hico_jax.models.hico import HiCo
 
 
