@@ -4,6 +4,7 @@
   python tools/benchmark.py llm --presets qwen2_5_1_5b qwen2_7b --seq_lens 4096 16384
   python tools/benchmark.py clip --presets hico_7b hico_7b_448 --frames 128 64
   python tools/benchmark.py train --presets hico_2b --frames 64 256 --remat dots_attn
+  python tools/benchmark.py data      # CPU: decode + sample + resize frames/s per core
 
 `llm`: forward + backward (no optimizer) of the Qwen2 decoder, random init, bf16 compute, remat; tokens/s and
 MFU (FLOPs from tools/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
@@ -244,7 +245,32 @@ def run_jax_train(case: dict) -> dict:
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
 
 
-RUNNERS = {("llm", "jax"): run_jax_llm, ("llm", "torch"): run_torch_llm, ("train", "jax"): run_jax_train,
+def run_data(case: dict) -> dict:
+  """Decode + sample (dynamic ~1 fps, 64-256 frames) + resize, one process on one core, from a shard of
+  synthetic mp4s: the work a data worker does per sample."""
+  import numpy as np
+  from hico_jax.data import records, shards, synthetic, video
+  root = case["workdir"]
+  dataset = synthetic.make_dataset(os.path.join(root, "videos"), num_videos=case["videos"], seed=0,
+                                   size=case["source_px"], fps_range=(24, 30), duration_range=(90.0, 150.0))
+  out = os.path.join(root, "shards")
+  if not os.path.exists(os.path.join(out, shards.MANIFEST)) or not dataset.reused:
+    shards.build(str(dataset), out, log=lambda _: None)
+  source = shards.MixedSource(out)
+  media = [records.decode_record(source[i])[1] for i in range(len(source))]
+  results = {}
+  for size in case["sizes"]:
+    frames_done, start = 0, time.perf_counter()
+    for data in media:
+      raw, _ = video.decode_frames(data, mode="dynamic_fps1", min_frames=64, max_frames=256)
+      frames_done += len(video.resize_frames(raw, size))
+    elapsed = time.perf_counter() - start
+    results[str(size)] = {"frames": frames_done, "seconds": elapsed, "frames_per_s": frames_done / elapsed}
+  mb = sum(len(m) for m in media) / len(media) / 2**20
+  return {"per_size": results, "videos": len(media), "mean_video_mib": mb, "times": [0.0], "device": "cpu"}
+
+
+RUNNERS = {("llm", "jax"): run_jax_llm, ("data", "cpu"): run_data, ("llm", "torch"): run_torch_llm, ("train", "jax"): run_jax_train,
            ("clip", "jax"): run_jax_clip, ("clip", "torch"): run_torch_clip}
 
 
@@ -339,7 +365,12 @@ def _table(results: list[dict]) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train"])
+  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train", "data"])
+  parser.add_argument("--data_dir", default="/tmp/hico_data_bench", help="data section: where the videos go")
+  parser.add_argument("--videos", type=int, default=12, help="data section: synthetic videos")
+  parser.add_argument("--source_px", type=int, default=448, help="data section: synthetic video size")
+  parser.add_argument("--frames_per_gpu_s", type=float, default=139.0,
+                      help="data section: frames/s one GPU trains on (hico_2b @256 frames: 256 / step s)")
   parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row")
   parser.add_argument("--vit_remat", default="full", help="train section: the vision tower's remat policy")
   parser.add_argument("--no_options", action="store_true", help="train section: default XLA options only")
@@ -367,6 +398,16 @@ def main():
     return
 
   results = []
+  if args.section == "data":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    case = {"section": "data", "framework": "cpu", "workdir": args.data_dir, "videos": args.videos,
+            "source_px": args.source_px, "sizes": [224, 448]}
+    result = RUNNERS[("data", "cpu")](case)
+    print(json.dumps(result, indent=2))
+    needed = args.frames_per_gpu_s
+    for size, r in result["per_size"].items():
+      print(f"| {size} | {r['frames_per_s']:.0f} | {needed / r['frames_per_s']:.1f} |")
+    return
   if args.section == "train":
     for preset in args.presets:
       for frames in args.frames:

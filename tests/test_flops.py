@@ -1,0 +1,41 @@
+"""The FLOP count against independent numbers: the models' own parameter shapes and the paper's Table 1."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hico_jax import flops, presets, sharding
+from hico_jax.models.hico import HiCoConfig
+from hico_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
+
+
+@pytest.mark.parametrize("preset", ["qwen2_5_1_5b", "qwen2_7b"])
+def test_matmul_params_per_token_equal_the_models_matmul_weights(preset):
+  config = Qwen2Config.from_dict(dict(presets.llm(preset)))
+  shapes = sharding.unbox_abstract(jax.eval_shape(Qwen2ForCausalLM(config).init, jax.random.key(0),
+                                                  jnp.zeros((1, 4), jnp.int32)))["params"]
+  leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  matmul = sum(math.prod(x.shape) for path, x in leaves if path[-1].key == "kernel")
+  if config.tie_word_embeddings:     # the tied head multiplies through the embedding
+    matmul += math.prod(shapes["embed_tokens"]["embedding"].shape)
+  assert flops.qwen2_matmul_params_per_token(config) == matmul
+
+
+@pytest.mark.parametrize("frames", sorted(flops.PAPER_TABLE1_TFLOPS))
+def test_paper_table1_is_reproduced_within_10_percent(frames):
+  config = Qwen2Config.from_dict(dict(presets.llm("qwen2_7b")))
+  ours = flops.paper_table1_flops(config, frames) / 1e12
+  assert abs(ours / flops.PAPER_TABLE1_TFLOPS[frames] - 1) < 0.10
+
+
+def test_umt_clip_flops_match_a_hand_count_for_umt_l_at_224():
+  vit = HiCoConfig.from_dict(dict(presets.hico("hico_7b"))).vit
+  tokens, width = 784, 1024
+  hand = 23 * (2 * tokens * 12 * width ** 2 + 4 * tokens ** 2 * width) + 2 * tokens * 768 * width
+  # Merge steps 784 -> 392 -> 196 -> 98 -> 64: |A|·|B| 64-d scores, then r one-hot rows over |B| tokens.
+  merge = sum(2 * (p // 2) ** 2 * 64 + 2 * r * (p // 2) * width
+              for p, r in ((784, 392), (392, 196), (196, 98), (98, 34)))
+  projector = 2 * 64 * (1024 * 3584 + 3584 ** 2)
+  assert flops.umt_clip_forward_flops(vit, 3584) == hand + merge + projector
