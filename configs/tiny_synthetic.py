@@ -19,7 +19,7 @@ def get_config(arg=None):
   model = presets.hico("tiny", dtype="float32", remat_policy="none")
   model.encode_chunk = 8
   c = recipe.stage_config(stage, model, shards=f"{DATA}/shards", tokenizer_dir=f"{DATA}/tokenizer",
-                          batch_size=4, total_steps=100)
+                          batch_size=4, total_steps={"stage1": 60, "stage2": 360}.get(stage, 200))
   # A tiny model from scratch learns at rates a pretrained one would not survive.
   c.optim.lr = {"stage1": 3e-3, "stage2": 1e-3, "stage3": 1e-3, "stage4": 1e-3}[stage]
   # The synthetic events start and end on sixteenths of each video, so 16 frames taken from the middles of 16
@@ -31,5 +31,5 @@ def get_config(arg=None):
   c.log_every = 10
   c.checkpoint.every = 50
   c.eval.shards = f"{DATA}/eval_shards"
-  c.eval.max_per_task = 40
+  c.eval.max_per_task = 20
   return c

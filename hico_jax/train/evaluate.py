@@ -1,9 +1,12 @@
 """Held-out question answering: accuracy per task, next to chance.
 
-Each held-out record's first question and answer are laid out exactly as in training; the model is
-teacher-forced and a sample counts as correct when its greedy choice equals the reference answer at every
-answer token (the reference's NIAH scoring rule). Chance is one over the number of distinct answers the
-task has in the held-out set, the accuracy of a constant or uniformly random guess.
+Two scores for each held-out record's first question:
+  choice  the answer is one of `num_choices` candidates (the true one and distractors drawn from the other
+          answers of the same task); the model picks the candidate it gives the highest log-likelihood,
+          as multiple-choice video QA benchmarks are scored. Chance is 1 / num_choices.
+  exact   teacher-forced, the greedy choice equals the reference at every answer token (the reference's
+          NIAH rule). Chance is 1 / the number of distinct answers of the task.
+The prompt is laid out exactly as in training.
 """
 
 from __future__ import annotations
@@ -25,26 +28,41 @@ def _bucket(length: int, multiple: int = 128) -> int:
   return int(math.ceil(length / multiple) * multiple)
 
 
+def _answer_span(ids, answer_ids, template):
+  end = len(ids) - (1 if template == "plain" else 2)     # ... {answer}<|im_end|>\n  |  {caption}\n
+  start = end - len(answer_ids)
+  if not np.array_equal(ids[start:end], answer_ids):
+    raise ValueError("answer tokens are not where the template puts them")
+  return start, end
+
+
 def evaluate_qa(model: HiCo, params, eval_config, data_config, mesh=None) -> dict:
-  """{task: {"accuracy", "chance", "count"}} over eval_config.shards (at most eval_config.max_per_task each)."""
+  """{task: {"choice", "choice_chance", "exact", "exact_chance", "count"}} over eval_config.shards."""
+  del mesh
   tokenizer = load_tokenizer(data_config.tokenizer_dir)
   source = shards.MixedSource(eval_config.shards)
   max_per_task = eval_config.get("max_per_task", 10**9)
+  num_choices = eval_config.get("num_choices", 5)
   size, frame_budget = data_config.image_size, data_config.frame_budget
+  rng = np.random.default_rng(0)
 
   @jax.jit
-  def greedy(params, ids, frames):
+  def log_probs(params, ids, frames):
     logits, _ = model.apply({"params": params}, ids, normalize_frames(frames)[:, None])
-    return jnp.argmax(logits, axis=-1)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
-  correct, seen, answers = collections.Counter(), collections.Counter(), collections.defaultdict(set)
-  for i in range(len(source)):
-    header, media = records.decode_record(source[i])
+  headers = [records.decode_record(source[i]) for i in range(len(source))]
+  answers = collections.defaultdict(list)
+  for header, _ in headers:
+    answers[header["dataset"]].append(header["conversations"][1]["value"].strip())
+  distinct = {task: sorted(set(values)) for task, values in answers.items()}
+
+  choice, exact, seen = collections.Counter(), collections.Counter(), collections.Counter()
+  for header, media in headers:
     task = header["dataset"]
     if seen[task] >= max_per_task:
       continue
     question, answer = header["conversations"][0], header["conversations"][1]
-    answers[task].add(answer["value"].strip())
     try:
       raw, info = video.decode_frames(media, mode=data_config.sampling, num_frames=data_config.num_frames,
                                       min_frames=data_config.min_frames, max_frames=data_config.max_frames,
@@ -52,29 +70,36 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config, mesh=None) -> dic
     except ValueError:
       continue
     frames = video.resize_frames(raw, size)[:frame_budget]
-    sample = text.encode_sample([question, answer], tokenizer, num_frames=len(frames), duration=info["duration"],
-                                template=data_config.template)
-    ids = sample["input_ids"]
-    answer_ids = np.asarray(tokenizer.encode(answer["value"]), np.int32)
-    end = len(ids) - 2                                   # ... {answer}<|im_end|>\n
-    if data_config.template == "plain":
-      end = len(ids) - 1
-    start = end - len(answer_ids)
-    if not np.array_equal(ids[start:end], answer_ids):
-      raise ValueError(f"eval record {header['id']}: answer tokens not found where the template puts them")
-    padded = np.zeros((1, _bucket(len(ids))), np.int32)
-    padded[0, :len(ids)] = ids
-    clip = np.zeros((1, frame_budget, size, size, 3), np.uint8)
-    clip[0, :len(frames)] = frames
-    predicted = np.asarray(greedy(params, jnp.asarray(padded), jnp.asarray(clip)))[0]
-    correct[task] += bool(np.all(predicted[start - 1:end - 1] == ids[start:end]))
+    others = [a for a in distinct[task] if a != answer["value"].strip()]
+    candidates = [answer["value"].strip()] + list(rng.choice(others, min(num_choices - 1, len(others)), replace=False))
+    encoded = [text.encode_sample([question, {"from": "gpt", "value": c}], tokenizer, num_frames=len(frames),
+                                  duration=info["duration"], template=data_config.template)["input_ids"]
+               for c in candidates]
+    length = _bucket(max(len(ids) for ids in encoded))
+    batch = np.zeros((len(encoded), length), np.int32)
+    for row, ids in enumerate(encoded):
+      batch[row, :len(ids)] = ids
+    clip = np.zeros((len(encoded), frame_budget, size, size, 3), np.uint8)
+    clip[:, :len(frames)] = frames
+    scores = np.asarray(log_probs(params, jnp.asarray(batch), jnp.asarray(clip)))
+    likelihoods = []
+    for row, (ids, candidate) in enumerate(zip(encoded, candidates)):
+      start, end = _answer_span(ids, np.asarray(tokenizer.encode(candidate), np.int32), data_config.template)
+      token_scores = scores[row, np.arange(start - 1, end - 1), ids[start:end]]
+      likelihoods.append(token_scores.sum())
+      if row == 0:
+        greedy = scores[row, start - 1:end - 1].argmax(-1)
+        exact[task] += bool(np.all(greedy == ids[start:end]))
+    choice[task] += int(np.argmax(likelihoods) == 0)
     seen[task] += 1
-  return {task: {"accuracy": correct[task] / seen[task], "chance": 1.0 / max(len(answers[task]), 1),
+  return {task: {"choice": choice[task] / seen[task], "choice_chance": 1.0 / min(num_choices, len(distinct[task])),
+                 "exact": exact[task] / seen[task], "exact_chance": 1.0 / max(len(distinct[task]), 1),
                  "count": seen[task]} for task in sorted(seen)}
 
 
 def format_results(results: dict) -> str:
-  lines = [f"{'task':24s} {'accuracy':>9s} {'chance':>8s} {'n':>5s}"]
+  lines = [f"{'task':22s} {'choice':>8s} {'chance':>8s} {'exact':>8s} {'chance':>8s} {'n':>4s}"]
   for task, r in results.items():
-    lines.append(f"{task:24s} {100 * r['accuracy']:8.1f}% {100 * r['chance']:7.1f}% {r['count']:5d}")
+    lines.append(f"{task:22s} {100 * r['choice']:7.1f}% {100 * r['choice_chance']:7.1f}% "
+                 f"{100 * r['exact']:7.1f}% {100 * r['exact_chance']:7.1f}% {r['count']:4d}")
   return "\n".join(lines)
