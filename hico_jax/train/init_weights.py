@@ -40,19 +40,24 @@ def load_into_state(state, init, model_config, param_shardings):
   params = state["params"]
   if kind == "run":
     checkpointer = ckpt.Checkpointer(path)
-    step = checkpointer.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"init.path {path!r} holds no finished checkpoint")
-    abstract = ckpt.abstract_like(params, param_shardings)
     try:
-      # Only the params: the previous stage's optimizer groups (and so its state) differ from this one's.
-      restore_args = jax.tree.map(lambda x: ckpt.ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
-      restored = checkpointer.manager.restore(step, args=ckpt.ocp.args.Composite(
-          state=ckpt.ocp.args.PyTreeRestore({"params": abstract}, restore_args={"params": restore_args},
-                                            partial_restore=True)))["state"]["params"]
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"init.path {path!r} (step {step}) does not match the configured model: {e}") from None
-    checkpointer.close()
+      step = checkpointer.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"init.path {path!r} holds no finished checkpoint")
+      # The saved shapes first, from the metadata alone: orbax's own mismatch error names no parameter.
+      saved = ckpt.ocp.StandardCheckpointHandler().metadata(checkpointer.manager.directory / str(step) / "state")
+      _check_same_shapes(saved.get("params", {}), params, f"init.path {path!r} (step {step})")
+      abstract = ckpt.abstract_like(params, param_shardings)
+      try:
+        # Only the params: the previous stage's optimizer groups (and so its state) differ from this one's.
+        restore_args = jax.tree.map(lambda x: ckpt.ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+        restored = checkpointer.manager.restore(step, args=ckpt.ocp.args.Composite(
+            state=ckpt.ocp.args.PyTreeRestore({"params": abstract}, restore_args={"params": restore_args},
+                                              partial_restore=True)))["state"]["params"]
+      except (ValueError, KeyError) as e:
+        raise ValueError(f"init.path {path!r} (step {step}) does not match the configured model: {e}") from None
+    finally:
+      checkpointer.close()
     return {**state, "params": restored}
   if kind == "videochat_flash":
     _, loaded, _ = videochat_flash.load(path)

@@ -32,8 +32,9 @@ def train(config, workdir: str) -> dict:
     f.write(config.to_json_best_effort(indent=2))
   model_config = HiCoConfig.from_dict(dict(config.model))
   data_config = pipeline.DataConfig.from_dict(dict(config.data))
-  for path, what in ((data_config.shards, "data.shards"), (data_config.tokenizer_dir, "data.tokenizer_dir")):
-    if not os.path.exists(path):
+  for path, what in ((data_config.shards, "data.shards"), (data_config.tokenizer_dir, "data.tokenizer_dir"),
+                     (config.init.get("path"), "init.path")):
+    if path and not os.path.exists(path):
       raise FileNotFoundError(f"{what} {path!r} does not exist")
 
   # -------------------------------------------------------------------------------------------------- mesh
@@ -90,7 +91,7 @@ def train(config, workdir: str) -> dict:
 
     # ------------------------------------------------------------------------------------------ the loop
     stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))   # preemption: save, then exit
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption
     writer = metrics.MetricWriter(workdir, total_steps=config.total_steps, start_step=start_step,
                                   flops_per_step=metrics.train_flops(model_config, config, data_config))
     nonfinite_in_a_row, last = 0, {}
@@ -113,10 +114,13 @@ def train(config, workdir: str) -> dict:
                         force=stop["requested"] or step == config.total_steps)
       if stop["requested"]:
         checkpointer.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, previous_handler)
         logging.info("stopped at step %d on SIGTERM; checkpoint saved", step)
         return last
     checkpointer.close()
     writer.close()
+    signal.signal(signal.SIGTERM, previous_handler)
 
     # ----------------------------------------------------------------------------------------- evaluation
     results = dict(last)
