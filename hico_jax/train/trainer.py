@@ -3,7 +3,8 @@
   python -m hico_jax.train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
 
 Sections: config and workdir; mesh; input pipeline; model and optimizer; shardings and state; the step;
-checkpoint restore; evaluation; the loop. Every check that can fail does so before anything compiles.
+checkpoint restore; the loop; evaluation. Config, paths and the fit of every number to the mesh are checked
+before anything compiles; an init checkpoint of another architecture fails before the first step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 from absl import logging
 import flax.linen as nn
@@ -23,13 +23,15 @@ from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.train import checkpoint as ckpt
 from hico_jax.train import evaluate, init_weights, metrics, optimizer as optim, step as step_lib
 
+
 def train(config, workdir: str) -> dict:
   """Runs the configured stage; returns the final metrics (and evaluation results)."""
   # ------------------------------------------------------------------------------------------ config, workdir
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  config_json = json.loads(config.to_json_best_effort())      # saved with the run and in every checkpoint
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    json.dump(config_json, f, indent=2)
   model_config = HiCoConfig.from_dict(dict(config.model))
   data_config = pipeline.DataConfig.from_dict(dict(config.data))
   for path, what in ((data_config.shards, "data.shards"), (data_config.tokenizer_dir, "data.tokenizer_dir"),
@@ -99,18 +101,19 @@ def train(config, workdir: str) -> dict:
       local = next(data_iter)
       batch = pipeline.to_global(local, mesh)
       state, step_metrics = train_step(state, batch)
+      # The step skipped its update if the loss or gradient was not finite; several in a row stop the run.
+      nonfinite_in_a_row = 0 if bool(step_metrics["finite"]) else nonfinite_in_a_row + 1
+      if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+        checkpointer.close()
+        raise FloatingPointError(f"loss or gradient non-finite {nonfinite_in_a_row} steps in a row, last at step "
+                                 f"{step}; the last good checkpoint is step {checkpointer.latest_step()}")
       if step % config.log_every == 0 or step == config.total_steps:
         last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         # Throughput counts every real (non-padding) token the step processed, over all processes.
         last.update(num_skipped_records=batch["num_skipped"], step=step,
                     tokens=float((local["segment_ids"] > 0).sum()) * jax.process_count())
         writer.write(step, last)
-        nonfinite_in_a_row = 0 if last["finite"] else nonfinite_in_a_row + 1
-        if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
-          checkpointer.close()
-          raise FloatingPointError(f"loss or gradient non-finite {nonfinite_in_a_row} logs in a row, last at "
-                                   f"step {step}; the last good checkpoint is step {checkpointer.latest_step()}")
-      checkpointer.save(step, state, data_iter, config=json.loads(config.to_json_best_effort()),
+      checkpointer.save(step, state, data_iter, config=config_json,
                         force=stop["requested"] or step == config.total_steps)
       if stop["requested"]:
         checkpointer.close()
