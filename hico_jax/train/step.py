@@ -65,7 +65,7 @@ def make_train_step(model: HiCo, optimizer: optax.GradientTransformation, frozen
     denominator = jnp.maximum(count, 1.0)
     loss = total / denominator
     grads = jax.tree.map(lambda g: g / denominator, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
 
