@@ -364,6 +364,30 @@ def _table(results: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def _cases(args) -> list[dict]:
+  """Every case the command line asks for, each run in its own subprocess."""
+  timing = {"warmup": args.warmup, "iters": args.iters}
+  if args.section == "train":
+    return [{"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
+             "vit_remat": args.vit_remat, "options": not args.no_options, "text_tokens": args.text_tokens, **timing}
+            for preset in args.presets for frames in args.frames for remat in args.remat]
+  if args.section == "clip":
+    return [{"section": "clip", "framework": framework, "preset": preset, "frames": frames, **timing}
+            for preset, frames in zip(args.presets, args.frames) for framework in args.frameworks]
+  cases = []
+  for preset in args.presets:
+    for seq_len in args.seq_lens:
+      for framework in args.frameworks:
+        for remat in (args.remat if framework == "jax" else [None]):
+          case = {"section": "llm", "framework": framework, "preset": preset, "seq_len": seq_len,
+                  "loss_chunk": args.loss_chunk, **timing}
+          if framework == "jax":
+            case.update(remat=remat, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                        param_dtype=args.param_dtype_7b if "7b" in preset else args.param_dtype)
+          cases.append(case)
+  return cases
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train", "data"])
@@ -398,7 +422,6 @@ def main():
     print("RESULT " + json.dumps(result), flush=True)
     return
 
-  results = []
   if args.section == "data":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     case = {"section": "data", "framework": "cpu", "workdir": args.data_dir, "videos": args.videos,
@@ -409,49 +432,14 @@ def main():
     for size, r in result["per_size"].items():
       print(f"| {size} | {r['frames_per_s']:.0f} | {needed / r['frames_per_s']:.1f} |")
     return
-  if args.section == "train":
-    for preset in args.presets:
-      for frames in args.frames:
-        for remat in args.remat:
-          case = {"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
-                  "vit_remat": args.vit_remat, "options": not args.no_options,
-                  "text_tokens": args.text_tokens, "warmup": args.warmup, "iters": args.iters}
-          result = _summarise(_run_case_in_subprocess(case, args.timeout))
-          results.append(result)
-          print(json.dumps({k: v for k, v in result.items() if k != "times"}), flush=True)
-          if args.out:
-            with open(args.out, "a") as f:
-              f.write(json.dumps(result) + "\n")
-    print(_table(results))
-    return
-  if args.section == "clip":
-    for preset, frames in zip(args.presets, args.frames):
-      for framework in args.frameworks:
-        case = {"section": "clip", "framework": framework, "preset": preset, "frames": frames,
-                "warmup": args.warmup, "iters": args.iters}
-        result = _summarise(_run_case_in_subprocess(case, args.timeout))
-        results.append(result)
-        print(json.dumps({k: v for k, v in result.items() if k != "times"}), flush=True)
-        if args.out:
-          with open(args.out, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    print(_table(results))
-    return
-  for preset in args.presets:
-    for seq_len in args.seq_lens:
-      for framework in args.frameworks:
-        variants = args.remat if framework == "jax" else [None]
-        for remat in variants:
-          case = {"section": args.section, "framework": framework, "preset": preset, "seq_len": seq_len,
-                  "warmup": args.warmup, "iters": args.iters, "loss_chunk": args.loss_chunk}
-          if framework == "jax":
-            case.update(remat=remat, xla_flags=os.environ.get("XLA_FLAGS", ""), param_dtype=args.param_dtype_7b if "7b" in preset else args.param_dtype)
-          result = _summarise(_run_case_in_subprocess(case, args.timeout))
-          results.append(result)
-          print(json.dumps({k: v for k, v in result.items() if k != "times"}), flush=True)
-          if args.out:
-            with open(args.out, "a") as f:
-              f.write(json.dumps(result) + "\n")
+  results = []
+  for case in _cases(args):
+    result = _summarise(_run_case_in_subprocess(case, args.timeout))
+    results.append(result)
+    print(json.dumps({k: v for k, v in result.items() if k != "times"}), flush=True)
+    if args.out:
+      with open(args.out, "a") as f:
+        f.write(json.dumps(result) + "\n")
   print(_table(results))
 
 

@@ -1,9 +1,5 @@
 #!/usr/bin/env python
-"""Model FLOPs: the one place where hico_jax counts them (MFU everywhere is computed from here).
-
-Model FLOPs count what the model needs, not what the hardware runs: rematerialised recompute is excluded,
-a matmul of (m, k) by (k, n) is 2·m·k·n, and causal attention counts only the unmasked half of the score
-and value products. Training (forward + backward) is 3 × forward.
+"""Model FLOPs from the command line; the counting itself lives in hico_jax/flops.py, the one place.
 
   python tools/flops.py --preset qwen2_5_1_5b --seq_len 16384
 """
@@ -16,48 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-H100_BF16_PEAK = 989e12  # nominal dense bf16 FLOP/s; MFU is quoted against this
-
-
-def qwen2_matmul_params_per_token(c) -> int:
-  """Weights each token multiplies through: projections, MLP and the output head (not the embedding
-  lookup, which is a gather)."""
-  attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = 3 * c.hidden_size * c.intermediate_size
-  return c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
-
-
-def qwen2_forward_flops(c, seq_len: int, batch: int = 1, causal: bool = True) -> float:
-  """Forward FLOPs for `batch` sequences of `seq_len` tokens."""
-  dense = 2 * qwen2_matmul_params_per_token(c) * seq_len
-  pairs = seq_len * (seq_len + 1) / 2 if causal else seq_len * seq_len
-  attention = c.num_layers * 2 * 2 * pairs * c.num_heads * c.head_dim   # scores and weighted values
-  return batch * (dense + attention)
-
-
-def qwen2_train_flops(c, seq_len: int, batch: int = 1) -> float:
-  return 3 * qwen2_forward_flops(c, seq_len, batch)
-
-
-def umt_clip_forward_flops(vit, hidden_size: int, tokens_per_clip: int = 64) -> float:
-  """Forward FLOPs to encode one clip: patch embedding, the ViT blocks (full, non-causal attention) and
-  the projector on the merged tokens. The merge's own similarity products are counted too (small)."""
-  tokens = vit.clip_frames * vit.grid * vit.grid
-  patch = 2 * tokens * 3 * vit.patch_size ** 2 * vit.width
-  block_matmuls = 2 * tokens * (4 * vit.width ** 2 + 2 * vit.width * vit.mlp_dim)
-  block_attention = 2 * 2 * tokens * tokens * vit.width
-  merge, remaining = 0, tokens
-  head_dim = vit.width // vit.num_heads
-  while remaining > tokens_per_clip:     # each step: |A|·|B| scores over head_dim, plus the one-hot adds
-    r = min(remaining // 2, remaining - tokens_per_clip)
-    merge += 2 * (remaining // 2) ** 2 * head_dim + 2 * r * (remaining // 2) * vit.width
-    remaining -= r
-  projector = 2 * tokens_per_clip * (vit.width * hidden_size + hidden_size ** 2)
-  return patch + vit.depth * (block_matmuls + block_attention) + merge + projector
-
-
-def mfu(flops: float, seconds: float, peak: float = H100_BF16_PEAK) -> float:
-  return flops / seconds / peak
+from hico_jax.flops import *  # noqa: E402,F401,F403  # re-exported for tools/benchmark.py
 
 
 def main():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -39,3 +40,12 @@ class Projection(nn.Module):
                         bias_shape, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def dataclass_from_dict(cls, fields, what: str):
+  """cls(**fields), refusing unknown fields by name (a typo in a config must not pass silently)."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"unknown {what} config field(s) {unknown}; known fields are {sorted(known)}")
+  return cls(**fields)

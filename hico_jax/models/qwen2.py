@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from hico_jax.models.layers import Projection, constrain, normal_init
+from hico_jax.models.layers import Projection, constrain, dataclass_from_dict, normal_init
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import rope
 
@@ -71,11 +71,7 @@ class Qwen2Config:
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "Qwen2Config":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"unknown Qwen2 config field(s) {unknown}; known fields are {sorted(known)}")
-    config = cls(**fields)
+    config = dataclass_from_dict(cls, fields, "Qwen2")
     config.check()
     return config
 

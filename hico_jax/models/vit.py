@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from hico_jax.models import position_tables
-from hico_jax.models.layers import Projection, constrain, normal_init
+from hico_jax.models.layers import Projection, constrain, dataclass_from_dict, normal_init
 from hico_jax.models.qwen2 import DTYPES, REMAT_POLICIES
 from hico_jax.ops import attention as attention_ops
 
@@ -38,11 +38,7 @@ class ViTConfig:
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "ViTConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"unknown ViT config field(s) {unknown}; known fields are {sorted(known)}")
-    config = cls(**fields)
+    config = dataclass_from_dict(cls, fields, "ViT")
     if config.image_size % config.patch_size:
       raise ValueError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}")
     if config.width % config.num_heads:
