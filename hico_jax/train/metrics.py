@@ -22,6 +22,7 @@ class MetricWriter:
                peak_flops_per_device: float = flops.H100_BF16_PEAK):
     self.total_steps, self.flops_per_step = total_steps, flops_per_step
     self.peak = peak_flops_per_device * jax.device_count()
+    self.show_mfu = jax.devices()[0].platform != "cpu"     # against an H100's peak a CPU's MFU means nothing
     self._last_time, self._last_step = time.perf_counter(), start_step
     self._writer = None
     if jax.process_index() == 0:
@@ -39,7 +40,8 @@ class MetricWriter:
     eta = seconds_per_step * (self.total_steps - step)
     line = (f"step {step}/{self.total_steps} loss {values.get('loss', float('nan')):.4f} "
             f"grad_norm {values.get('grad_norm', float('nan')):.3f} {values['tokens_per_s']:,.0f} tok/s "
-            f"MFU {100 * values['mfu']:.1f}% skipped {int(values.get('num_skipped_records', 0))} "
+            + (f"MFU {100 * values['mfu']:.1f}% " if self.show_mfu else "")
+            + f"skipped {int(values.get('num_skipped_records', 0))} "
             f"ETA {eta / 60:.1f} min")
     logging.info(line)
     print(line, flush=True)
