@@ -36,9 +36,8 @@ def _answer_span(ids, answer_ids, template):
   return start, end
 
 
-def evaluate_qa(model: HiCo, params, eval_config, data_config, mesh=None) -> dict:
+def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
   """{task: {"choice", "choice_chance", "exact", "exact_chance", "count"}} over eval_config.shards."""
-  del mesh
   tokenizer = load_tokenizer(data_config.tokenizer_dir)
   source = shards.MixedSource(eval_config.shards)
   max_per_task = eval_config.get("max_per_task", 10**9)

@@ -128,7 +128,7 @@ def train(config, workdir: str) -> dict:
     # ----------------------------------------------------------------------------------------- evaluation
     results = dict(last)
     if config.get("eval") and config.eval.get("shards"):
-      results["eval"] = evaluate.evaluate_qa(model, state["params"], config.eval, data_config, mesh)
+      results["eval"] = evaluate.evaluate_qa(model, state["params"], config.eval, data_config)
     if config.get("export_hf"):
       init_weights.export_hf(os.path.join(workdir, "hf"), model_config, state["params"])
   return results
