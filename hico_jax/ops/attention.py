@@ -1,16 +1,23 @@
 """One attention entry point; implementations behind `impl`.
 
-  xla    reference: explicit boolean causal + segment mask, fp32 softmax, runs everywhere (and decode).
-  cudnn  `jax.nn.dot_product_attention(implementation="cudnn")`: fused flash attention on NVIDIA GPUs.
+  xla         reference: explicit boolean causal + segment mask, fp32 softmax, runs everywhere (and decode).
+  cudnn       `jax.nn.dot_product_attention(implementation="cudnn")`: fused flash attention on NVIDIA GPUs.
+  ring        sequence parallelism over the mesh's sequence axis: K/V blocks travel around a ring of
+              devices, fp32 online-softmax merge, custom VJP (ops/ring_attention.py; per-block kernels in
+              ops/attention_blocks.py).
+  all_gather  the same shard_map boundary, K/V gathered over the sequence axis, one local attention.
 
-Ring attention (sequence parallelism) arrives later behind this same function.
+For ring and all_gather, `block_impl` picks the per-device kernel: xla, cudnn (GPU) or splash (TPU).
 
 Shapes: q (B, T, N, H); k, v (B, S, K, H) with N a multiple of K (grouped-query attention). Segment ids are
-int32 with 0 marking padding; a query sees a key when both have the same segment and the key's slot is not
-after the query's slot. Real tokens (segment >= 1) thus never see padding, and a padding query still sees
-itself, so no softmax row is empty (an empty row is NaN in fused kernels, and NaN * 0 poisons gradients).
-Slots are indices into the key sequence: by default query t sits at slot t + (S - T), i.e. the queries are
-the last T keys (training: S == T; decode: the cache is longer).
+int32 with 0 marking padding (negative ids mark tokens that only see themselves, e.g. dropped visual
+tokens); a query sees a key when both have the same segment id and the key's slot is not after the query's
+slot. Real tokens (segment >= 1) thus never see padding, and a padding query still sees itself, so no
+softmax row is empty (an empty row is NaN in fused kernels, and NaN * 0 poisons gradients).
+
+Slots are each token's original position in its row, before any load-balancing permutation (the data
+pipeline's zig-zag): causality compares slots, not array indices. kv_slots None means arange(S); q_slots None
+means the queries are the last T keys (training: S == T; decode: the cache is longer).
 """
 
 from __future__ import annotations
@@ -18,35 +25,53 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "ring", "all_gather")
+BLOCK_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 
 
-def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None, impl: str = "xla",
-              causal: bool = True):
+def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None, kv_slots=None,
+              impl: str = "xla", causal: bool = True, block_impl: str = "xla"):
   """Grouped-query attention, causal unless told otherwise (the vision tower). Returns (B, T, N, H) in q's
   dtype.
 
   q_segment_ids (B, T), kv_segment_ids (B, S): None means one unpadded sequence per row.
-  q_slots (B, T): the key index each query sits at (KV-cache decode); None means the last T keys.
+  q_slots (B, T), kv_slots (B, S): original positions (see the module docstring).
+  impl="ring" and "all_gather" must run under `with jax.set_mesh(mesh)`; block_impl is their per-device
+  kernel and is ignored by the other impls.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
+  if block_impl not in BLOCK_IMPLEMENTATIONS:
+    raise ValueError(f"attention block_impl {block_impl!r} is not one of {BLOCK_IMPLEMENTATIONS}")
   num_heads, num_kv_heads = q.shape[2], k.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads})")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-  if impl == "cudnn" and q_slots is None and q.shape[1] == k.shape[1]:
-    return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal)
-  return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, causal)
+  if impl in ("ring", "all_gather"):
+    from hico_jax.ops import ring_attention  # pylint: disable=import-outside-toplevel  # it imports us
+    return ring_attention.sharded_attention(
+        q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_slots=q_slots,
+        kv_slots=kv_slots, causal=causal, impl=impl, block_impl=block_impl)
+  if impl == "cudnn" and q_slots is None and kv_slots is None and q.shape[1] == k.shape[1]:
+    return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal)
+  if impl == "cudnn" and kv_slots is not None:
+    # Permuted positions: cuDNN's built-in causal mask compares array indices, so causality rides in the
+    # explicit mask instead (correct, but without the kernel's causal tile skipping).
+    mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots)
+    return cudnn_attention(q, k, v, None, None, False, mask=mask)
+  return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots)
 
 
-def attention_mask(q_len, kv_len, q_segment_ids=None, kv_segment_ids=None, q_slots=None, causal=True):
+def attention_mask(q_len, kv_len, q_segment_ids=None, kv_segment_ids=None, q_slots=None, causal=True,
+                   kv_slots=None):
   """Boolean (B or 1, T, S) mask: True where a query may attend to a key."""
+  if kv_slots is None:
+    kv_slots = jnp.arange(kv_len)[None, :]
   if q_slots is None:
-    q_slots = (jnp.arange(q_len) + (kv_len - q_len))[None, :]
+    q_slots = kv_slots[:, kv_len - q_len:]
   if causal:
-    mask = jnp.arange(kv_len)[None, None, :] <= q_slots[:, :, None]
+    mask = kv_slots[:, None, :] <= q_slots[:, :, None]
   else:
     mask = jnp.ones((1, q_len, kv_len), bool)
   if q_segment_ids is not None:
@@ -54,7 +79,8 @@ def attention_mask(q_len, kv_len, q_segment_ids=None, kv_segment_ids=None, q_slo
   return mask
 
 
-def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, causal):
+def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_slots=None, causal=True,
+                  kv_slots=None):
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   groups = num_heads // num_kv_heads
@@ -63,7 +89,7 @@ def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, causal):
   logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
   logits = logits * (head_dim ** -0.5)
   if causal or q_segment_ids is not None:
-    mask = attention_mask(q_len, kv_len, q_segment_ids, kv_segment_ids, q_slots, causal)
+    mask = attention_mask(q_len, kv_len, q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots)
     # A finite minimum rather than -inf, so that even a row with nothing visible stays finite.
     logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -71,10 +97,12 @@ def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, causal):
   return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 
-def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal):
-  mask = None
+def cudnn_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=True, mask=None):
+  """cuDNN flash attention. `mask` (B or 1, T, S), if given, replaces the segment mask."""
   if q_segment_ids is not None:
     # cuDNN takes no segment ids; a boolean mask broadcast over heads carries the packing and padding.
-    mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+    mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  if mask is not None:
+    mask = mask[:, None, :, :]
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
   return out.astype(q.dtype)
