@@ -12,6 +12,7 @@ to the video's 16·T visual tokens, so logits cover the expanded sequence. `vide
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Sequence
@@ -24,6 +25,7 @@ from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.convert import qwen2_hf, videochat_flash
 from hico_jax.infer import generate as generation
 from hico_jax.models import hico, qwen2
+from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.ops import xla_options
 
 class CausalLM:
@@ -36,10 +38,11 @@ class CausalLM:
     self.eos_ids, self.pad_id, self.checkpoint_dtype = tuple(eos_ids), pad_id, checkpoint_dtype
     self.is_video_model = isinstance(config, hico.HiCoConfig)
     self.llm_config = config.llm if self.is_video_model else config
-    self.llm = qwen2.Qwen2ForCausalLM(self.llm_config)
+    self.dropout = config.visual_dropout if self.is_video_model else None
+    self.llm = qwen2.Qwen2ForCausalLM(self.llm_config, dropout=self.dropout)
     self.llm_params = self.params["llm"] if self.is_video_model else self.params
-    self._forward = jax.jit(lambda p, ids, emb, seg: self.llm.apply({"params": p}, ids, embeddings=emb,
-                                                                    segment_ids=seg)[0])
+    self._forward = jax.jit(lambda p, ids, emb, seg, visual: self.llm.apply(
+        {"params": p}, ids, embeddings=emb, segment_ids=seg, visual_mask=visual)[0])
     if self.is_video_model:
       module = hico.HiCo(config)
       self._embed = jax.jit(lambda p, ids, video: module.apply({"params": p}, ids, video, method=hico.HiCo.embed),
@@ -47,10 +50,12 @@ class CausalLM:
 
   def __call__(self, input_ids, video=None, attention_mask=None) -> np.ndarray:
     """Logits (B, T', V) float32 over the sequence with each video placeholder expanded (T' = T − 1 + 16·frames
-    with a video, T without). attention_mask (B, T): 0 marks padding."""
+    with a video, T without). attention_mask (B, T): 0 marks padding. With visual dropout the rows keep their
+    length (the masked form): a dropped visual token's row is what it saw before it was dropped."""
     ids, mask, embeddings = self._prepare(input_ids, video, attention_mask)
-    segment_ids = None if attention_mask is None else jnp.asarray(mask)
-    logits = self._forward(self.llm_params, jnp.asarray(np.maximum(ids, 0)), embeddings, segment_ids)
+    segment_ids = None if attention_mask is None and self.dropout is None else jnp.asarray(mask)
+    logits = self._forward(self.llm_params, jnp.asarray(np.maximum(ids, 0)), embeddings, segment_ids,
+                           self._visual_mask(ids))
     return np.asarray(logits, np.float32)
 
   def generate(self, input_ids, video=None, attention_mask=None, *, max_new_tokens: int = 32,
@@ -60,7 +65,7 @@ class CausalLM:
     ids, mask, embeddings = self._prepare(input_ids, video, attention_mask)
     return generation.generate(
         self.llm, {"params": self.llm_params}, np.maximum(ids, 0), mask, embeddings=embeddings,
-        max_new_tokens=max_new_tokens, eos_ids=self.eos_ids if eos_ids is None else eos_ids,
+        visual_mask=self._visual_mask(ids), max_new_tokens=max_new_tokens, eos_ids=self.eos_ids if eos_ids is None else eos_ids,
         pad_id=self.pad_id if pad_id is None else pad_id, temperature=temperature, top_p=top_p, seed=seed)
 
   def save_pretrained(self, out_dir: str, dtype: str | None = None):
@@ -73,6 +78,9 @@ class CausalLM:
     writer.save(out_dir, self.config, params, dtype=dtype, extra_fields=token_ids)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(token_ids, f, indent=2)
+
+  def _visual_mask(self, ids):
+    return None if self.dropout is None else jnp.asarray(ids == VIDEO_TOKEN_ID)
 
   def _prepare(self, input_ids, video, attention_mask):
     """Checked (ids, mask, embeddings or None), with each video placeholder expanded to 16·T slots."""
@@ -122,10 +130,14 @@ def _expand_placeholders(ids, mask, count):
   return np.stack(rows_ids), np.stack(rows_mask).astype(np.int32)
 
 
-def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str = "float32") -> CausalLM:
+def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str = "float32",
+                    visual_dropout="config") -> CausalLM:
   """Loads a Hugging Face model directory: plain Qwen2, or the official VideoChat-Flash layout.
 
-  dtype is the compute dtype: float32 on CPU and bfloat16 on accelerators unless given.
+  dtype is the compute dtype: float32 on CPU and bfloat16 on accelerators unless given. visual_dropout:
+  "config" follows config.json (mm_llm_compress and its fields), None turns it off, and a dict or
+  VisualDropoutConfig sets it (the model card's option: {"type": "uniform0_attention", "layers": [4, 18],
+  "ratios": [1, 0.75, 0.25]}).
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model directory {path!r} does not exist")
@@ -135,6 +147,12 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str = "
   compute = dict(dtype=dtype, param_dtype=param_dtype, remat_policy="none")
   loader = videochat_flash if videochat_flash.is_videochat_flash(hf_config) else qwen2_hf
   config, params, file_dtype = loader.load(path, params_dtype=np.dtype(param_dtype), **compute)
+  if isinstance(config, hico.HiCoConfig) and not (isinstance(visual_dropout, str) and visual_dropout == "config"):
+    if isinstance(visual_dropout, dict):
+      visual_dropout = VisualDropoutConfig.from_dict(visual_dropout)
+    if visual_dropout is not None:
+      visual_dropout.check(config.llm.num_layers)
+    config = dataclasses.replace(config, visual_dropout=visual_dropout)
   eos = hf_config.get("eos_token_id")
   generation_path = os.path.join(path, "generation_config.json")
   if os.path.exists(generation_path):

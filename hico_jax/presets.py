@@ -58,8 +58,13 @@ def hico(name: str, **compute) -> ml_collections.ConfigDict:
   if name not in HICO_PRESETS:
     raise ValueError(f"unknown HiCo preset {name!r}; known presets: {sorted(HICO_PRESETS)}")
   vit_name, image_size, llm_name = HICO_PRESETS[name]
+  vit_compute = {**_COMPUTE_DEFAULTS, **compute}
+  if vit_compute["attention_impl"] in ("ring", "all_gather"):
+    # Sequence parallelism is the LLM's; the vision tower runs the per-block kernel on its own clips.
+    vit_compute["attention_impl"] = vit_compute.get("attention_block_impl", "xla")
+  vit_compute.pop("attention_block_impl", None)
   return ml_collections.ConfigDict({
-      "vit": {**VIT_PRESETS[vit_name], "image_size": image_size, **_COMPUTE_DEFAULTS, **compute},
+      "vit": {**VIT_PRESETS[vit_name], "image_size": image_size, **vit_compute},
       "llm": dict(llm(llm_name, **compute)),
       "tokens_per_clip": 64,
       "encode_chunk": 16,

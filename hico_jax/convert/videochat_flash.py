@@ -17,6 +17,7 @@ from hico_jax.convert import qwen2_hf, table
 from hico_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
 from hico_jax.models.hico import HiCoConfig
 from hico_jax.models.qwen2 import Qwen2Config
+from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.models.vit import ViTConfig
 
 VISION_PREFIX = "model.vision_tower.vision_tower.encoder."
@@ -118,9 +119,14 @@ def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoCo
   for field, value in _REQUIRED.items():
     if field in hf and hf[field] != value:
       raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
+  dropout = None
   if hf.get("mm_llm_compress"):
-    raise ValueError(f"{where}: mm_llm_compress = true (progressive visual dropout) is not supported by this "
-                     "version; set it to false to run without dropout, as every released benchmark does")
+    # The reference's fields, as the HF model card sets them to switch progressive visual dropout on.
+    try:
+      dropout = VisualDropoutConfig(type=hf["llm_compress_type"], layers=tuple(hf["llm_compress_layer_list"]),
+                                    ratios=tuple(float(r) for r in hf["llm_image_token_ratio_list"]))
+    except KeyError as missing:
+      raise ValueError(f"{where}: mm_llm_compress = true needs the field {missing.args[0]!r}") from None
   vit_fields = {**UMT_L, "image_size": image_size, **hf.get(VISION_CONFIG_FIELD, {})}
   if hf.get("mm_hidden_size", vit_fields["width"]) != vit_fields["width"]:
     raise ValueError(f"{where}: mm_hidden_size = {hf['mm_hidden_size']} does not match the vision tower's "
@@ -129,7 +135,14 @@ def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoCo
                                             VISION_CONFIG_FIELD}
   llm = qwen2_hf.hf_config_to_dict(hf, extra_known=known, where=where)
   vit_compute = {k: v for k, v in compute.items() if k in ("dtype", "param_dtype", "remat_policy", "attention_impl")}
-  return HiCoConfig.from_dict({"vit": {**vit_fields, **vit_compute}, "llm": {**llm, **compute}})
+  config = HiCoConfig.from_dict({"vit": {**vit_fields, **vit_compute}, "llm": {**llm, **compute},
+                                 "visual_dropout": dropout})
+  if dropout is not None:
+    try:
+      dropout.check(config.llm.num_layers)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+  return config
 
 
 def hico_to_hf_config(config: HiCoConfig, dtype: str) -> dict:
@@ -139,8 +152,13 @@ def hico_to_hf_config(config: HiCoConfig, dtype: str) -> dict:
   hf.update(architectures=["VideoChatFlashQwenForCausalLM"], model_type="videochat_flash_qwen",
             mm_vision_tower=TOWER_NAMES.get(vit.image_size, "umt-large"),
             mm_projector_type="tome16_mlp_hd64", mm_hidden_size=vit.width, mm_local_num_frames=vit.clip_frames,
-            mm_vision_select_layer=-2, mm_llm_compress=False, mm_newline_position="nothing",
-            mm_patch_merge_type="spatial_nopad", frame_aspect_ratio="square", image_aspect_ratio="anyres_nopad")
+            mm_vision_select_layer=-2, mm_llm_compress=config.visual_dropout is not None,
+            mm_newline_position="nothing", mm_patch_merge_type="spatial_nopad", frame_aspect_ratio="square",
+            image_aspect_ratio="anyres_nopad")
+  if config.visual_dropout is not None:
+    hf.update(llm_compress_type=config.visual_dropout.type,
+              llm_compress_layer_list=list(config.visual_dropout.layers),
+              llm_image_token_ratio_list=list(config.visual_dropout.ratios))
   standard = {k: getattr(vit, k) for k in UMT_L}
   if standard != UMT_L or vit.image_size not in TOWER_NAMES:
     # Not a released tower: record its sizes (image size included) in our own field; released loaders that

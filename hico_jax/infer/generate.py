@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hico_jax.models import qwen2
+from hico_jax.models import qwen2, visual_dropout
 
 
 def sample_token(logits, rng, temperature: float, top_p: float):
@@ -34,18 +34,22 @@ def sample_token(logits, rng, temperature: float, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids", "pad_id", "temperature",
-                                             "top_p"))
-def _generate(model, params, input_ids, attention_mask, embeddings, rng, *, max_new_tokens, eos_ids, pad_id,
-              temperature, top_p):
+                                             "top_p", "compact_lengths"))
+def _generate(model, params, input_ids, attention_mask, embeddings, visual_mask, rng, *, max_new_tokens, eos_ids,
+              pad_id, temperature, top_p, compact_lengths):
   batch, prompt_len = attention_mask.shape
   mask = attention_mask.astype(jnp.int32)
   lengths = jnp.sum(mask, axis=1)                                     # real tokens per row
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  last_real = prompt_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)     # works for left and right padding
 
-  cache = qwen2.init_cache(model.config, batch, prompt_len + max_new_tokens)
+  # With compacted visual dropout the later stages hold fewer prompt tokens, so their caches are shorter.
+  stage_lengths = [prompt_len] + list(compact_lengths or [prompt_len] * (len(model.dropout.layers)
+                                                                         if model.dropout else 0))
+  cache = qwen2.init_cache(model.config, batch, [n + max_new_tokens for n in stage_lengths], model.dropout)
   _, aux = model.apply(params, input_ids, embeddings=embeddings, segment_ids=mask, positions=positions,
-                       cache=cache, return_logits=False)
+                       cache=cache, return_logits=False, visual_mask=visual_mask, compact_lengths=compact_lengths)
+  live = aux.get("segment_ids", mask) > 0                             # after dropout, in its (compacted) rows
+  last_real = live.shape[1] - 1 - jnp.argmax(live[:, ::-1], axis=1)  # works for left and right padding
   last_hidden = jnp.take_along_axis(aux["hidden"], last_real[:, None, None], axis=1)   # (B, 1, D)
   logits = model.apply(params, last_hidden, method=qwen2.Qwen2ForCausalLM.logits)[:, 0]
   rng, step_rng = jax.random.split(rng)
@@ -72,11 +76,13 @@ def _generate(model, params, input_ids, attention_mask, embeddings, rng, *, max_
 
 def generate(model: qwen2.Qwen2ForCausalLM, params, input_ids, attention_mask=None, *, max_new_tokens: int = 32,
              eos_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, embeddings=None) -> np.ndarray:
+             seed: int = 0, embeddings=None, visual_mask=None, compact: bool = True) -> np.ndarray:
   """New tokens (B, max_new_tokens) int32; after a row's eos id the rest of the row is `pad_id`.
 
   params is the full variables dict ({"params": ...}). `embeddings` (B, L, D) replaces the embedding of
-  input_ids (the multimodal model passes prompts with visual tokens spliced in).
+  input_ids (the multimodal model passes prompts with visual tokens spliced in). `visual_mask` (B, L) marks
+  the visual tokens for a model with visual dropout: the prefill drops them (compacted rows unless
+  `compact=False`) and the cache keeps only what survives.
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if input_ids.ndim != 2:
@@ -92,7 +98,13 @@ def generate(model: qwen2.Qwen2ForCausalLM, params, input_ids, attention_mask=No
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
-  out = _generate(model, params, input_ids, attention_mask, embeddings, jax.random.key(seed),
+  compact_lengths = None
+  if visual_mask is not None and model.dropout is not None and compact:
+    # One prompt per row: its visual count, read on the host, fixes the compacted lengths statically.
+    counts = np.sum(np.asarray(visual_mask) & (np.asarray(attention_mask) > 0), axis=1)
+    compact_lengths = visual_dropout.compacted_lengths(model.dropout, input_ids.shape[1],
+                                                       [[int(n)] for n in counts])
+  out = _generate(model, params, input_ids, attention_mask, embeddings, visual_mask, jax.random.key(seed),
                   max_new_tokens=int(max_new_tokens), eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
-                  temperature=float(temperature), top_p=float(top_p))
+                  temperature=float(temperature), top_p=float(top_p), compact_lengths=compact_lengths)
   return np.asarray(out)

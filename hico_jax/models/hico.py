@@ -22,6 +22,7 @@ from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.models import tome
 from hico_jax.models.layers import Projection, constrain
 from hico_jax.models.qwen2 import DTYPES, Qwen2Config, Qwen2ForCausalLM
+from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.models.vit import UMTViT, ViTConfig
 from hico_jax.ops import loss as loss_ops
 
@@ -31,15 +32,19 @@ class HiCoConfig:
   llm: Qwen2Config
   tokens_per_clip: int = 64        # 16 per frame
   encode_chunk: int = 16           # clips per vision-tower step; bounds activation memory
+  visual_dropout: VisualDropoutConfig | None = None   # progressive dropout inside the LLM; None: off
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "HiCoConfig":
     fields = dict(fields)
-    unknown = sorted(set(fields) - {"vit", "llm", "tokens_per_clip", "encode_chunk"})
+    unknown = sorted(set(fields) - {"vit", "llm", "tokens_per_clip", "encode_chunk", "visual_dropout"})
     if unknown:
       raise ValueError(f"unknown HiCo config field(s) {unknown}")
+    dropout = fields.pop("visual_dropout", None)
+    if dropout is not None and not isinstance(dropout, VisualDropoutConfig):
+      dropout = VisualDropoutConfig.from_dict(dict(dropout))
     return cls(vit=ViTConfig.from_dict(dict(fields.pop("vit"))), llm=Qwen2Config.from_dict(dict(fields.pop("llm"))),
-               **fields)
+               visual_dropout=dropout, **fields)
 
   @property
   def clip_frames(self) -> int:
@@ -87,7 +92,7 @@ class HiCo(nn.Module):
   def setup(self):
     self.visual = nn.scan(ClipEncoder, variable_broadcast="params", split_rngs={"params": False},
                           in_axes=0, out_axes=0)(self.config)
-    self.llm = Qwen2ForCausalLM(self.config.llm)
+    self.llm = Qwen2ForCausalLM(self.config.llm, dropout=self.config.visual_dropout)
 
   def encode_video(self, video):
     """(B, V, T, S, S, 3) normalised frames -> (B, V·16·T, H) visual tokens, clips in time order."""
@@ -105,36 +110,55 @@ class HiCo(nn.Module):
     tokens = tokens.reshape(num_chunks * chunk, cfg.tokens_per_clip, -1)[:num_clips]
     return tokens.reshape(batch, videos * cfg.visual_tokens(frames), -1)
 
-  def embed(self, input_ids, video=None):
-    """Text embeddings with the visual tokens spliced in at the VIDEO_TOKEN_ID placeholders."""
+  def embed(self, input_ids, video=None, slots=None):
+    """Text embeddings with the visual tokens spliced in at the VIDEO_TOKEN_ID placeholders. `slots` (B, L):
+    each token's index in the original row when the sequence was reordered (zig-zag): the k-th placeholder
+    in the original order receives the k-th visual token."""
     is_visual = input_ids == VIDEO_TOKEN_ID
     text = self.llm.embed(jnp.where(is_visual, 0, input_ids))
     if video is None:
       return text
     visual = self.encode_video(video).astype(text.dtype)
-    rank = jnp.clip(jnp.cumsum(is_visual, axis=1) - 1, 0, visual.shape[1] - 1)
+    if slots is None:
+      rank = jnp.cumsum(is_visual, axis=1) - 1
+    else:
+      rows = jnp.arange(is_visual.shape[0])[:, None]
+      in_order = jnp.zeros_like(is_visual).at[rows, slots].set(is_visual)
+      rank = jnp.take_along_axis(jnp.cumsum(in_order, axis=1) - 1, slots, axis=1)
+    rank = jnp.clip(rank, 0, visual.shape[1] - 1)
     spliced = jnp.take_along_axis(visual, rank[..., None], axis=1)
     return constrain(jnp.where(is_visual[..., None], spliced, text), ("act_batch", "act_len", "act_emb"))
 
-  def __call__(self, input_ids, video=None, *, segment_ids=None, positions=None, return_logits=True):
-    """(logits (B, L, V), aux) as Qwen2ForCausalLM returns them, for a prompt with its videos."""
-    return self.llm(embeddings=self.embed(input_ids, video), segment_ids=segment_ids, positions=positions,
-                    return_logits=return_logits)
+  def __call__(self, input_ids, video=None, *, segment_ids=None, positions=None, return_logits=True,
+               targets=None, slots=None, compact_lengths=None):
+    """(logits (B, L, V), aux) as Qwen2ForCausalLM returns them, for a prompt with its videos.
+
+    With visual dropout configured, the visual tokens are dropped inside the LLM (masked rows, or compacted
+    to the static `compact_lengths`); `targets` switch the text-guided query rule to training's."""
+    visual_mask = input_ids == VIDEO_TOKEN_ID if self.config.visual_dropout is not None else None
+    return self.llm(embeddings=self.embed(input_ids, video, slots), segment_ids=segment_ids, positions=positions,
+                    return_logits=return_logits, visual_mask=visual_mask, targets=targets, slots=slots,
+                    compact_lengths=compact_lengths)
 
   def loss(self, input_ids, labels, video=None, *, segment_ids=None, positions=None):
     """Mean next-token cross-entropy over supervised tokens (labels != -100, aligned with input_ids).
 
     Sums are over the global batch, so the division is by the token count of the whole mesh."""
+    if self.config.visual_dropout is not None:
+      raise ValueError("with visual dropout, train on pre-shifted targets (loss_sums), which move with the tokens")
     _, aux = self(input_ids, video, segment_ids=segment_ids, positions=positions, return_logits=False)
     total, count = loss_ops.next_token_loss(aux["hidden"], self.llm.head_kernel(), labels, segment_ids)
     return total / jnp.maximum(count, 1.0), {"loss_sum": total, "num_tokens": count}
 
-
-  def loss_sums(self, input_ids, targets, video=None, *, segment_ids=None, positions=None, chunk_size=4096):
+  def loss_sums(self, input_ids, targets, video=None, *, segment_ids=None, positions=None, slots=None,
+                compact_lengths=None, chunk_size=4096):
     """(Σ CE, number of supervised tokens) for pre-shifted targets: targets[t] is the id that position t
     predicts, negative where nothing is supervised (the data pipeline shifts per sample before packing).
-    The trainer sums both over micro-batches and the mesh before dividing."""
-    _, aux = self(input_ids, video, segment_ids=segment_ids, positions=positions, return_logits=False)
+    The trainer sums both over micro-batches and the mesh before dividing. Visual dropout moves the
+    targets with the tokens they follow."""
+    _, aux = self(input_ids, video, segment_ids=segment_ids, positions=positions, return_logits=False,
+                  targets=targets, slots=slots, compact_lengths=compact_lengths)
+    targets = aux.get("targets", targets)
     weights = targets >= 0
     return loss_ops.linear_cross_entropy(aux["hidden"], self.llm.head_kernel(), jnp.where(weights, targets, 0),
                                          weights, chunk_size)

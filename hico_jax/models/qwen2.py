@@ -1,25 +1,29 @@
 """Qwen2 / Qwen2.5 decoder in Flax linen, weight-compatible with transformers' Qwen2ForCausalLM.
 
 RMSNorm in float32, rotate-half RoPE with configurable theta, grouped-query attention with q/k/v bias, SwiGLU
-MLP, tied or untied head. Layers are one `nn.scan` (compile time independent of depth) wrapped in `nn.remat`
-with the policy the config names. Every parameter carries logical axis names and every large activation a
-logical constraint; `hico_jax.sharding` maps both onto the mesh.
+MLP, tied or untied head. The layers' parameters are stacked along a leading axis and run as a `lax.scan`
+(compile time independent of depth) under `jax.checkpoint` with the policy the config names; progressive
+visual dropout (hico_jax.models.visual_dropout) splits the stack into stages between drops. Every parameter
+carries logical axis names and every large activation a logical constraint; `hico_jax.sharding` maps both
+onto the mesh.
 
 Packed rows: `segment_ids` (B, L) separate samples (0 = padding) and `positions` restart per sample.
-Decoding: a preallocated KV cache (`init_cache`) that the forward pass fills at `cache["index"]`.
+Decoding: a preallocated KV cache (`init_cache`, one part per stage) that the forward pass fills.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from hico_jax.models import visual_dropout
 from hico_jax.models.layers import Projection, constrain, dataclass_from_dict, normal_init
+from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import rope
 
@@ -67,7 +71,8 @@ class Qwen2Config:
   dtype: str = "bfloat16"          # compute
   param_dtype: str = "float32"     # master weights
   remat_policy: str = "full"
-  attention_impl: str = "xla"
+  attention_impl: str = "xla"      # xla | cudnn | ring | all_gather (hico_jax.ops.attention)
+  attention_block_impl: str = "xla"   # ring / all_gather per-block kernel: xla | cudnn | splash
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "Qwen2Config":
@@ -82,6 +87,9 @@ class Qwen2Config:
       raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in attention_ops.IMPLEMENTATIONS:
       raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {attention_ops.IMPLEMENTATIONS}")
+    if self.attention_block_impl not in attention_ops.BLOCK_IMPLEMENTATIONS:
+      raise ValueError(f"attention_block_impl={self.attention_block_impl!r} is not one of "
+                       f"{attention_ops.BLOCK_IMPLEMENTATIONS}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}")
@@ -113,40 +121,45 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
   config: Qwen2Config
 
-  @nn.compact
-  def __call__(self, x, meta, kv_cache):
+  def setup(self):
     cfg = self.config
     d, h = cfg.hidden_size, cfg.head_dim
 
-    def project_in(heads, heads_name, name):
+    def project_in(heads, heads_name):
       return Projection("bld,dnh->blnh", (d, heads, h), ("embed", heads_name, "head_dim"),
-                        (heads_name, "head_dim"), cfg.compute_dtype, cfg.weight_dtype, name=name)(x)
+                        (heads_name, "head_dim"), cfg.compute_dtype, cfg.weight_dtype)
 
-    q = project_in(cfg.num_heads, "heads", "q_proj")
-    k = project_in(cfg.num_kv_heads, "kv_heads", "k_proj")
-    v = project_in(cfg.num_kv_heads, "kv_heads", "v_proj")
-    q = rope.apply_rope(q, meta["cos"], meta["sin"])
-    k = rope.apply_rope(k, meta["cos"], meta["sin"])
+    self.q_proj = project_in(cfg.num_heads, "heads")
+    self.k_proj = project_in(cfg.num_kv_heads, "kv_heads")
+    self.v_proj = project_in(cfg.num_kv_heads, "kv_heads")
+    self.o_proj = Projection("blnh,nhd->bld", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), None,
+                             cfg.compute_dtype, cfg.weight_dtype)
+
+  def query_key(self, x, cos, sin):
+    """RoPE'd queries (B, L, N, H) and keys (B, L, K, H) of the normed input x."""
+    return rope.apply_rope(self.q_proj(x), cos, sin), rope.apply_rope(self.k_proj(x), cos, sin)
+
+  def __call__(self, x, meta, kv_cache):
+    q, k = self.query_key(x, meta["cos"], meta["sin"])
+    v = self.v_proj(x)
     q = checkpoint_name(constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim")), "query")
     k = checkpoint_name(constrain(k, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "key")
     v = checkpoint_name(constrain(v, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "value")
 
-    q_slots, kv_segment_ids = None, meta["segment_ids"]
+    q_slots, kv_slots, kv_segment_ids = meta["slots"], meta["slots"], meta["segment_ids"]
     if kv_cache is not None:
       index = meta["cache_index"]
       k = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, index, 0, 0))
       kv_cache = {"k": k, "v": v}
-      q_slots, kv_segment_ids = meta["q_slots"], meta["kv_segment_ids"]
+      q_slots, kv_slots, kv_segment_ids = meta["q_slots"], None, meta["kv_segment_ids"]
 
     out = attention_ops.attention(
         q, k, v, q_segment_ids=meta["segment_ids"], kv_segment_ids=kv_segment_ids, q_slots=q_slots,
-        impl=cfg.attention_impl)
+        kv_slots=kv_slots, impl=self.config.attention_impl, block_impl=self.config.attention_block_impl)
     out = checkpoint_name(constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim")),
                           "attention_out")
-    out = Projection("blnh,nhd->bld", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), None,
-                     cfg.compute_dtype, cfg.weight_dtype, name="o_proj")(out)
-    return out, kv_cache
+    return self.o_proj(out), kv_cache
 
 
 class MLP(nn.Module):
@@ -167,13 +180,22 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   config: Qwen2Config
 
-  @nn.compact
-  def __call__(self, x, meta, kv_cache):
+  def setup(self):
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
-    h, kv_cache = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), meta, kv_cache)
+    norm = lambda: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype)
+    self.input_layernorm = norm()
+    self.self_attn = Attention(cfg)
+    self.post_attention_layernorm = norm()
+    self.mlp = MLP(cfg)
+
+  def attention_query_key(self, x, cos, sin):
+    """This layer's attention queries and keys for the input x: what text-guided visual dropout reads."""
+    return self.self_attn.query_key(self.input_layernorm(x), cos, sin)
+
+  def __call__(self, x, meta, kv_cache):
+    h, kv_cache = self.self_attn(self.input_layernorm(x), meta, kv_cache)
     x = x + h
-    x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+    x = x + self.mlp(self.post_attention_layernorm(x))
     return constrain(x, ("act_batch", "act_len", "act_emb")), kv_cache
 
 
@@ -187,29 +209,51 @@ def positions_from_segments(segment_ids):
   return index - start_index
 
 
-def init_cache(config: Qwen2Config, batch: int, max_length: int, dtype=None) -> dict:
-  """An empty KV cache: per-layer K/V, the segment id of every slot (0 = empty) and the next write index."""
+def init_cache(config: Qwen2Config, batch: int, lengths: int | Sequence[int],
+               dropout: VisualDropoutConfig | None = None, dtype=None) -> tuple[dict, ...]:
+  """An empty KV cache: one dict per stage of layers between visual drops (one stage without dropout).
+
+  Each stage holds its layers' K/V, the segment id of every slot (0 = empty, < 0 = a dropped token), the next
+  write index, and per row the number of tokens dropped before the stage, which decode subtracts from the
+  positions (the compacted prefill renumbered them). `lengths` is the slot count, per stage or for all."""
   dtype = dtype or config.compute_dtype
-  shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
-  return {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
-          "segment_ids": jnp.zeros((batch, max_length), jnp.int32),
-          "index": jnp.zeros((), jnp.int32)}
+  bounds = _stage_bounds(config, dropout)
+  if isinstance(lengths, int):
+    lengths = [lengths] * len(bounds)
+  if len(lengths) != len(bounds):
+    raise ValueError(f"{len(lengths)} cache lengths for {len(bounds)} stages of layers {bounds}")
+  caches = []
+  for (start, stop), length in zip(bounds, lengths):
+    shape = (stop - start, batch, length, config.num_kv_heads, config.head_dim)
+    caches.append({"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+                   "segment_ids": jnp.zeros((batch, length), jnp.int32),
+                   "index": jnp.zeros((), jnp.int32),
+                   "position_offset": jnp.zeros((batch,), jnp.int32)})
+  return tuple(caches)
+
+
+def _stage_bounds(config: Qwen2Config, dropout: VisualDropoutConfig | None):
+  return [(0, config.num_layers)] if dropout is None else dropout.stage_bounds(config.num_layers)
 
 
 class Qwen2ForCausalLM(nn.Module):
   """`__call__` returns (logits, aux): logits (B, L, V) in the compute dtype; aux["hidden"] is the final
-  normed hidden state and aux["cache"] the updated KV cache (None without one)."""
+  normed hidden state and aux["cache"] the updated KV cache (None without one). With visual dropout aux also
+  holds the final per-token "segment_ids", "positions" and "targets" (the rows may be shorter: compacted).
+
+  The layers' parameters are one stacked tree (created by `nn.scan`, the checkpoint layout); the forward
+  pass runs them as one `lax.scan` per stage of layers between visual drops, under `jax.checkpoint` with the
+  configured policy."""
   config: Qwen2Config
+  dropout: VisualDropoutConfig | None = None
 
   def setup(self):
     cfg = self.config
+    if self.dropout is not None:
+      self.dropout.check(cfg.num_layers)
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
                                  param_dtype=cfg.weight_dtype, embedding_init=normal_init(("vocab", "embed")))
-    layer = DecoderLayer
-    if REMAT_POLICIES[cfg.remat_policy] is not None:
-      # prevent_cse=False is safe (and faster) under scan, which already stops XLA from merging recomputes.
-      layer = nn.remat(DecoderLayer, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
-    self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+    self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, 0), length=cfg.num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     self.norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype)
@@ -236,11 +280,17 @@ class Qwen2ForCausalLM(nn.Module):
     return constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
   def __call__(self, input_ids=None, *, embeddings=None, segment_ids=None, positions=None, cache=None,
-               return_logits=True):
+               return_logits=True, visual_mask=None, targets=None, slots=None, compact_lengths=None):
     """input_ids (B, L) or embeddings (B, L, D); segment_ids (B, L), 0 = padding; positions (B, L).
 
-    Without a cache, positions default to restarting at every segment. With a cache the caller passes
-    positions (generation knows each row's prompt length); new tokens are written at cache["index"].
+    Without a cache, positions default to restarting at every segment. With a cache (`init_cache`) the
+    caller passes positions (generation knows each row's prompt length); new tokens are written at each
+    stage's index. `slots` (B, L): each token's index in the original row when the data pipeline reordered
+    the sequence (zig-zag for sequence parallelism); causality follows slots.
+
+    Visual dropout runs when the model has a dropout config and `visual_mask` (B, L) marks visual tokens:
+    `targets` (pre-shifted) select the training query rule and are moved with the tokens; with
+    `compact_lengths` (static, `visual_dropout.compacted_lengths`) the rows are compacted, else masked.
     """
     if embeddings is None:
       embeddings = self.embed(input_ids)
@@ -250,24 +300,87 @@ class Qwen2ForCausalLM(nn.Module):
         raise ValueError("decoding with a KV cache needs explicit positions (B, L)")
       positions = (jnp.broadcast_to(jnp.arange(length), (batch, length)) if segment_ids is None
                    else positions_from_segments(segment_ids))
-    cos, sin = rope.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-    meta = {"cos": cos, "sin": sin, "segment_ids": segment_ids}
-
-    layer_cache = None
-    if cache is not None:
+    if cache is not None and segment_ids is None:
+      segment_ids = jnp.ones((batch, length), jnp.int32)
+    dropping = self.dropout is not None and visual_mask is not None
+    if dropping:
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
-      index = cache["index"]
-      kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
-                                                    (0, index))
-      meta.update(segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, cache_index=index,
-                  q_slots=jnp.broadcast_to(index + jnp.arange(length), (batch, length)))
-      layer_cache = cache["layers"]
+      state = visual_dropout.initial_state(visual_mask, segment_ids, positions, targets, slots)
+    if self.is_initializing():
+      # Creates the stacked parameters; the stages below read them back.
+      self.layers(embeddings, self._meta(segment_ids, positions, slots), None)
 
-    hidden, layer_cache = self.layers(embeddings, meta, layer_cache)
+    hidden, new_cache, dropped = embeddings, [], jnp.zeros((batch,), jnp.int32)
+    for stage, (start, stop) in enumerate(_stage_bounds(self.config, self.dropout)):
+      if stage and dropping:
+        hidden, state, stage_dropped = self._drop(hidden, state, stage - 1, start, compact_lengths)
+        dropped = dropped + stage_dropped
+      if dropping:
+        segment_ids, positions, slots = state.segment_ids, state.positions, state.slots
+      meta = self._meta(segment_ids, positions, slots)
+      stage_cache = None
+      if cache is not None:
+        stage_cache = cache[stage]
+        if not dropping:                # decode: the positions the compacted prefill would have given
+          meta = self._meta(segment_ids, positions - stage_cache["position_offset"][:, None], slots)
+        index, step_length = stage_cache["index"], hidden.shape[1]
+        meta.update(
+            kv_segment_ids=jax.lax.dynamic_update_slice(stage_cache["segment_ids"], segment_ids, (0, index)),
+            cache_index=index, q_slots=jnp.broadcast_to(index + jnp.arange(step_length), (batch, step_length)))
+      hidden, layer_cache = self._run_layers(hidden, meta, None if stage_cache is None else stage_cache["layers"],
+                                             start, stop)
+      if cache is not None:
+        new_cache.append({"layers": layer_cache, "segment_ids": meta["kv_segment_ids"],
+                          "index": index + hidden.shape[1],
+                          "position_offset": dropped if dropping else stage_cache["position_offset"]})
+
     hidden = self.norm(hidden)
-    new_cache = None
-    if cache is not None:
-      new_cache = {"layers": layer_cache, "segment_ids": meta["kv_segment_ids"], "index": index + length}
+    aux = {"hidden": hidden, "cache": tuple(new_cache) if cache is not None else None}
+    if dropping:
+      aux.update(segment_ids=state.segment_ids, positions=state.positions, targets=state.targets)
     logits = self.logits(hidden) if return_logits else None
-    return logits, {"hidden": hidden, "cache": new_cache}
+    return logits, aux
+
+  def _meta(self, segment_ids, positions, slots):
+    cos, sin = rope.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+    return {"cos": cos, "sin": sin, "segment_ids": segment_ids, "slots": slots}
+
+  def _layer_params(self, start, stop):
+    params = nn.meta.unbox(self.layers.variables["params"])
+    if (start, stop) == (0, self.config.num_layers):
+      return params
+    return jax.tree.map(lambda p: p[start:stop], params)
+
+  def _run_layers(self, hidden, meta, layer_cache, start, stop):
+    """Layers [start, stop) as one scan over their stacked parameters (and KV cache)."""
+    cfg = self.config
+
+    def layer(x, params_and_cache):
+      params, kv_cache = params_and_cache
+      return DecoderLayer(cfg, parent=None).apply({"params": params}, x, meta, kv_cache)
+
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if policy is not None:
+      # prevent_cse=False is safe (and faster) under scan, which already stops XLA from merging recomputes.
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+    return jax.lax.scan(layer, hidden, (self._layer_params(start, stop), layer_cache))
+
+  def _drop(self, hidden, state, drop_stage, next_layer, compact_lengths):
+    """One visual drop before layer `next_layer` (after that many layers have run)."""
+    cfg, dropout = self.config, self.dropout
+    if dropout.selection(drop_stage) == "uniform":
+      keep = visual_dropout.uniform_keep(state, dropout.ratios, drop_stage)
+    else:
+      # The next layer's view of the (detached) hidden states at the current positions.
+      cos, sin = rope.rope_cos_sin(state.positions, cfg.head_dim, cfg.rope_theta)
+      params = jax.tree.map(lambda p: p[next_layer], nn.meta.unbox(self.layers.variables["params"]))
+      q, k = DecoderLayer(cfg, parent=None).apply({"params": params}, jax.lax.stop_gradient(hidden), cos, sin,
+                                                  method=DecoderLayer.attention_query_key)
+      scores = visual_dropout.attention_scores(q, k, state, dropout.query_rows)
+      keep = visual_dropout.attention_keep(scores, state, dropout.ratios, drop_stage)
+    dropped = jnp.sum(state.visual & ~keep, axis=1, dtype=jnp.int32)
+    state = visual_dropout.apply_masked(state, keep)
+    if compact_lengths is not None:
+      hidden, state = visual_dropout.compact(hidden, state, compact_lengths[drop_stage])
+    return hidden, state, dropped

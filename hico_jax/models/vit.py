@@ -45,6 +45,9 @@ class ViTConfig:
       raise ValueError(f"width={config.width} is not a multiple of num_heads={config.num_heads}")
     if config.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={config.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    if config.attention_impl not in ("xla", "cudnn"):
+      # A clip's tokens are never split over the sequence axis (clips are), so there is no ring to run.
+      raise ValueError(f"vision attention_impl={config.attention_impl!r} must be 'xla' or 'cudnn'")
     return config
 
   @property
