@@ -24,6 +24,7 @@ import grain
 import numpy as np
 
 from hico_jax.data import records, shards, text, video
+from hico_jax.data.order import unzigzag, zigzag  # pylint: disable=unused-import  # re-exported
 
 IGNORE = -100
 
@@ -156,29 +157,6 @@ class SkipCounting(grain.IterDataset):
 
   def __iter__(self):
     return _SkipCountingIterator(self._parent.__iter__(), self._image_size)
-
-
-def zigzag(x, num_shards: int, axis: int = 1):
-  """Reorders the sequence axis for causal load balance over `num_shards` sequence shards: the axis is cut
-  into 2·n chunks and shard i holds chunks i and 2n−1−i, so every shard has as much early (cheap) as late
-  (expensive) causal work."""
-  if num_shards == 1:
-    return x
-  chunks = np.split(x, 2 * num_shards, axis=axis)
-  order = [c for i in range(num_shards) for c in (i, 2 * num_shards - 1 - i)]
-  return np.concatenate([chunks[c] for c in order], axis=axis)
-
-
-def unzigzag(x, num_shards: int, axis: int = 1):
-  """The inverse of zigzag."""
-  if num_shards == 1:
-    return x
-  chunks = np.split(x, 2 * num_shards, axis=axis)
-  order = [c for i in range(num_shards) for c in (i, 2 * num_shards - 1 - i)]
-  restored = [None] * len(chunks)
-  for position, c in enumerate(order):
-    restored[c] = chunks[position]
-  return np.concatenate(restored, axis=axis)
 
 
 class FinishBatch(grain.transforms.Map):

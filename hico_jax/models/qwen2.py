@@ -147,15 +147,21 @@ class Attention(nn.Module):
     v = checkpoint_name(constrain(v, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "value")
 
     q_slots, kv_slots, kv_segment_ids = meta["slots"], meta["slots"], meta["segment_ids"]
+    keys, values = k, v
     if kv_cache is not None:
       index = meta["cache_index"]
-      k = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, index, 0, 0))
-      kv_cache = {"k": k, "v": v}
-      q_slots, kv_slots, kv_segment_ids = meta["q_slots"], None, meta["kv_segment_ids"]
+      keys = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, index, 0, 0))
+      values = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, index, 0, 0))
+      kv_cache = {"k": keys, "v": values}
+      sequence_parallel_prefill = self.config.attention_impl in ("ring", "all_gather") and q.shape[1] > 1
+      if sequence_parallel_prefill:
+        # Generation prefills an empty cache, so the prompt attends to its own keys: the ring can run them.
+        keys, values = k, v
+      else:
+        q_slots, kv_slots, kv_segment_ids = meta["q_slots"], None, meta["kv_segment_ids"]
 
     out = attention_ops.attention(
-        q, k, v, q_segment_ids=meta["segment_ids"], kv_segment_ids=kv_segment_ids, q_slots=q_slots,
+        q, keys, values, q_segment_ids=meta["segment_ids"], kv_segment_ids=kv_segment_ids, q_slots=q_slots,
         kv_slots=kv_slots, impl=self.config.attention_impl, block_impl=self.config.attention_block_impl)
     out = checkpoint_name(constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim")),
                           "attention_out")

@@ -17,7 +17,10 @@ Two forms with one semantics; both act on a `DropState` of per-token (B, L) arra
 Where we differ from the reference on purpose: batches, packing and padding work (it asserts batch 1); ties
 in the text-guided top-k go to the earlier token (torch leaves them unspecified); the training query rule
 "i−1 where labels[i] is supervised and labels[i−1] is not" is applied for i ≥ 1 within each sample (the
-reference's i = 0 wraps round to the row's last label, which only bites padded rows).
+reference's i = 0 wraps round to the row's last label, which only bites padded rows); and the training rule
+reads at most `query_rows` query rows per packed row (the first ones), where the reference averages all of
+them. Every supervised '\n', <|im_start|> and <|im_end|> opens a run, so a turn brings about two: the default
+64 covers some thirty turns a row; raise it for longer chats (the cost is 64 query rows against L keys).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class VisualDropoutConfig:
   type: str = "uniform0_attention"
   layers: tuple[int, ...] = (4, 18)
   ratios: tuple[float, ...] = (1.0, 0.75, 0.25)
-  query_rows: int = 16      # text-guided selection reads at most this many query rows per packed row
+  query_rows: int = 64      # text-guided selection reads at most this many query rows per packed row
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "VisualDropoutConfig":

@@ -36,8 +36,9 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None,
 
   q_segment_ids (B, T), kv_segment_ids (B, S): None means one unpadded sequence per row.
   q_slots (B, T), kv_slots (B, S): original positions (see the module docstring).
-  impl="ring" and "all_gather" must run under `with jax.set_mesh(mesh)`; block_impl is their per-device
-  kernel and is ignored by the other impls.
+  impl="ring" and "all_gather" shard over the mesh of `with jax.set_mesh(mesh)`; without a mesh, or with
+  q_slots (decode against a cache), they run block_impl's kernel locally. block_impl is ignored by the other
+  impls.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
@@ -48,6 +49,11 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None,
     raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads})")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+  decoding = q_slots is not None and kv_slots is None
+  if impl in ("ring", "all_gather") and (jax.sharding.get_abstract_mesh().empty or decoding):
+    # No mesh (shape evaluation, a single device) or KV-cache decode (queries inside a longer cache): there
+    # is nothing to pass round a ring, so the per-device kernel runs on its own.
+    impl = "cudnn" if block_impl == "cudnn" else "xla"
   if impl in ("ring", "all_gather"):
     from hico_jax.ops import ring_attention  # pylint: disable=import-outside-toplevel  # it imports us
     return ring_attention.sharded_attention(

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hico_jax.data import IMAGENET_MEAN, IMAGENET_STD
+from hico_jax.data import IMAGENET_MEAN, IMAGENET_STD, order
 from hico_jax.models.hico import HiCo
 
 
@@ -30,16 +30,21 @@ def init_state(params, optimizer) -> dict:
 
 
 def make_train_step(model: HiCo, optimizer: optax.GradientTransformation, frozen, *, accumulation_steps: int = 1,
-                    schedules: dict | None = None):
+                    schedules: dict | None = None, seq_shards: int = 1):
   """step(state, batch) -> (state, metrics). batch: input_ids, targets, segment_ids, positions (B, L) and
-  frames (B, F, S, S, 3) uint8. `frozen` is a tree of bools like params."""
+  frames (B, F, S, S, 3) uint8. `frozen` is a tree of bools like params. With `seq_shards` > 1 the rows
+  arrive zig-zagged (hico_jax.data.pipeline) and the model is told each token's original index."""
 
   def micro_sums(params, micro):
     # Frozen leaves are constants to autodiff: XLA then drops their weight-gradient matmuls.
     params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     video = normalize_frames(micro["frames"])[:, None]
+    slots = None
+    if seq_shards > 1:
+      rows, length = micro["input_ids"].shape
+      slots = jnp.broadcast_to(jnp.asarray(order.zigzag_slots(length, seq_shards)), (rows, length))
     total, count = model.apply({"params": params}, micro["input_ids"], micro["targets"], video,
-                               segment_ids=micro["segment_ids"], positions=micro["positions"],
+                               segment_ids=micro["segment_ids"], positions=micro["positions"], slots=slots,
                                method=HiCo.loss_sums)
     return total, count
 

@@ -74,7 +74,7 @@ def train(config, workdir: str) -> dict:
     # Donating the state lets XLA update parameters and moments in place: one copy of them in memory.
     train_step = jax.jit(
         step_lib.make_train_step(model, tx, frozen, accumulation_steps=config.accumulation_steps,
-                                 schedules=schedules),
+                                 schedules=schedules, seq_shards=seq_shards),
         donate_argnums=(0,), out_shardings=(state_shardings, None))
 
     # ---------------------------------------------------------------------------------- checkpoint restore
