@@ -27,6 +27,20 @@ def qwen2_forward_flops(c, seq_len: int, batch: int = 1, causal: bool = True) ->
   return batch * (dense + attention)
 
 
+def qwen2_dropout_forward_flops(c, dropout, text_tokens: int, visual_tokens: int) -> float:
+  """Forward FLOPs of one prompt with progressive visual dropout, compacted: each stage of layers runs at the
+  length left after the drops before it (the selection's own small products are not counted). The output
+  head is counted once, at the final length."""
+  bounds = dropout.stage_bounds(c.num_layers)
+  head = 2 * c.hidden_size * c.vocab_size
+  total = 0.0
+  for stage, (start, stop) in enumerate(bounds):
+    length = text_tokens + int(visual_tokens * dropout.ratios[stage])
+    per_layer = (qwen2_forward_flops(c, length) - head * length) / c.num_layers
+    total += (stop - start) * per_layer
+  return total + head * (text_tokens + int(visual_tokens * dropout.ratios[-1]))
+
+
 def qwen2_train_flops(c, seq_len: int, batch: int = 1) -> float:
   return 3 * qwen2_forward_flops(c, seq_len, batch)
 

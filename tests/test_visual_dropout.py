@@ -265,3 +265,23 @@ def test_training_steps_with_dropout_on_an_8_device_mesh_reduce_the_loss_on_a_fi
   assert all(np.diff(losses) < 0) and losses[-1] < losses[0] - 0.3, losses
   # Every supervised target still counts after half the visual tokens are gone.
   assert float(metrics["num_tokens"]) == np.sum(targets >= 0)
+
+
+def test_compacted_rows_without_segment_ids_equal_the_masked_form_though_rows_drop_different_counts():
+  """Unpacked rows run without any attention mask once compacted (the tail padding is hidden by causality);
+  the row that drops fewer tokens pads the other at its end."""
+  rng = np.random.default_rng(5)
+  ids = rng.integers(1, VOCAB, (2, 64)).astype(np.int32)
+  visual = np.zeros_like(ids, bool)
+  visual[0, 4:52], visual[1, 10:26] = True, True                  # 48 and 16 visual tokens
+  model = qwen2.Qwen2ForCausalLM(_llm_config(), dropout=CARD)
+  _, masked = model.apply(_params(), ids, segment_ids=np.ones_like(ids), visual_mask=visual, return_logits=False)
+  lengths = vd.compacted_lengths(CARD, 64, [[48], [16]])
+  _, compacted = model.apply(_params(), ids, visual_mask=visual, compact_lengths=lengths, return_logits=False)
+  live = np.asarray(compacted["segment_ids"]) > 0
+  assert live[0].sum() == 64 - 36 and live[1].sum() == 64 - 12 and not live[0, -1]
+  kept = np.asarray(masked["segment_ids"]) > 0
+  order = np.argsort(~kept, axis=1, kind="stable")[:, :lengths[-1]]
+  expected = np.take_along_axis(np.asarray(masked["hidden"]), order[..., None], axis=1)
+  np.testing.assert_allclose(np.where(live[..., None], expected, 0), np.where(live[..., None], compacted["hidden"], 0),
+                             atol=1e-5, rtol=0)

@@ -309,6 +309,10 @@ class Qwen2ForCausalLM(nn.Module):
     if cache is not None and segment_ids is None:
       segment_ids = jnp.ones((batch, length), jnp.int32)
     dropping = self.dropout is not None and visual_mask is not None
+    # One unpadded sequence per row needs no attention mask beyond causality, even once compacted: the
+    # padding compaction leaves sits at the end of a row, where causal attention already hides it. Passing
+    # no segment ids keeps fused kernels off an (L, L) mask, which long prompts could not hold.
+    unmasked = segment_ids is None and cache is None and (not dropping or compact_lengths is not None)
     if dropping:
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
@@ -324,7 +328,7 @@ class Qwen2ForCausalLM(nn.Module):
         dropped = dropped + stage_dropped
       if dropping:
         segment_ids, positions, slots = state.segment_ids, state.positions, state.slots
-      meta = self._meta(segment_ids, positions, slots)
+      meta = self._meta(None if unmasked else segment_ids, positions, slots)
       stage_cache = None
       if cache is not None:
         stage_cache = cache[stage]

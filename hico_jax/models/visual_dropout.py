@@ -105,8 +105,8 @@ def compacted_lengths(config: VisualDropoutConfig, length: int, visual_counts: S
   lengths, dropped = [], [0] * len(visual_counts)
   for stage in range(len(config.layers)):
     for row, counts in enumerate(visual_counts):
-      dropped[row] += sum(np.subtract(*stage_counts(n, config.ratios, stage)) for n in counts)
-    lengths.append(length - min(dropped))
+      dropped[row] += sum(int(np.subtract(*stage_counts(n, config.ratios, stage))) for n in counts)
+    lengths.append(int(length - min(dropped)))
   return tuple(lengths)
 
 

@@ -133,7 +133,9 @@ def _cudnn_backward(q, k, v, rows, causal, scale, out, lse, dout):
   fa = _cudnn_private()
   bias = _cudnn_bias(fa, block_mask(rows, causal), q.dtype)
   empty = jnp.zeros(0, q.dtype)
-  variadic_args = (True, fa.should_export_dbias(bias.shape, q.shape, fa.AttentionLayout.BTNH))
+  # (has_bias, has_dbias): the bias is a constant mask, so no bias gradient (jax 0.11 decides the same way;
+  # 0.10's should_export_dbias helper is gone there).
+  variadic_args = (True, False)
   # The backward primitive recomputes P from the statistics it is given and rowsum(dO * O) from the output
   # it is given: handing it the row's final lse and output makes it return this block's exact share.
   grads = fa._dot_product_attention_bwd_p_wrapper.bind(  # pylint: disable=protected-access
