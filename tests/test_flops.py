@@ -39,3 +39,17 @@ def test_umt_clip_flops_match_a_hand_count_for_umt_l_at_224():
               for p, r in ((784, 392), (392, 196), (196, 98), (98, 34)))
   projector = 2 * 64 * (1024 * 3584 + 3584 ** 2)
   assert flops.umt_clip_forward_flops(vit, 3584) == hand + merge + projector
+
+
+def test_dropout_flops_equal_the_plain_count_when_nothing_drops_and_sum_stage_lengths_otherwise():
+  from hico_jax.models.qwen2 import Qwen2Config
+  from hico_jax.models.visual_dropout import VisualDropoutConfig
+  config = Qwen2Config.from_dict(dict(presets.llm("qwen2_7b")))
+  keep_all = VisualDropoutConfig(layers=(4, 18), ratios=(1.0, 1.0, 1.0))
+  assert flops.qwen2_dropout_forward_flops(config, keep_all, 128, 16000) == pytest.approx(
+      flops.qwen2_forward_flops(config, 16128), rel=1e-12)
+  card = VisualDropoutConfig(layers=(4, 18), ratios=(1.0, 0.75, 0.25))
+  head = 2 * config.hidden_size * config.vocab_size
+  per_layer = lambda n: (flops.qwen2_forward_flops(config, n) - head * n) / config.num_layers
+  expected = 4 * per_layer(16128) + 14 * per_layer(12128) + 10 * per_layer(4128) + head * 4128
+  assert flops.qwen2_dropout_forward_flops(config, card, 128, 16000) == pytest.approx(expected, rel=1e-12)
