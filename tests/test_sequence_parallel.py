@@ -79,7 +79,7 @@ def _loss_and_grads(mesh_config, attention_impl, dropout=None, devices=None, com
     token_sharding = sharding.named_sharding(mesh, "act_batch", "act_len")
     batch = {k: jax.device_put(v, token_sharding) for k, v in batch.items()}
     frames = jax.device_put(frames, sharding.named_sharding(mesh, "act_batch", None, None, None, None, None))
-    fn = jax.jit(jax.value_and_grad(functools.partial(_loss, model)), static_argnums=())
+    fn = jax.jit(jax.value_and_grad(functools.partial(_loss, model)))
     args = (params, batch, frames, None if slots is None else jax.device_put(slots, token_sharding))
     if compile_only:
       return fn.lower(*args).compile()

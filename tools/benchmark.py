@@ -275,8 +275,10 @@ RUNNERS = {("llm", "jax"): run_jax_llm, ("data", "cpu"): run_data, ("llm", "torc
            ("clip", "jax"): run_jax_clip, ("clip", "torch"): run_torch_clip}
 
 
-def _run_case_in_subprocess(case: dict, timeout: int) -> dict:
-  command = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)]
+def _run_case_in_subprocess(case: dict, timeout: int, script: str = __file__) -> dict:
+  """Runs `script --case JSON` (this file, or another benchmark script built the same way) and reads back
+  its RESULT line; a crash comes back as an error, "out of memory" when it was one."""
+  command = [sys.executable, os.path.abspath(script), "--case", json.dumps(case)]
   try:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:

@@ -22,26 +22,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+from benchmark import _run_case_in_subprocess, _time  # noqa: E402  # one timer, one subprocess runner
 
 CARD = {"type": "uniform0_attention", "layers": (4, 18), "ratios": (1.0, 0.75, 0.25)}
 TEXT_TOKENS = 128
-
-
-def _timed(fn, warmup, iters):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def run_dropout(case: dict) -> dict:
@@ -74,7 +65,7 @@ def run_dropout(case: dict) -> dict:
   start = time.perf_counter()
   run()
   compile_s = time.perf_counter() - start
-  times = _timed(run, case["warmup"], case["iters"])
+  times = _time(run, case["warmup"], case["iters"])
   model_flops = (flops.qwen2_dropout_forward_flops(config, dropout, TEXT_TOKENS, visual) if dropout
                  else flops.qwen2_forward_flops(config, length))
   stats = jax.devices()[0].memory_stats() or {}
@@ -123,7 +114,7 @@ def run_seqlen(case: dict) -> dict:
     run = lambda: jax.block_until_ready(step(real, ids))
     try:
       run()
-      seconds = statistics.median(_timed(run, 0, case["iters"]))
+      seconds = statistics.median(_time(run, 0, case["iters"]))
       train_flops = flops.qwen2_train_flops(config, longest)
       stats = jax.devices()[0].memory_stats() or {}
       result.update(step_s=seconds, tokens_per_s=longest / seconds, mfu=flops.mfu(train_flops, seconds),
@@ -131,18 +122,6 @@ def run_seqlen(case: dict) -> dict:
     except Exception as e:  # pylint: disable=broad-except
       result.update(run_error=str(e).splitlines()[0][:200])
   return result
-
-
-def _subprocess(case: dict, timeout: int) -> dict:
-  command = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)]
-  try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {**case, "error": f"timed out after {timeout} s"}
-  for line in reversed(done.stdout.splitlines()):
-    if line.startswith("RESULT "):
-      return {**case, **json.loads(line[len("RESULT "):])}
-  return {**case, "error": " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])[-500:]}
 
 
 def _dropout_table(results):
@@ -189,7 +168,7 @@ def main():
               "iters": args.iters} for a in ("xla", "cudnn")]
   results = []
   for case in cases:
-    results.append(_subprocess(case, args.timeout))
+    results.append(_run_case_in_subprocess(case, args.timeout, script=__file__))
     print(json.dumps(results[-1]), flush=True)
     if args.out:
       with open(args.out, "a") as f:

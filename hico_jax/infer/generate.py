@@ -43,8 +43,8 @@ def _generate(model, params, input_ids, attention_mask, embeddings, visual_mask,
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
 
   # With compacted visual dropout the later stages hold fewer prompt tokens, so their caches are shorter.
-  stage_lengths = [prompt_len] + list(compact_lengths or [prompt_len] * (len(model.dropout.layers)
-                                                                         if model.dropout else 0))
+  num_drops = len(model.dropout.layers) if model.dropout else 0
+  stage_lengths = [prompt_len, *(compact_lengths or [prompt_len] * num_drops)]
   cache = qwen2.init_cache(model.config, batch, [n + max_new_tokens for n in stage_lengths], model.dropout)
   _, aux = model.apply(params, input_ids, embeddings=embeddings, segment_ids=mask, positions=positions,
                        cache=cache, return_logits=False, visual_mask=visual_mask, compact_lengths=compact_lengths)

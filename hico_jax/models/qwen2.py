@@ -326,14 +326,15 @@ class Qwen2ForCausalLM(nn.Module):
       if stage and dropping:
         hidden, state, stage_dropped = self._drop(hidden, state, stage - 1, start, compact_lengths)
         dropped = dropped + stage_dropped
+      stage_positions = positions
       if dropping:
-        segment_ids, positions, slots = state.segment_ids, state.positions, state.slots
-      meta = self._meta(None if unmasked else segment_ids, positions, slots)
+        segment_ids, stage_positions, slots = state.segment_ids, state.positions, state.slots
+      elif cache is not None:           # decode: the positions the compacted prefill would have given
+        stage_positions = positions - cache[stage]["position_offset"][:, None]
+      meta = self._meta(None if unmasked else segment_ids, stage_positions, slots)
       stage_cache = None
       if cache is not None:
         stage_cache = cache[stage]
-        if not dropping:                # decode: the positions the compacted prefill would have given
-          meta = self._meta(segment_ids, positions - stage_cache["position_offset"][:, None], slots)
         index, step_length = stage_cache["index"], hidden.shape[1]
         meta.update(
             kv_segment_ids=jax.lax.dynamic_update_slice(stage_cache["segment_ids"], segment_ids, (0, index)),

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hico_jax.ops.attention import attention_mask
+
 TYPES = ("uniform", "attention", "uniform0_attention", "uniform1_attention")
 
 
@@ -143,13 +145,11 @@ def uniform_keep(state: DropState, ratios: Sequence[float], stage: int):
   """Keeps the tokens whose rank among the sample's current visual tokens is in uniform_indices(cur, keep)."""
   seg = _to_original(state.segment_ids, state.slots)
   rank = _from_original(_count_before(_to_original(state.visual, state.slots), seg), state.slots)
-  # float64 like torch (float32 would round i·step differently for long videos); the counts are Python's
-  # int(N · ratio) in double precision too.
+  cur = _python_int_product(state.num_visual, ratios[stage])
+  keep = _python_int_product(state.num_visual, ratios[stage + 1])
+  # float64 like torch (float32 would round i·step differently for long videos).
   with jax.enable_x64(True):
-    n = state.num_visual.astype(jnp.float64)
-    cur = jnp.trunc(n * ratios[stage])
-    keep = jnp.trunc(n * ratios[stage + 1])
-    r = rank.astype(jnp.float64)
+    cur, keep, r = (x.astype(jnp.float64) for x in (cur, keep, rank))
     step = (cur - 1) / jnp.maximum(keep - 1, 1)
     # torch's index i lands on rank r only for i within a step of r / step: test the neighbours exactly.
     guess = jnp.floor(r / jnp.maximum(step, 1))
@@ -207,8 +207,7 @@ def attention_scores(q, k, state: DropState, max_rows: int):
   slots = state.slots if state.slots is not None else jnp.broadcast_to(jnp.arange(length), (batch, length))
   q_seg = jnp.take_along_axis(state.segment_ids, order, axis=1)
   q_slot = jnp.take_along_axis(slots, order, axis=1)
-  visible = ((state.segment_ids[:, None, :] == q_seg[:, :, None]) & (slots[:, None, :] <= q_slot[:, :, None])
-             & valid[:, :, None])                                                      # (B, M, L)
+  visible = attention_mask(rows, length, q_seg, state.segment_ids, q_slot, True, slots) & valid[:, :, None]
   logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1) * valid[:, None, None, :, None]
   per_row = jnp.mean(probs, axis=(1, 2))                                             # (B, M, L)

@@ -26,18 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hico_jax.ops.attention import attention_mask
+
 # Log-sum-exp of a row that sees nothing in a block: exp(EMPTY_LSE - anything real) is exactly 0, and two
 # empty rows still merge to a finite value.
 EMPTY_LSE = float(np.finfo(np.float32).min)
 
 
 def block_mask(rows, causal):
-  """(b, t, s) bool: same segment id, and (if causal) key slot <= query slot."""
+  """(b, t, s) bool: same segment id, and (if causal) key slot <= query slot: the entry point's rule."""
   q_seg, kv_seg, q_slots, kv_slots = rows
-  mask = q_seg[:, :, None] == kv_seg[:, None, :]
-  if causal:
-    mask &= kv_slots[:, None, :] <= q_slots[:, :, None]
-  return mask
+  return attention_mask(q_slots.shape[1], kv_slots.shape[1], q_seg, kv_seg, q_slots, causal, kv_slots)
 
 
 def maybe_visible(rows, causal):
