@@ -243,3 +243,15 @@ def test_encode_video_matches_torch_clip_encoder_loaded_from_our_safetensors(exp
     expected = torch_model(torch_video).numpy()
   assert ours.shape == expected.shape == (1, 128, cfg.llm.hidden_size)
   np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+
+
+def test_exact_gelu_is_torch_gelu_with_erf_in_float32_and_bfloat16():
+  from hico_jax.models.layers import exact_gelu
+  x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(0, 3, 4000)]).astype(np.float32)
+  expected = F.gelu(torch.from_numpy(x).double()).numpy()           # torch's default: the erf form
+  np.testing.assert_allclose(np.asarray(exact_gelu(jnp.asarray(x))), expected, rtol=1e-6, atol=1e-6)
+  x_bf16 = torch.from_numpy(x).to(torch.bfloat16)
+  ours = np.asarray(exact_gelu(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32))
+  # Both compute in float32 and round once to bf16: at most one bf16 step apart (the two erf approximations
+  # can land on either side of a rounding boundary).
+  np.testing.assert_allclose(ours, F.gelu(x_bf16).float().numpy(), rtol=2**-7, atol=2e-5)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.models import tome
-from hico_jax.models.layers import Projection, constrain
+from hico_jax.models.layers import Projection, constrain, exact_gelu
 from hico_jax.models.qwen2 import DTYPES, Qwen2Config, Qwen2ForCausalLM
 from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.models.vit import UMTViT, ViTConfig
@@ -66,7 +66,7 @@ class Projector(nn.Module):
     width = x.shape[-1]
     x = Projection("nld,dh->nlh", (width, self.hidden_size), ("mlp", "embed"), ("embed",), self.dtype,
                    self.param_dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = exact_gelu(x)
     return Projection("nlh,hk->nlk", (self.hidden_size, self.hidden_size), ("mlp", "embed"), ("embed",),
                       self.dtype, self.param_dtype, name="fc2")(x)
 

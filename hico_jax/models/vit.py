@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from hico_jax.models import position_tables
-from hico_jax.models.layers import Projection, constrain, dataclass_from_dict, normal_init
+from hico_jax.models.layers import Projection, constrain, dataclass_from_dict, exact_gelu, normal_init
 from hico_jax.models.qwen2 import DTYPES, REMAT_POLICIES
 from hico_jax.ops import attention as attention_ops
 
@@ -91,7 +91,7 @@ class ViTBlock(nn.Module):
     h = norm("norm2")(x)
     h = Projection("bld,df->blf", (cfg.width, cfg.mlp_dim), ("embed", "mlp"), ("mlp",), dtype, param_dtype,
                    name="fc1")(h)
-    h = constrain(nn.gelu(h, approximate=False), ("act_clips", None, "act_mlp"))   # exact erf GELU
+    h = constrain(exact_gelu(h), ("act_clips", None, "act_mlp"))
     h = Projection("blf,fd->bld", (cfg.mlp_dim, cfg.width), ("mlp", "embed"), ("embed",), dtype, param_dtype,
                    name="fc2")(h)
     return constrain(x + h, ("act_clips", None, "act_emb")), None
