@@ -18,6 +18,7 @@ def get_config(arg=None):
   stage = arg or "stage2"
   model = presets.hico("tiny", dtype="float32", remat_policy="none")
   model.encode_chunk = 8
+  model.loss_chunk = 64      # rows of 512 tokens hold a few dozen answer tokens: the head skips the rest
   c = recipe.stage_config(stage, model, shards=f"{DATA}/shards", tokenizer_dir=f"{DATA}/tokenizer",
                           batch_size=4, total_steps={"stage1": 60, "stage2": 360}.get(stage, 200))
   # A tiny model from scratch learns at rates a pretrained one would not survive.

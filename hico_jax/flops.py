@@ -3,7 +3,8 @@ tools/flops.py).
 
 Model FLOPs count what the model needs, not what the hardware runs: rematerialised recompute is excluded,
 a matmul of (m, k) by (k, n) is 2·m·k·n, and causal attention counts only the unmasked half of the score
-and value products. Training (forward + backward) is 3 × forward.
+and value products. Training (forward + backward) is 3 × forward. In training the output head is needed only
+at supervised positions (the fused loss computes it nowhere else), so train counts take their number.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ def qwen2_matmul_params_per_token(c) -> int:
   return c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
 
 
-def qwen2_forward_flops(c, seq_len: int, batch: int = 1, causal: bool = True) -> float:
-  """Forward FLOPs for `batch` sequences of `seq_len` tokens."""
-  dense = 2 * qwen2_matmul_params_per_token(c) * seq_len
+def qwen2_forward_flops(c, seq_len: int, batch: int = 1, causal: bool = True, head_tokens: int | None = None) -> float:
+  """Forward FLOPs for `batch` sequences of `seq_len` tokens, the output head at `head_tokens` positions
+  of each (default: all)."""
+  head = c.hidden_size * c.vocab_size
+  head_tokens = seq_len if head_tokens is None else head_tokens
+  dense = 2 * (qwen2_matmul_params_per_token(c) - head) * seq_len + 2 * head * head_tokens
   pairs = seq_len * (seq_len + 1) / 2 if causal else seq_len * seq_len
   attention = c.num_layers * 2 * 2 * pairs * c.num_heads * c.head_dim   # scores and weighted values
   return batch * (dense + attention)
@@ -66,12 +70,13 @@ def mfu(flops: float, seconds: float, peak: float = H100_BF16_PEAK) -> float:
   return flops / seconds / peak
 
 
-def hico_train_flops(model_config, tokens: int, frames: int) -> float:
-  """Training FLOPs for one packed row of `tokens` LLM tokens and `frames` frames (3 x forward)."""
+def hico_train_flops(model_config, tokens: int, frames: int, supervised: int | None = None) -> float:
+  """Training FLOPs for one packed row of `tokens` LLM tokens, `supervised` of them with a target (default:
+  all), and `frames` frames (3 x forward)."""
   clips = frames // model_config.clip_frames
   vision = clips * umt_clip_forward_flops(model_config.vit, model_config.llm.hidden_size,
                                           model_config.tokens_per_clip)
-  return 3 * (vision + qwen2_forward_flops(model_config.llm, tokens))
+  return 3 * (vision + qwen2_forward_flops(model_config.llm, tokens, head_tokens=supervised))
 
 
 # The paper's Table 1 (VideoChat-Flash 7B, "estimated by the context length of the input LLM"), TFLOPs.

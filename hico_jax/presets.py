@@ -53,7 +53,7 @@ HICO_PRESETS = {
 
 
 def hico(name: str, **compute) -> ml_collections.ConfigDict:
-  """A composed HiCo preset: {vit, llm, tokens_per_clip, encode_chunk}. `compute` (dtype, param_dtype,
+  """A composed HiCo preset: {vit, llm, tokens_per_clip, encode_chunk, loss_chunk}. `compute` (dtype, param_dtype,
   remat_policy, attention_impl) applies to both towers."""
   if name not in HICO_PRESETS:
     raise ValueError(f"unknown HiCo preset {name!r}; known presets: {sorted(HICO_PRESETS)}")
@@ -68,4 +68,5 @@ def hico(name: str, **compute) -> ml_collections.ConfigDict:
       "llm": dict(llm(llm_name, **compute)),
       "tokens_per_clip": 64,
       "encode_chunk": 16,
+      "loss_chunk": 4096,
   })

@@ -53,3 +53,13 @@ def test_dropout_flops_equal_the_plain_count_when_nothing_drops_and_sum_stage_le
   per_layer = lambda n: (flops.qwen2_forward_flops(config, n) - head * n) / config.num_layers
   expected = 4 * per_layer(16128) + 14 * per_layer(12128) + 10 * per_layer(4128) + head * 4128
   assert flops.qwen2_dropout_forward_flops(config, card, 128, 16000) == pytest.approx(expected, rel=1e-12)
+
+
+def test_train_count_takes_the_output_head_only_at_supervised_positions():
+  config = HiCoConfig.from_dict(dict(presets.hico("hico_2b")))
+  llm = config.llm
+  every = flops.hico_train_flops(config, 4608, 256)
+  answers_only = flops.hico_train_flops(config, 4608, 256, supervised=512)
+  # 3 x forward of a (4608 - 512) x 1536 by 1536 x 151,936 product that the loss no longer computes.
+  assert every - answers_only == 3 * 2 * (4608 - 512) * llm.hidden_size * llm.vocab_size
+  assert flops.hico_train_flops(config, 4608, 256, supervised=4608) == every

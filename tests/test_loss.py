@@ -37,6 +37,33 @@ def test_fused_loss_value_and_grads_match_autodiff(length, chunk):
   assert np.all(np.asarray(dh)[np.asarray(weights) == 0] == 0)
 
 
+def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsupervised_states():
+  """Video rows: a few supervised answers among many unsupervised positions, a row with none and a row with
+  all. The fused loss moves each row's answers to its front and skips the chunks left empty; whatever the
+  unsupervised positions hold (NaN here) must not reach the loss or any gradient."""
+  rng = np.random.default_rng(7)
+  batch, length, dim, vocab = 4, 96, 16, 53
+  hidden = rng.normal(size=(batch, length, dim)).astype(np.float32)
+  kernel = jnp.asarray(rng.normal(size=(dim, vocab)) * 0.3, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, vocab, (batch, length)))
+  weights = np.zeros((batch, length), np.float32)
+  weights[0, [5, 40, 41, 90]] = 1.0            # scattered answers
+  weights[1, 60:75] = 1.0                      # one answer span late in the row
+  weights[3, :] = 1.0                          # every position (a text-only row)
+  poisoned = np.where(weights[..., None] > 0, hidden, np.nan)
+
+  def fused(h, k):
+    total, count = loss.linear_cross_entropy(h, k, labels, jnp.asarray(weights), 8)
+    return total / count
+
+  value, (dh, dk) = jax.value_and_grad(fused, argnums=(0, 1))(jnp.asarray(poisoned), kernel)
+  ref_value, (ref_dh, ref_dk) = jax.value_and_grad(_reference, argnums=(0, 1))(
+      jnp.asarray(hidden), kernel, labels, jnp.asarray(weights))
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  np.testing.assert_allclose(dh, ref_dh, atol=1e-6)
+  np.testing.assert_allclose(dk, ref_dk, atol=1e-6)
+
+
 def test_token_cross_entropy_matches_numpy():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(3, 11))

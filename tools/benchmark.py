@@ -241,7 +241,8 @@ def run_jax_train(case: dict) -> dict:
   compile_s = time.perf_counter() - compile_start
   times = _time(run, case["warmup"], case["iters"])
   stats = jax.devices()[0].memory_stats() or {}
-  return {"loss": loss, "tokens": length, "times": times, "compile_s": compile_s,
+  return {"loss": loss, "tokens": length, "supervised": int((batch["targets"] >= 0).sum()), "times": times,
+          "compile_s": compile_s,
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
 
 
@@ -299,7 +300,7 @@ def _summarise(result: dict) -> dict:
   if result["section"] == "train":
     from hico_jax.models.hico import HiCoConfig
     config = HiCoConfig.from_dict(dict(presets.hico(result["preset"])))
-    train_flops = flops.hico_train_flops(config, result["tokens"], result["frames"])
+    train_flops = flops.hico_train_flops(config, result["tokens"], result["frames"], result.get("supervised"))
     return {**result, "median_s": median, "tokens_per_s": result["tokens"] / median,
             "tflops_per_s": train_flops / median / 1e12, "mfu": flops.mfu(train_flops, median)}
   if result["section"] == "clip":

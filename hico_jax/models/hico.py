@@ -32,12 +32,14 @@ class HiCoConfig:
   llm: Qwen2Config
   tokens_per_clip: int = 64        # 16 per frame
   encode_chunk: int = 16           # clips per vision-tower step; bounds activation memory
+  loss_chunk: int = 4096           # positions per output-head step of the fused loss; chunks with no
+                                   # supervised position are skipped, so short rows want short chunks
   visual_dropout: VisualDropoutConfig | None = None   # progressive dropout inside the LLM; None: off
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "HiCoConfig":
     fields = dict(fields)
-    unknown = sorted(set(fields) - {"vit", "llm", "tokens_per_clip", "encode_chunk", "visual_dropout"})
+    unknown = sorted(set(fields) - {"vit", "llm", "tokens_per_clip", "encode_chunk", "loss_chunk", "visual_dropout"})
     if unknown:
       raise ValueError(f"unknown HiCo config field(s) {unknown}")
     dropout = fields.pop("visual_dropout", None)
@@ -151,7 +153,7 @@ class HiCo(nn.Module):
     return total / jnp.maximum(count, 1.0), {"loss_sum": total, "num_tokens": count}
 
   def loss_sums(self, input_ids, targets, video=None, *, segment_ids=None, positions=None, slots=None,
-                compact_lengths=None, chunk_size=4096):
+                compact_lengths=None):
     """(Σ CE, number of supervised tokens) for pre-shifted targets: targets[t] is the id that position t
     predicts, negative where nothing is supervised (the data pipeline shifts per sample before packing).
     The trainer sums both over micro-batches and the mesh before dividing. Visual dropout moves the
@@ -161,7 +163,7 @@ class HiCo(nn.Module):
     targets = aux.get("targets", targets)
     weights = targets >= 0
     return loss_ops.linear_cross_entropy(aux["hidden"], self.llm.head_kernel(), jnp.where(weights, targets, 0),
-                                         weights, chunk_size)
+                                         weights, self.config.loss_chunk)
 
 
 def check_video_shape(config: HiCoConfig, shape) -> None:

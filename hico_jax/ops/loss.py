@@ -5,6 +5,10 @@ no more than one chunk's logits exist at a time, and the head is never recompute
 has a chunk's logits in hand it also forms that chunk's gradient (softmax − one-hot) and pushes it through
 the head, so the backward pass only scales the stored gradients. Three head matmuls per chunk, like the
 unfused form, and none of its memory.
+
+Most positions of a video row supervise nothing (16·F visual tokens, the prompt), so each row's supervised
+positions are first moved to its front, in order, and a chunk in which no row has one is skipped: the head
+costs what the answers need, not what the row holds.
 """
 
 from __future__ import annotations
@@ -28,11 +32,17 @@ def linear_cross_entropy(hidden, kernel, labels, weights, chunk_size: int = 4096
 
   hidden (B, L, D) and kernel (D, V) in the compute dtype; labels, weights (B, L). The caller divides the
   two sums, after summing them across the whole mesh, to get the mean over supervised tokens. Gradients
-  flow to hidden and kernel (not to labels or weights).
+  flow to hidden and kernel (not to labels or weights). Positions of weight 0 contribute nothing whatever
+  their hidden state holds.
   """
   weights = weights.astype(jnp.float32)
   total = _fused_loss(hidden, kernel, labels, weights, min(chunk_size, hidden.shape[1]))
   return total, jnp.sum(weights)
+
+
+def _permute_rows(x, order):
+  """x (B, L, ...) with each row's positions taken in `order` (B, L)."""
+  return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _chunks(x, chunk_size):
@@ -45,22 +55,34 @@ def _chunks(x, chunk_size):
 
 
 def _loss_and_grads(hidden, kernel, labels, weights, chunk_size):
+  """On rows whose supervised positions come first: the loss sum and its gradients, chunk by chunk."""
   batch, length, dim = hidden.shape
 
-  def body(carry, xs):
-    total, kernel_grad = carry
-    h, y, w = xs
+  def chunk_loss_and_grads(h, y, w):
+    # Unsupervised positions (a chunk's tail) are zeroed, so no value of theirs reaches a sum or a gradient.
+    h = jnp.where((w > 0)[..., None], h, jnp.zeros((), h.dtype))
     logits = jnp.einsum("bld,dv->blv", h, kernel, preferred_element_type=jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     label_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-    total = total + jnp.sum((log_z - label_logit) * w)
+    total = jnp.sum((log_z - label_logit) * w)
     # d(Σ w·CE)/d logits = w · (softmax − one-hot)
     probs = jnp.exp(logits - log_z[..., None])
     is_label = jnp.arange(logits.shape[-1]) == y[..., None]   # fused by XLA, never a one-hot array
     logits_grad = (jnp.where(is_label, probs - 1.0, probs) * w[..., None]).astype(h.dtype)
     hidden_grad = jnp.einsum("blv,dv->bld", logits_grad, kernel, preferred_element_type=jnp.float32)
-    kernel_grad = kernel_grad + jnp.einsum("bld,blv->dv", h, logits_grad, preferred_element_type=jnp.float32)
-    return (total, kernel_grad), hidden_grad.astype(h.dtype)
+    kernel_grad = jnp.einsum("bld,blv->dv", h, logits_grad, preferred_element_type=jnp.float32)
+    return total, hidden_grad.astype(h.dtype), kernel_grad
+
+  def skip(h, y, w):
+    del y, w
+    return jnp.zeros((), jnp.float32), jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32)
+
+  def body(carry, xs):
+    total, kernel_grad = carry
+    h, y, w = xs
+    # Supervised positions come first in every row, so past the longest row's answers the chunks are empty.
+    chunk_total, hidden_grad, chunk_kernel_grad = jax.lax.cond(jnp.any(w > 0), chunk_loss_and_grads, skip, h, y, w)
+    return (total + chunk_total, kernel_grad + chunk_kernel_grad), hidden_grad
 
   init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
   (total, kernel_grad), hidden_grad = jax.lax.scan(
@@ -69,14 +91,25 @@ def _loss_and_grads(hidden, kernel, labels, weights, chunk_size):
   return total, (hidden_grad, kernel_grad.astype(kernel.dtype))
 
 
+def _supervised_first(hidden, labels, weights):
+  """Each row's supervised positions moved to its front, in order (argsort of a bool is stable)."""
+  order = jnp.argsort(weights <= 0, axis=1, stable=True)
+  return order, _permute_rows(hidden, order), _permute_rows(labels, order), _permute_rows(weights, order)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused_loss(hidden, kernel, labels, weights, chunk_size):
+  _, hidden, labels, weights = _supervised_first(hidden, labels, weights)
   return _loss_and_grads(hidden, kernel, labels, weights, chunk_size)[0]
 
 
 def _fused_loss_fwd(hidden, kernel, labels, weights, chunk_size):
-  total, grads = _loss_and_grads(hidden, kernel, labels, weights, chunk_size)
-  return total, (grads, labels, weights)
+  order, sorted_hidden, sorted_labels, sorted_weights = _supervised_first(hidden, labels, weights)
+  total, (hidden_grad, kernel_grad) = _loss_and_grads(sorted_hidden, kernel, sorted_labels, sorted_weights,
+                                                      chunk_size)
+  # Back to each row's original order: a gather by the inverse permutation, not a scatter.
+  hidden_grad = _permute_rows(hidden_grad, jnp.argsort(order, axis=1))
+  return total, ((hidden_grad, kernel_grad), labels, weights)
 
 
 def _fused_loss_bwd(chunk_size, residuals, total_grad):

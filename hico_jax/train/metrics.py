@@ -11,14 +11,18 @@ import jax
 from hico_jax import flops
 
 
-def train_flops(model_config, config, data_config) -> float:
-  """Model FLOPs of one step: every row filled to its token and frame budgets."""
-  per_row = flops.hico_train_flops(model_config, data_config.token_budget, data_config.frame_budget)
-  return per_row * config.batch_size
+def train_flops(model_config, config, data_config):
+  """supervised tokens of a step -> its model FLOPs, every row filled to its token and frame budgets and the
+  output head counted at the step's supervised positions (the only ones where the loss computes it)."""
+  rows = config.batch_size          # rows per optimizer step (micro-batches split them)
+  budget = lambda supervised: flops.hico_train_flops(model_config, data_config.token_budget,
+                                                     data_config.frame_budget, supervised=supervised)
+  head_per_token = budget(1) - budget(0)
+  return lambda supervised: rows * budget(0) + head_per_token * supervised
 
 
 class MetricWriter:
-  def __init__(self, workdir: str, *, total_steps: int, start_step: int, flops_per_step: float,
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int, flops_per_step,
                peak_flops_per_device: float = flops.H100_BF16_PEAK):
     self.total_steps, self.flops_per_step = total_steps, flops_per_step
     self.peak = peak_flops_per_device * jax.device_count()
@@ -36,7 +40,7 @@ class MetricWriter:
     values = dict(values)
     values["seconds_per_step"] = seconds_per_step
     values["tokens_per_s"] = values.get("tokens", 0.0) / seconds_per_step
-    values["mfu"] = self.flops_per_step / seconds_per_step / self.peak
+    values["mfu"] = self.flops_per_step(values.get("num_tokens", 0.0)) / seconds_per_step / self.peak
     eta = seconds_per_step * (self.total_steps - step)
     line = (f"step {step}/{self.total_steps} loss {values.get('loss', float('nan')):.4f} "
             f"grad_norm {values.get('grad_norm', float('nan')):.3f} {values['tokens_per_s']:,.0f} tok/s "
