@@ -509,3 +509,56 @@ def test_init_from_a_run_of_another_hidden_size_names_the_parameter_and_both_sha
   with pytest.raises(ValueError, match=r"init\.path .* parameter llm/embed_tokens/embedding has shape "
                                        r"\(151936, 32\), the configured model needs \(151936, 64\)"):
     trainer.train(config, str(tmp_path / "run"))
+
+
+def test_held_out_scores_equal_a_full_logits_recount(synthetic_data):
+  """evaluate_qa forms the head only at answer positions; recount its choice and exact scores from the
+  model's full logits, candidates drawn as it draws them, on a randomly initialised model (scores near chance,
+  so both outcomes occur)."""
+  from hico_jax.data import records, text
+  from hico_jax.train import evaluate
+  config = _trainer_config(synthetic_data)
+  config.eval.shards, config.eval.max_per_task = str(synthetic_data / "shards"), 1
+  data_config = pipeline.DataConfig.from_dict(dict(config.data))
+  model_config = HiCoConfig.from_dict(dict(config.model))
+  model = HiCo(model_config)
+  params = nn.unbox(model.init(jax.random.key(3), *init_inputs(model_config)))["params"]
+  ours = evaluate.evaluate_qa(model, params, config.eval, data_config)
+
+  tok = tokenizer.load_tokenizer(data_config.tokenizer_dir)
+  source = shards.MixedSource(config.eval.shards)
+  headers = [records.decode_record(source[i]) for i in range(len(source))]
+  distinct = {}
+  for header, _ in headers:
+    distinct.setdefault(header["dataset"], set()).add(header["conversations"][1]["value"].strip())
+  # Zero padding after a prompt changes none of its causal logits; one padded length, one compile.
+  padded_logits = jax.jit(lambda ids, frames: model.apply(
+      {"params": params}, ids[None], step_lib.normalize_frames(frames[None])[:, None])[0])
+  full_logits = lambda ids, frames: padded_logits(np.pad(ids, (0, 256 - len(ids))), frames)
+  rng, counts = np.random.default_rng(0), {}
+  for header, media in headers:
+    task = header["dataset"]
+    if counts.get(task, (0, 0, 0))[2] >= 1:
+      continue
+    question, answer = header["conversations"][:2]
+    raw, info = video_lib.decode_frames(media, mode=data_config.sampling, num_frames=data_config.num_frames,
+                                        min_frames=data_config.min_frames, max_frames=data_config.max_frames)
+    frames = video_lib.resize_frames(raw, data_config.image_size)
+    others = [a for a in sorted(distinct[task]) if a != answer["value"].strip()]
+    candidates = [answer["value"].strip()] + list(rng.choice(others, min(4, len(others)), replace=False))
+    totals, exact = [], False
+    for row, candidate in enumerate(candidates):
+      ids = np.asarray(text.encode_sample([question, {"from": "gpt", "value": candidate}], tok,
+                                          num_frames=len(frames), duration=info["duration"],
+                                          template=data_config.template)["input_ids"])
+      log_p = np.asarray(jax.nn.log_softmax(np.asarray(full_logits(ids, frames)[0], np.float64), axis=-1))
+      n = len(tok.encode(candidate))
+      end = len(ids) - 2                              # ... answer <|im_end|> \n
+      predicted_by = np.arange(end - n - 1, end - 1)
+      totals.append(log_p[predicted_by, ids[end - n:end]].sum())
+      exact = exact or (row == 0 and bool(np.all(log_p[predicted_by].argmax(-1) == ids[end - n:end])))
+    c, e, s = counts.get(task, (0, 0, 0))
+    counts[task] = (c + int(np.argmax(totals) == 0), e + int(exact), s + 1)
+  assert set(ours) == set(counts)
+  for task, (c, e, s) in counts.items():
+    assert (ours[task]["choice"], ours[task]["exact"], ours[task]["count"]) == (c / s, e / s, s), task

@@ -23,8 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "where the stage run dire
 _STAGES = flags.DEFINE_list("stages", ["stage1", "stage2"], "stages to run, in order")
 _STEPS = flags.DEFINE_integer("steps", None, "steps per stage (default: the config's)")
 _STAGE_CONFIG = flags.DEFINE_string("stage_config", "configs/tiny_synthetic.py", "config file with get_config(stage)")
-_TRAIN_VIDEOS = flags.DEFINE_integer("train_videos", 600, "synthetic training videos")
-_EVAL_VIDEOS = flags.DEFINE_integer("eval_videos", 200, "synthetic held-out videos")
+_TRAIN_VIDEOS = flags.DEFINE_integer("train_videos", 2000, "synthetic training videos")
+_EVAL_VIDEOS = flags.DEFINE_integer("eval_videos", 300, "synthetic held-out videos")
 
 
 def _load_config_module(path: str):
@@ -34,11 +34,12 @@ def _load_config_module(path: str):
   return module
 
 
-def prepare_data(root: str, train_videos: int, eval_videos: int, size: int):
-  """Synthetic train/eval sets, their shards and the tokenizer, each made only if missing."""
+def prepare_data(root: str, train_videos: int, eval_videos: int, size: int, **options):
+  """Synthetic train/eval sets, their shards and the tokenizer, each made only if missing. `options` go to
+  synthetic.make_dataset (fps and duration ranges)."""
   start = time.perf_counter()
   for name, count, seed in (("train", train_videos, 0), ("eval", eval_videos, 1)):
-    dataset = synthetic.make_dataset(os.path.join(root, name), num_videos=count, seed=seed, size=size)
+    dataset = synthetic.make_dataset(os.path.join(root, name), num_videos=count, seed=seed, size=size, **options)
     out = os.path.join(root, "shards" if name == "train" else "eval_shards")
     if not os.path.exists(os.path.join(out, shards.MANIFEST)) or not dataset.reused:
       report = shards.build(str(dataset), out, log=lambda _: None)
@@ -52,7 +53,8 @@ def main(argv):
   from hico_jax.train import evaluate, trainer
   module = _load_config_module(_STAGE_CONFIG.value)
   first = module.get_config(_STAGES.value[0])
-  prepare_data(module.DATA, _TRAIN_VIDEOS.value, _EVAL_VIDEOS.value, size=first.model.vit.image_size)
+  prepare_data(module.DATA, _TRAIN_VIDEOS.value, _EVAL_VIDEOS.value, size=first.model.vit.image_size,
+               **getattr(module, "SYNTHETIC", {}))
   previous, results = None, {}
   for stage in _STAGES.value:
     config = module.get_config(stage)

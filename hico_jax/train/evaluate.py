@@ -46,9 +46,14 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
   rng = np.random.default_rng(0)
 
   @jax.jit
-  def log_probs(params, ids, frames):
-    logits, _ = model.apply({"params": params}, ids, normalize_frames(frames)[:, None])
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  def answer_log_probs(params, ids, frames, where):
+    """log p over the vocabulary at the positions `where` (B, K) only: with a 152k vocabulary, the head over
+    every position of a prompt of 16·T visual tokens is most of an evaluation's work."""
+    _, aux = model.apply({"params": params}, ids, normalize_frames(frames)[:, None], return_logits=False)
+    hidden = jnp.take_along_axis(aux["hidden"], where[..., None], axis=1)
+    kernel = model.apply({"params": params}, method=lambda m: m.llm.head_kernel())
+    logits = jnp.einsum("bkd,dv->bkv", hidden, kernel, preferred_element_type=jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1)
 
   headers = [records.decode_record(source[i]) for i in range(len(source))]
   answers = collections.defaultdict(list)
@@ -74,21 +79,23 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
     encoded = [text.encode_sample([question, {"from": "gpt", "value": c}], tokenizer, num_frames=len(frames),
                                   duration=info["duration"], template=data_config.template)["input_ids"]
                for c in candidates]
+    spans = [_answer_span(ids, np.asarray(tokenizer.encode(c), np.int32), data_config.template)
+             for ids, c in zip(encoded, candidates)]
     length = _bucket(max(len(ids) for ids in encoded))
     batch = np.zeros((len(encoded), length), np.int32)
-    for row, ids in enumerate(encoded):
+    where = np.zeros((len(encoded), _bucket(max(end - start for start, end in spans), 16)), np.int32)
+    for row, (ids, (start, end)) in enumerate(zip(encoded, spans)):
       batch[row, :len(ids)] = ids
+      where[row, :end - start] = np.arange(start - 1, end - 1)     # position t predicts token t + 1
     clip = np.zeros((len(encoded), frame_budget, size, size, 3), np.uint8)
     clip[:, :len(frames)] = frames
-    scores = np.asarray(log_probs(params, jnp.asarray(batch), jnp.asarray(clip)))
+    scores = np.asarray(answer_log_probs(params, jnp.asarray(batch), jnp.asarray(clip), jnp.asarray(where)))
     likelihoods = []
-    for row, (ids, candidate) in enumerate(zip(encoded, candidates)):
-      start, end = _answer_span(ids, np.asarray(tokenizer.encode(candidate), np.int32), data_config.template)
-      token_scores = scores[row, np.arange(start - 1, end - 1), ids[start:end]]
-      likelihoods.append(token_scores.sum())
+    for row, (ids, (start, end)) in enumerate(zip(encoded, spans)):
+      answer_ids = ids[start:end]
+      likelihoods.append(scores[row, np.arange(end - start), answer_ids].sum())
       if row == 0:
-        greedy = scores[row, start - 1:end - 1].argmax(-1)
-        exact[task] += bool(np.all(greedy == ids[start:end]))
+        exact[task] += bool(np.all(scores[row, :end - start].argmax(-1) == answer_ids))
     choice[task] += int(np.argmax(likelihoods) == 0)
     seen[task] += 1
   return {task: {"choice": choice[task] / seen[task], "choice_chance": 1.0 / min(num_choices, len(distinct[task])),
