@@ -37,7 +37,8 @@ def test_fused_loss_value_and_grads_match_autodiff(length, chunk):
   assert np.all(np.asarray(dh)[np.asarray(weights) == 0] == 0)
 
 
-def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsupervised_states():
+@pytest.mark.parametrize("supervised_first", [True, False])
+def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsupervised_states(supervised_first):
   """Video rows: a few supervised answers among many unsupervised positions, a row with none and a row with
   all. The fused loss moves each row's answers to its front and skips the chunks left empty; whatever the
   unsupervised positions hold (NaN here) must not reach the loss or any gradient."""
@@ -53,7 +54,7 @@ def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsuperv
   poisoned = np.where(weights[..., None] > 0, hidden, np.nan)
 
   def fused(h, k):
-    total, count = loss.linear_cross_entropy(h, k, labels, jnp.asarray(weights), 8)
+    total, count = loss.linear_cross_entropy(h, k, labels, jnp.asarray(weights), 8, supervised_first)
     return total / count
 
   value, (dh, dk) = jax.value_and_grad(fused, argnums=(0, 1))(jnp.asarray(poisoned), kernel)

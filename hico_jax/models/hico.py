@@ -162,8 +162,9 @@ class HiCo(nn.Module):
                   targets=targets, slots=slots, compact_lengths=compact_lengths)
     targets = aux.get("targets", targets)
     weights = targets >= 0
+    # `slots` come with rows split over the seq axis: there the positions stay on their devices.
     return loss_ops.linear_cross_entropy(aux["hidden"], self.llm.head_kernel(), jnp.where(weights, targets, 0),
-                                         weights, self.config.loss_chunk)
+                                         weights, self.config.loss_chunk, supervised_first=slots is None)
 
 
 def check_video_shape(config: HiCoConfig, shape) -> None:

@@ -27,16 +27,18 @@ def token_cross_entropy(logits, labels):
   return log_z - label_logit
 
 
-def linear_cross_entropy(hidden, kernel, labels, weights, chunk_size: int = 4096):
+def linear_cross_entropy(hidden, kernel, labels, weights, chunk_size: int = 4096, supervised_first: bool = True):
   """(Σ weight·CE, Σ weight) of logits = hidden @ kernel, without materialising all logits.
 
   hidden (B, L, D) and kernel (D, V) in the compute dtype; labels, weights (B, L). The caller divides the
   two sums, after summing them across the whole mesh, to get the mean over supervised tokens. Gradients
   flow to hidden and kernel (not to labels or weights). Positions of weight 0 contribute nothing whatever
-  their hidden state holds.
+  their hidden state holds. supervised_first=False keeps every position where it is (chunks with nothing
+  supervised are still skipped): for rows split over the mesh's seq axis, where moving positions would
+  gather the whole hidden state onto every device.
   """
   weights = weights.astype(jnp.float32)
-  total = _fused_loss(hidden, kernel, labels, weights, min(chunk_size, hidden.shape[1]))
+  total = _fused_loss(hidden, kernel, labels, weights, min(chunk_size, hidden.shape[1]), supervised_first)
   return total, jnp.sum(weights)
 
 
@@ -55,7 +57,7 @@ def _chunks(x, chunk_size):
 
 
 def _loss_and_grads(hidden, kernel, labels, weights, chunk_size):
-  """On rows whose supervised positions come first: the loss sum and its gradients, chunk by chunk."""
+  """The loss sum and its gradients, chunk by chunk, skipping chunks where nothing is supervised."""
   batch, length, dim = hidden.shape
 
   def chunk_loss_and_grads(h, y, w):
@@ -80,7 +82,7 @@ def _loss_and_grads(hidden, kernel, labels, weights, chunk_size):
   def body(carry, xs):
     total, kernel_grad = carry
     h, y, w = xs
-    # Supervised positions come first in every row, so past the longest row's answers the chunks are empty.
+    # With supervised positions first in every row, the chunks past the longest row's answers are all empty.
     chunk_total, hidden_grad, chunk_kernel_grad = jax.lax.cond(jnp.any(w > 0), chunk_loss_and_grads, skip, h, y, w)
     return (total + chunk_total, kernel_grad + chunk_kernel_grad), hidden_grad
 
@@ -97,13 +99,15 @@ def _supervised_first(hidden, labels, weights):
   return order, _permute_rows(hidden, order), _permute_rows(labels, order), _permute_rows(weights, order)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_loss(hidden, kernel, labels, weights, chunk_size):
-  _, hidden, labels, weights = _supervised_first(hidden, labels, weights)
-  return _loss_and_grads(hidden, kernel, labels, weights, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_loss(hidden, kernel, labels, weights, chunk_size, supervised_first):
+  return _fused_loss_fwd(hidden, kernel, labels, weights, chunk_size, supervised_first)[0]
 
 
-def _fused_loss_fwd(hidden, kernel, labels, weights, chunk_size):
+def _fused_loss_fwd(hidden, kernel, labels, weights, chunk_size, supervised_first):
+  if not supervised_first:
+    total, grads = _loss_and_grads(hidden, kernel, labels, weights, chunk_size)
+    return total, (grads, labels, weights)
   order, sorted_hidden, sorted_labels, sorted_weights = _supervised_first(hidden, labels, weights)
   total, (hidden_grad, kernel_grad) = _loss_and_grads(sorted_hidden, kernel, sorted_labels, sorted_weights,
                                                       chunk_size)
@@ -112,7 +116,8 @@ def _fused_loss_fwd(hidden, kernel, labels, weights, chunk_size):
   return total, ((hidden_grad, kernel_grad), labels, weights)
 
 
-def _fused_loss_bwd(chunk_size, residuals, total_grad):
+def _fused_loss_bwd(chunk_size, supervised_first, residuals, total_grad):
+  del supervised_first
   (hidden_grad, kernel_grad), labels, weights = residuals
   scale = lambda g: (g.astype(jnp.float32) * total_grad).astype(g.dtype)
   # Integer labels take a float0 cotangent; weights are data, not parameters: no gradient.
