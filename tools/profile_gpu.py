@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Where a benchmark case's GPU time goes: kernel durations from a jax.profiler trace, summed by kind.
+
+  python tools/profile_gpu.py clip --preset hico_7b --frames 128
+  python tools/profile_gpu.py train --preset hico_2b --frames 64 --vit_remat full --show_hlo 6
+
+Runs the same case as tools/benchmark.py (same setup code), traces two steps after the warm-up and prints the
+per-step total by kind (GEMM, attention, elementwise fusions, ...) and the largest kernels. With --show_hlo N
+it also prints the HLO of the N largest non-GEMM, non-attention fusions, read from an XLA dump of the run:
+the fusion's name in the trace is the instruction's name in the optimised module. Timings here are for
+finding the largest costs; the figures we report come from tools/benchmark.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+KINDS = (  # first match wins; names as cuDNN, cuBLAS (nvjet, cutlass, xmma) and XLA's fusion emitter write them
+    ("attention", ("cudnn", "fmha", "sdpa", "flash")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("reduction fusion", ("reduce",)),
+    ("copy / transpose", ("transpose", "copy", "memcpy")),
+    ("gather / scatter / sort", ("gather", "scatter", "sort")),
+)
+
+
+def kind_of(kernel: str) -> str:
+  name = kernel.lower()
+  return next((kind for kind, marks in KINDS if any(m in name for m in marks)), "elementwise fusion")
+
+
+def kernel_times(trace_dir: str, steps: int) -> collections.Counter:
+  """Kernel name -> GPU nanoseconds per step, from the trace's device planes."""
+  import jax
+  path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+  per_kernel = collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    if plane.name.startswith("/device:GPU"):
+      for line in plane.lines:
+        for event in line.events:
+          per_kernel[event.name] += event.duration_ns / steps
+  return per_kernel
+
+
+def print_fusion_hlo(dump_dir: str, kernels: list[str]) -> None:
+  modules = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")), key=os.path.getsize)
+  text = open(modules[-1]).read()      # the step is the largest module
+  computations, current = {}, None
+  for line in text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if header:
+      current = header.group(1)
+      computations[current] = []
+    if current:
+      computations[current].append(line)
+  strip = lambda line: re.sub(r", metadata=\{[^}]*\}", "", line.strip())
+  for kernel in kernels:
+    instruction = next((l for l in text.splitlines() if re.search(rf"%{re.escape(kernel)} = ", l)), None)
+    if instruction is None:
+      continue
+    print(f"\n>>> {strip(instruction)[:300]}")
+    called = re.search(r"calls=%?([\w.\-]+)", instruction)
+    for line in computations.get(called.group(1), [])[:40] if called else []:
+      print("   ", strip(line)[:200])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("section", choices=["clip", "train"])
+  parser.add_argument("--preset", default="hico_7b")
+  parser.add_argument("--frames", type=int, default=128)
+  parser.add_argument("--vit_remat", default="full", help="train: the vision tower's remat policy")
+  parser.add_argument("--remat", default="dots_attn", help="train: the LLM's remat policy")
+  parser.add_argument("--text_tokens", type=int, default=512)
+  parser.add_argument("--top", type=int, default=25, help="largest kernels to list")
+  parser.add_argument("--show_hlo", type=int, default=0, help="print the HLO of this many largest fusions")
+  args = parser.parse_args()
+
+  dump_dir = tempfile.mkdtemp()
+  if args.show_hlo:   # before jax is imported: XLA reads its flags once
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir} "
+                               "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*").strip()
+  import jax
+  import benchmark
+
+  steps, trace_dir, found = 2, tempfile.mkdtemp(), {}
+
+  def traced_time(run, warmup, iters):
+    del iters
+    for _ in range(max(warmup, 1)):
+      run()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(steps):
+        run()
+    found["kernels"] = kernel_times(trace_dir, steps)
+    return [0.0]
+
+  benchmark._time = traced_time      # the benchmark's own case setup, timed by the tracer instead
+  case = dict(preset=args.preset, frames=args.frames, warmup=2, iters=1)
+  if args.section == "clip":
+    benchmark.run_jax_clip(case)
+  else:
+    benchmark.run_jax_train({**case, "remat": args.remat, "vit_remat": args.vit_remat,
+                             "text_tokens": args.text_tokens})
+
+  kernels = found["kernels"]
+  if not kernels:
+    sys.exit("no GPU kernels in the trace: this tool profiles GPU runs")
+  total = sum(kernels.values())
+  by_kind = collections.Counter()
+  for name, ns in kernels.items():
+    by_kind[kind_of(name)] += ns
+  print(f"{args.section} {args.preset} {args.frames} frames on {jax.devices()[0].device_kind}: "
+        f"{total / 1e6:.2f} ms of GPU kernels per step")
+  for kind, ns in by_kind.most_common():
+    print(f"  {kind:24s} {ns / 1e6:9.2f} ms {100 * ns / total:5.1f}%")
+  print("largest kernels (ms per step):")
+  for name, ns in kernels.most_common(args.top):
+    print(f"  {ns / 1e6:9.3f}  {kind_of(name):24s} {name[:100]}")
+  if args.show_hlo:
+    fusions = [n for n, _ in kernels.most_common() if kind_of(n) not in ("gemm", "attention")]
+    print_fusion_hlo(dump_dir, fusions[:args.show_hlo])
+
+
+if __name__ == "__main__":
+  main()
