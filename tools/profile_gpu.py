@@ -51,24 +51,20 @@ def kernel_times(trace_dir: str, steps: int) -> collections.Counter:
 
 
 def print_fusion_hlo(dump_dir: str, kernels: list[str]) -> None:
-  modules = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")), key=os.path.getsize)
-  text = open(modules[-1]).read()      # the step is the largest module
-  computations, current = {}, None
-  for line in text.splitlines():
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-    if header:
-      current = header.group(1)
-      computations[current] = []
-    if current:
-      computations[current].append(line)
+  """The optimised HLO of each fusion, from the largest dumped module that has an instruction of its name
+  (the step; init and warm-up programs are smaller)."""
+  paths = sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")), key=os.path.getsize, reverse=True)
+  modules = [open(path).read() for path in paths]
   strip = lambda line: re.sub(r", metadata=\{[^}]*\}", "", line.strip())
   for kernel in kernels:
-    instruction = next((l for l in text.splitlines() if re.search(rf"%{re.escape(kernel)} = ", l)), None)
-    if instruction is None:
+    pattern = re.compile(rf"^\s*(?:ROOT )?%{re.escape(kernel)} = .*$", re.MULTILINE)
+    text, found = next(((t, m) for t in modules for m in [pattern.search(t)] if m), (None, None))
+    if found is None:
       continue
-    print(f"\n>>> {strip(instruction)[:300]}")
-    called = re.search(r"calls=%?([\w.\-]+)", instruction)
-    for line in computations.get(called.group(1), [])[:40] if called else []:
+    print(f"\n>>> {strip(found.group(0))[:300]}")
+    called = re.search(r"calls=%?([\w.\-]+)", found.group(0))
+    body = re.search(rf"^%?{re.escape(called.group(1))} .*?^}}", text, re.MULTILINE | re.DOTALL) if called else None
+    for line in (body.group(0).splitlines()[:40] if body else []):
       print("   ", strip(line)[:200])
 
 
