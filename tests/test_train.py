@@ -78,17 +78,13 @@ def _build(mesh_config, optim_config, accumulation_steps=1):
   model_config = _small_model()
   mesh = sharding.make_mesh(mesh_config)
   model = HiCo(model_config)
+  built = trainer.init_train_state(model, model_config, optim_config, mesh, params=_initial_params())
+  state = built.state
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    abstract = jax.eval_shape(model.init, jax.random.key(0), *init_inputs(model_config))
-    param_shardings = sharding.logical_to_sharding(abstract, mesh)["params"]
-    abstract_params = sharding.unbox_abstract(abstract)["params"]
-    tx, schedules = optim.make_optimizer(optim_config, abstract_params)
-    frozen = optim.frozen_mask(abstract_params, optim_config.schedule)
-    params = jax.device_put(_initial_params(), param_shardings)
-    state = trainer._replicate_scalars(step_lib.init_state(params, tx), mesh)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    jitted = jax.jit(step_lib.make_train_step(model, tx, frozen, accumulation_steps=accumulation_steps,
-                                              schedules=schedules), out_shardings=(state_shardings, None))
+    jitted = jax.jit(step_lib.make_train_step(model, built.optimizer, built.frozen,
+                                              accumulation_steps=accumulation_steps, schedules=built.schedules),
+                     out_shardings=(state_shardings, None))
 
   def step(state, batch):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):

@@ -19,9 +19,9 @@ from hico_jax import VIDEO_TOKEN_ID, presets, sharding
 from hico_jax.data import pipeline
 from hico_jax.infer import generate as gen
 from hico_jax.models import qwen2, visual_dropout as vd
-from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+from hico_jax.models.hico import HiCo, HiCoConfig
 from hico_jax.ops import loss as loss_ops
-from hico_jax.train import optimizer as optim, step as step_lib
+from hico_jax.train import step as step_lib, trainer
 
 VOCAB = 320
 CARD = vd.VisualDropoutConfig(type="uniform0_attention", layers=(1, 2), ratios=(1.0, 0.75, 0.25))
@@ -248,15 +248,10 @@ def test_training_steps_with_dropout_on_an_8_device_mesh_reduce_the_loss_on_a_fi
   optim_config = ml_collections.ConfigDict(dict(
       optimizer="adamw", lr=3e-3, schedule_type="constant", warmup_ratio=0.0, total_steps=10, b1=0.9, b2=0.999,
       eps=1e-8, weight_decay=0.0, grad_clip=1.0, schedule=((".*", 1.0),)))
+  built = trainer.init_train_state(model, config, optim_config, mesh)
+  state = built.state
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    abstract = jax.eval_shape(model.init, jax.random.key(0), *init_inputs(config))
-    param_shardings = sharding.logical_to_sharding(abstract, mesh)["params"]
-    tx, _ = optim.make_optimizer(optim_config, sharding.unbox_abstract(abstract)["params"])
-    init = jax.jit(lambda rng: nn.unbox(model.init(rng, *init_inputs(config)))["params"],
-                   out_shardings=param_shardings)
-    state = step_lib.init_state(init(jax.random.key(0)), tx)
-    frozen = jax.tree.map(lambda _: False, state["params"])
-    step = jax.jit(step_lib.make_train_step(model, tx, frozen))
+    step = jax.jit(step_lib.make_train_step(model, built.optimizer, built.frozen))
     global_batch = pipeline.to_global(batch, mesh)
     losses = []
     for _ in range(6):

@@ -2,7 +2,7 @@
 
   python -m hico_jax.train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
 
-Sections: config and workdir; mesh; input pipeline; model and optimizer; shardings and state; the step;
+Sections: config and workdir; mesh; input pipeline; model, optimizer and sharded state; the step;
 checkpoint restore; the loop; evaluation. Config, paths and the fit of every number to the mesh are checked
 before anything compiles; an init checkpoint of another architecture fails before the first step.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import types
 
 from absl import logging
 import flax.linen as nn
@@ -53,21 +54,11 @@ def train(config, workdir: str) -> dict:
                                   process_count=jax.process_count(), seq_shards=seq_shards)
   data_iter = iter(dataset)
 
-  # ---------------------------------------------------------------------------------- model and optimizer
+  # ------------------------------------------------------------------ model, optimizer, sharded state
   model = HiCo(model_config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    abstract = jax.eval_shape(model.init, jax.random.key(config.seed), *init_inputs(model_config))
-    param_shardings = sharding.logical_to_sharding(abstract, mesh)["params"]
-    abstract_params = sharding.unbox_abstract(abstract)["params"]
-    tx, schedules = optim.make_optimizer(config.optim, abstract_params)
-    frozen = optim.frozen_mask(abstract_params, config.optim.schedule)
-
-    # ------------------------------------------------------------------------------ shardings and state
-    # Parameters are born sharded. The optimizer state is made eagerly from them, so each moment lands with
-    # its parameter's sharding; its counters (and the step) are replicated.
-    init_params = lambda rng: nn.unbox(model.init(rng, *init_inputs(model_config)))["params"]
-    params = jax.jit(init_params, out_shardings=param_shardings)(jax.random.key(config.seed))
-    state = _replicate_scalars(step_lib.init_state(params, tx), mesh)
+    built = init_train_state(model, model_config, config.optim, mesh, seed=config.seed)
+    state, tx, schedules, frozen = built.state, built.optimizer, built.schedules, built.frozen
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     # ---------------------------------------------------------------------------------------- the step
@@ -87,7 +78,7 @@ def train(config, workdir: str) -> dict:
       state = checkpointer.restore(start_step, abstract_target, data_iter)
       logging.info("resumed from step %d of %s", start_step, checkpointer.directory)
     elif config.init.get("path"):
-      state = init_weights.load_into_state(state, config.init, model_config, param_shardings)
+      state = init_weights.load_into_state(state, config.init, model_config, built.param_shardings)
       logging.info("initialised weights from %s", config.init.path)
     start_step = int(start_step or 0)
 
@@ -134,7 +125,28 @@ def train(config, workdir: str) -> dict:
   return results
 
 
-def _replicate_scalars(tree, mesh):
+def init_train_state(model, model_config, optim_config, mesh, *, seed: int = 0, params=None):
+  """The train state as train() makes it -> namespace(state, optimizer, schedules, frozen, param_shardings).
+
+  Parameters are born sharded by the logical rules (or, given `params`, placed with those shardings). The
+  optimizer state is made eagerly from them, so each moment lands with its parameter's sharding; its counters
+  (and the step) are replicated."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    abstract = jax.eval_shape(model.init, jax.random.key(seed), *init_inputs(model_config))
+    param_shardings = sharding.logical_to_sharding(abstract, mesh)["params"]
+    abstract_params = sharding.unbox_abstract(abstract)["params"]
+    tx, schedules = optim.make_optimizer(optim_config, abstract_params)
+    if params is None:
+      init_params = lambda rng: nn.unbox(model.init(rng, *init_inputs(model_config)))["params"]
+      params = jax.jit(init_params, out_shardings=param_shardings)(jax.random.key(seed))
+    else:
+      params = jax.device_put(params, param_shardings)
+    state = replicate_scalars(step_lib.init_state(params, tx), mesh)
+  return types.SimpleNamespace(state=state, optimizer=tx, schedules=schedules, param_shardings=param_shardings,
+                               frozen=optim.frozen_mask(abstract_params, optim_config.schedule))
+
+
+def replicate_scalars(tree, mesh):
   """Leaves that live on one device (counters made eagerly) -> replicated over the mesh."""
   replicated = sharding.replicated(mesh)
   return jax.tree.map(lambda x: jax.device_put(x, replicated)

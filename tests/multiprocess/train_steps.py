@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 
 from hico_jax import presets, sharding  # noqa: E402
 from hico_jax.data import pipeline  # noqa: E402
-from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs  # noqa: E402
-from hico_jax.train import optimizer as optim, step as step_lib  # noqa: E402
+from hico_jax.models.hico import HiCo, HiCoConfig  # noqa: E402
+from hico_jax.train import step as step_lib, trainer  # noqa: E402
 
 fields = presets.hico("tiny", dtype="float32", remat_policy="none")
 fields.vit.image_size, fields.llm.vocab_size, fields.encode_chunk = 64, 320, 4
@@ -45,17 +45,10 @@ local = {k: (v[process_id * per_process:(process_id + 1) * per_process] if np.nd
 
 optim_config = ml_collections.ConfigDict(dict(lr=1e-3, total_steps=10, warmup_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
                                               weight_decay=0.0, grad_clip=1.0, schedule=((".*", 1.0),)))
+built = trainer.init_train_state(model, config, optim_config, mesh)   # as the trainer makes it
+state = built.state
 with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-  abstract = jax.eval_shape(model.init, jax.random.key(0), *init_inputs(config))
-  shardings = sharding.logical_to_sharding(abstract, mesh)["params"]
-  params = jax.jit(lambda r: nn.unbox(model.init(r, *init_inputs(config)))["params"], out_shardings=shardings)(
-      jax.random.key(0))
-  tx, _ = optim.make_optimizer(optim_config, sharding.unbox_abstract(abstract)["params"])
-  frozen = jax.tree.map(lambda _: False, params)
-  state = step_lib.init_state(params, tx)
-  state = jax.tree.map(lambda x: jax.device_put(x, sharding.replicated(mesh))
-                       if isinstance(x.sharding, jax.sharding.SingleDeviceSharding) else x, state)
-  step = jax.jit(step_lib.make_train_step(model, tx, frozen))
+  step = jax.jit(step_lib.make_train_step(model, built.optimizer, built.frozen))
   global_batch = pipeline.to_global(local, mesh)
   losses = []
   for _ in range(3):
