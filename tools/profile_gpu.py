@@ -37,17 +37,20 @@ def kind_of(kernel: str) -> str:
   return next((kind for kind, marks in KINDS if any(m in name for m in marks)), "elementwise fusion")
 
 
-def kernel_times(trace_dir: str, steps: int) -> collections.Counter:
-  """Kernel name -> GPU nanoseconds per step, from the trace's device planes."""
+def kernel_times(trace_dir: str, steps: int) -> tuple[collections.Counter, collections.Counter]:
+  """Kernel name -> (GPU nanoseconds per step, launches per step), from the trace's device planes.
+
+  A fusion inside a scanned layer has one name for all its layers: its launches count the layers."""
   import jax
   path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-  per_kernel = collections.Counter()
+  per_kernel, launches = collections.Counter(), collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(path).planes:
     if plane.name.startswith("/device:GPU"):
       for line in plane.lines:
         for event in line.events:
           per_kernel[event.name] += event.duration_ns / steps
-  return per_kernel
+          launches[event.name] += 1 / steps
+  return per_kernel, launches
 
 
 def print_fusion_hlo(dump_dir: str, kernels: list[str]) -> None:
@@ -57,11 +60,13 @@ def print_fusion_hlo(dump_dir: str, kernels: list[str]) -> None:
   modules = [open(path).read() for path in paths]
   strip = lambda line: re.sub(r", metadata=\{[^}]*\}", "", line.strip())
   for kernel in kernels:
-    pattern = re.compile(rf"^\s*(?:ROOT )?%{re.escape(kernel)} = .*$", re.MULTILINE)
+    # The trace writes an instruction's numeric suffix with "_" where the HLO text has "." (fusion.12).
+    name = re.sub(r"_(\d+)$", r"[._]\1", re.escape(kernel))
+    pattern = re.compile(rf"^\s*(?:ROOT )?%{name} = .*$", re.MULTILINE)
     text, found = next(((t, m) for t in modules for m in [pattern.search(t)] if m), (None, None))
     if found is None:
       continue
-    print(f"\n>>> {strip(found.group(0))[:300]}")
+    print(f"\n>>> {strip(found.group(0))[:700]}")
     called = re.search(r"calls=%?([\w.\-]+)", found.group(0))
     body = re.search(rf"^%?{re.escape(called.group(1))} .*?^}}", text, re.MULTILINE | re.DOTALL) if called else None
     for line in (body.group(0).splitlines()[:40] if body else []):
@@ -78,9 +83,10 @@ def main():
   parser.add_argument("--text_tokens", type=int, default=512)
   parser.add_argument("--top", type=int, default=25, help="largest kernels to list")
   parser.add_argument("--show_hlo", type=int, default=0, help="print the HLO of this many largest fusions")
+  parser.add_argument("--dump_dir", default=None, help="with --show_hlo: keep XLA's dump here (default: a temp dir)")
   args = parser.parse_args()
 
-  dump_dir = tempfile.mkdtemp()
+  dump_dir = args.dump_dir or tempfile.mkdtemp()
   if args.show_hlo:   # before jax is imported: XLA reads its flags once
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir} "
                                "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*").strip()
@@ -96,7 +102,7 @@ def main():
     with jax.profiler.trace(trace_dir):
       for _ in range(steps):
         run()
-    found["kernels"] = kernel_times(trace_dir, steps)
+    found["kernels"], found["launches"] = kernel_times(trace_dir, steps)
     return [0.0]
 
   benchmark._time = traced_time      # the benchmark's own case setup, timed by the tracer instead
@@ -107,7 +113,7 @@ def main():
     benchmark.run_jax_train({**case, "remat": args.remat, "vit_remat": args.vit_remat,
                              "text_tokens": args.text_tokens})
 
-  kernels = found["kernels"]
+  kernels, launches = found["kernels"], found["launches"]
   if not kernels:
     sys.exit("no GPU kernels in the trace: this tool profiles GPU runs")
   total = sum(kernels.values())
@@ -118,9 +124,10 @@ def main():
         f"{total / 1e6:.2f} ms of GPU kernels per step")
   for kind, ns in by_kind.most_common():
     print(f"  {kind:24s} {ns / 1e6:9.2f} ms {100 * ns / total:5.1f}%")
-  print("largest kernels (ms per step):")
+  print("largest kernels: ms per step, launches per step, µs per launch")
   for name, ns in kernels.most_common(args.top):
-    print(f"  {ns / 1e6:9.3f}  {kind_of(name):24s} {name[:100]}")
+    calls = launches[name]
+    print(f"  {ns / 1e6:9.3f} {calls:6.0f} {ns / 1e3 / calls:9.1f}  {kind_of(name):20s} {name[:90]}")
   if args.show_hlo:
     fusions = [n for n, _ in kernels.most_common() if kind_of(n) not in ("gemm", "attention")]
     print_fusion_hlo(dump_dir, fusions[:args.show_hlo])
