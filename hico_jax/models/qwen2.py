@@ -29,29 +29,29 @@ from hico_jax.ops import rope
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-def _is_fused_attention_forward(prim, *_, **__):
-  """The cuDNN flash-attention forward primitive lives inside jax, out of reach of checkpoint_name; saving
-  its outputs (attention output and softmax statistics) spares the backward pass from re-running it."""
-  return prim.name.startswith("dot_product_attention_fwd")
+def _attention_outputs(prim, *args, **params):
+  """The attention's outputs: for cuDNN, its flash-attention forward primitive (output and softmax
+  statistics; it lives inside jax, out of reach of checkpoint_name), for the other implementations the value
+  ops/attention names. Keeping them spares the backward pass from re-running the attention forward."""
+  return (prim.name.startswith("dot_product_attention_fwd")
+          or jax.checkpoint_policies.save_only_these_names(attention_ops.OUTPUT_NAME)(prim, *args, **params))
 
 
 # What the backward pass may keep instead of recomputing, per decoder layer. "dots" keeps every projection
-# output (q, k, v, o, gate, up, down): most memory, least recompute; "dots_attn" also keeps the fused
-# attention's outputs, so nothing but elementwise work is recomputed. "qkv_attn" keeps the attention inputs
-# and output, recomputing the MLP. "attn" keeps only the attention outputs. "full" keeps only the layer input.
+# output (q, k, v, o, gate, up, down): most memory, least recompute; "dots_attn" also keeps the attention's
+# outputs, so nothing but elementwise work is recomputed. "qkv_attn" keeps the attention inputs and outputs,
+# recomputing the MLP. "attn" keeps only the attention outputs. "full" keeps only the layer input.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_attn": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        lambda prim, *a, **k: _is_fused_attention_forward(prim) or
-        jax.checkpoint_policies.save_only_these_names("attention_out")(prim, *a, **k)),
-    "qkv_attn": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attention_out"),
-    # Only the fused attention's outputs: for the vision tower at 448 px, where attention is a third of the
-    # FLOPs and saving every projection would not fit.
-    "attn": lambda prim, *a, **k: _is_fused_attention_forward(prim) or
-            jax.checkpoint_policies.save_only_these_names("attention_out")(prim, *a, **k),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _attention_outputs),
+    "qkv_attn": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names("query", "key", "value"), _attention_outputs),
+    # Only the attention's outputs: for the vision tower at 448 px, where attention is a third of the FLOPs
+    # and saving every projection would not fit.
+    "attn": _attention_outputs,
 }
 
 
@@ -163,8 +163,7 @@ class Attention(nn.Module):
     out = attention_ops.attention(
         q, keys, values, q_segment_ids=meta["segment_ids"], kv_segment_ids=kv_segment_ids, q_slots=q_slots,
         kv_slots=kv_slots, impl=self.config.attention_impl, block_impl=self.config.attention_block_impl)
-    out = checkpoint_name(constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim")),
-                          "attention_out")
+    out = constrain(out, ("act_batch", "act_len", "act_heads", "act_head_dim"))
     return self.o_proj(out), kv_cache
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from hico_jax.models import position_tables
 from hico_jax.models.layers import Projection, constrain, dataclass_from_dict, exact_gelu, normal_init
@@ -83,7 +82,7 @@ class ViTBlock(nn.Module):
     # BEiT-style biases: q and v only; k's bias is fixed at zero and is no parameter.
     q, k, v = qkv[:, :, 0] + bias("q_bias"), qkv[:, :, 1], qkv[:, :, 2] + bias("v_bias")
     out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, causal=False)
-    out = checkpoint_name(constrain(out, ("act_clips", None, "act_heads", "act_head_dim")), "attention_out")
+    out = constrain(out, ("act_clips", None, "act_heads", "act_head_dim"))
     out = Projection("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width), ("heads", "head_dim", "embed"),
                      ("embed",), dtype, param_dtype, name="proj")(out)
     x = x + out

@@ -24,9 +24,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = ("xla", "cudnn", "ring", "all_gather")
 BLOCK_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+# The name remat policies save the attention output by (models/qwen2.py REMAT_POLICIES). The cuDNN kernel
+# gets no name: its forward primitive is what the policies save there (output and softmax statistics), and a
+# name on the same output as well made the backward pass keep it twice (9.5 GB for the vision tower at 256
+# frames).
+OUTPUT_NAME = "attention_out"
 
 
 def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None, kv_slots=None,
@@ -56,9 +63,9 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None,
     impl = "cudnn" if block_impl == "cudnn" else "xla"
   if impl in ("ring", "all_gather"):
     from hico_jax.ops import ring_attention  # pylint: disable=import-outside-toplevel  # it imports us
-    return ring_attention.sharded_attention(
+    return checkpoint_name(ring_attention.sharded_attention(
         q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_slots=q_slots,
-        kv_slots=kv_slots, causal=causal, impl=impl, block_impl=block_impl)
+        kv_slots=kv_slots, causal=causal, impl=impl, block_impl=block_impl), OUTPUT_NAME)
   if impl == "cudnn" and q_slots is None and kv_slots is None and q.shape[1] == k.shape[1]:
     return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal)
   if impl == "cudnn" and kv_slots is not None:
@@ -66,7 +73,8 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None,
     # explicit mask instead (correct, but without the kernel's causal tile skipping).
     mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots)
     return cudnn_attention(q, k, v, None, None, False, mask=mask)
-  return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots)
+  return checkpoint_name(xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots),
+                         OUTPUT_NAME)
 
 
 def attention_mask(q_len, kv_len, q_segment_ids=None, kv_segment_ids=None, q_slots=None, causal=True,
