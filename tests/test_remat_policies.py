@@ -1,52 +1,22 @@
 """What each remat policy makes the backward pass keep, read from jax's own residual report.
 
 On CPU the attention is the XLA one, whose output the attention op names; the cuDNN kernel's forward
-primitive (what the policies keep on GPU instead of a name) is checked by tools/check_remat_gpu.py.
+primitive (what the policies keep on GPU instead of a name) is checked by tools/check_remat_gpu.py, whose
+block builders these tests share.
 """
 
 import collections
 
-import jax
-import jax.numpy as jnp
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
 
 from hico_jax.models import qwen2, vit
-from hico_jax.ops import rope
 from hico_jax.models.qwen2 import REMAT_POLICIES
+from tools.check_remat_gpu import decoder_layer_residuals, vision_block_residuals
 
 
-def _saved_names(f, *args) -> collections.Counter:
-  """How many residuals of each checkpoint name the backward pass of f keeps."""
-  names = collections.Counter()
-  for _, source in saved_residuals(f, *args):
-    if source.startswith("named '"):
-      names[source.split("'")[1]] += 1
-  return names
-
-
-def _vit_block_names(policy: str) -> collections.Counter:
-  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
-                         dtype="float32", remat_policy=policy)
-  block = jax.checkpoint(lambda params, x: vit.ViTBlock(config).apply(params, x, None)[0].sum(),
-                         policy=REMAT_POLICIES[policy], prevent_cse=False)
-  x = jax.random.normal(jax.random.key(0), (2, 16, 32))
-  params = vit.ViTBlock(config).init(jax.random.key(1), x, None)
-  return _saved_names(block, params, x)
-
-
-def _decoder_layer_names(policy: str) -> collections.Counter:
-  config = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                             num_kv_heads=2, head_dim=8, dtype="float32", remat_policy=policy)
-  length = 8
-  cos, sin = rope.rope_cos_sin(jnp.arange(length)[None], config.head_dim, config.rope_theta)
-  meta = {"cos": cos, "sin": sin, "segment_ids": None, "slots": None}
-  layer = qwen2.DecoderLayer(config)
-  x = jax.random.normal(jax.random.key(0), (1, length, 32))
-  params = layer.init(jax.random.key(1), x, meta, None)
-  f = jax.checkpoint(lambda params, x: layer.apply(params, x, meta, None)[0].sum(),
-                     policy=REMAT_POLICIES[policy], prevent_cse=False)
-  return _saved_names(f, params, x)
+def _names(residuals) -> collections.Counter:
+  """How many residuals of each checkpoint name the backward pass keeps."""
+  return collections.Counter(source.split("'")[1] for _, _, source in residuals if source.startswith("named '"))
 
 
 @pytest.mark.parametrize("policy, expected", [
@@ -55,7 +25,10 @@ def _decoder_layer_names(policy: str) -> collections.Counter:
     ("full", {}),
 ])
 def test_vision_block_keeps_its_attention_output_once(policy, expected):
-  assert _vit_block_names(policy) == collections.Counter(expected)
+  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
+                         dtype="float32", remat_policy=policy)
+  residuals, _ = vision_block_residuals(config)
+  assert _names(residuals) == collections.Counter(expected)
 
 
 @pytest.mark.parametrize("policy, expected", [
@@ -64,7 +37,10 @@ def test_vision_block_keeps_its_attention_output_once(policy, expected):
     ("full", {}),
 ])
 def test_decoder_layer_keeps_what_its_policy_names_once(policy, expected):
-  assert _decoder_layer_names(policy) == collections.Counter(expected)
+  config = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                             num_kv_heads=2, head_dim=8, dtype="float32", remat_policy=policy)
+  residuals, _ = decoder_layer_residuals(config, length=8)
+  assert _names(residuals) == collections.Counter(expected)
 
 
 class _Primitive:

@@ -26,8 +26,9 @@ from hico_jax.models.qwen2 import REMAT_POLICIES  # noqa: E402
 from hico_jax.ops import rope  # noqa: E402
 
 
-def residuals(f, *args) -> list[tuple[str, int, str]]:
-  """(shape, bytes, source) of every residual the backward pass of f keeps, the arguments left out."""
+def kept_residuals(f, *args) -> list[tuple[str, int, str]]:
+  """(shape, bytes, source) of every residual the backward pass of f keeps, the arguments left out. A source
+  reads "named 'query'", "output of dot_product_attention_fwd_wrapper", ..."""
   kept = []
   for aval, source in saved_residuals(f, *args):
     if not source.startswith("from the argument"):
@@ -35,28 +36,37 @@ def residuals(f, *args) -> list[tuple[str, int, str]]:
   return kept
 
 
-def vision_block(policy):
-  config = vit.ViTConfig(image_size=448, depth=1, remat_policy=policy, attention_impl="cudnn")
-  x = jax.random.normal(jax.random.key(0), (2, 4 * config.tokens_per_frame, config.width), jnp.bfloat16)
+def vision_block_residuals(config: vit.ViTConfig, clips: int = 2):
+  """What one remat'ed vision block keeps under config.remat_policy -> (residuals, attention output shape)."""
+  x = jax.random.normal(jax.random.key(0), (clips, config.clip_frames * config.tokens_per_frame, config.width),
+                        qwen2.DTYPES[config.dtype])
   params = vit.ViTBlock(config).init(jax.random.key(1), x, None)
   f = jax.checkpoint(lambda p, x: vit.ViTBlock(config).apply(p, x, None)[0].astype(jnp.float32).sum(),
-                     policy=REMAT_POLICIES[policy], prevent_cse=False)
-  return residuals(f, params, x), (2, x.shape[1], config.num_heads, config.head_dim)
+                     policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+  return kept_residuals(f, params, x), (clips, x.shape[1], config.num_heads, config.head_dim)
 
 
-def decoder_layer(policy):
-  config = qwen2.Qwen2Config(vocab_size=1024, hidden_size=1536, intermediate_size=8960, num_layers=1,
-                             num_heads=12, num_kv_heads=2, head_dim=128, remat_policy=policy,
-                             attention_impl="cudnn")
-  length = 2048
+def decoder_layer_residuals(config: qwen2.Qwen2Config, length: int):
+  """What one remat'ed decoder layer keeps under config.remat_policy -> (residuals, attention output shape)."""
   cos, sin = rope.rope_cos_sin(jnp.arange(length)[None], config.head_dim, config.rope_theta)
   meta = {"cos": cos, "sin": sin, "segment_ids": None, "slots": None}
-  x = jax.random.normal(jax.random.key(0), (1, length, config.hidden_size), jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (1, length, config.hidden_size), qwen2.DTYPES[config.dtype])
   layer = qwen2.DecoderLayer(config)
   params = layer.init(jax.random.key(1), x, meta, None)
   f = jax.checkpoint(lambda p, x: layer.apply(p, x, meta, None)[0].astype(jnp.float32).sum(),
-                     policy=REMAT_POLICIES[policy], prevent_cse=False)
-  return residuals(f, params, x), (1, length, config.num_heads, config.head_dim)
+                     policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+  return kept_residuals(f, params, x), (1, length, config.num_heads, config.head_dim)
+
+
+def vision_block(policy):
+  return vision_block_residuals(vit.ViTConfig(image_size=448, depth=1, remat_policy=policy,
+                                              attention_impl="cudnn"))
+
+
+def decoder_layer(policy):   # Qwen2.5-1.5B's layer
+  return decoder_layer_residuals(
+      qwen2.Qwen2Config(vocab_size=1024, hidden_size=1536, intermediate_size=8960, num_layers=1, num_heads=12,
+                        num_kv_heads=2, head_dim=128, remat_policy=policy, attention_impl="cudnn"), 2048)
 
 
 def main():

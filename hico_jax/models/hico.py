@@ -39,7 +39,7 @@ class HiCoConfig:
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "HiCoConfig":
     fields = dict(fields)
-    unknown = sorted(set(fields) - {"vit", "llm", "tokens_per_clip", "encode_chunk", "loss_chunk", "visual_dropout"})
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise ValueError(f"unknown HiCo config field(s) {unknown}")
     dropout = fields.pop("visual_dropout", None)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax

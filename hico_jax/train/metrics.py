@@ -17,8 +17,8 @@ def train_flops(model_config, config, data_config):
   rows = config.batch_size          # rows per optimizer step (micro-batches split them)
   budget = lambda supervised: flops.hico_train_flops(model_config, data_config.token_budget,
                                                      data_config.frame_budget, supervised=supervised)
-  head_per_token = budget(1) - budget(0)
-  return lambda supervised: rows * budget(0) + head_per_token * supervised
+  without_head, head_per_token = rows * budget(0), budget(1) - budget(0)
+  return lambda supervised: without_head + head_per_token * supervised
 
 
 class MetricWriter:
