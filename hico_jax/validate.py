@@ -72,6 +72,10 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
     problems += [line.strip() for line in str(e).splitlines()[1:]]
   if vit.num_heads % tensor:
     problems.append(f"model.vit.num_heads={vit.num_heads} is not divisible by mesh tensor={tensor}")
+  platforms = sorted({d.platform for d in mesh.devices.flat})
+  for field, gpu_kernel in (("attention_impl", "cudnn"), ("norm_impl", "pallas")):
+    if getattr(vit, field) == gpu_kernel and platforms != ["gpu"]:
+      problems.append(f"model.vit.{field}={gpu_kernel!r} runs on GPUs only; this mesh has {platforms} devices")
   if vit.width % (size.get("fsdp", 1) * seq):
     problems.append(f"model.vit.width={vit.width} is not divisible by mesh fsdp*seq={size.get('fsdp', 1) * seq}")
   if model_config.encode_chunk % clip_devices:

@@ -482,6 +482,16 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_config_error_before_anythi
     trainer.train(config, str(tmp_path / "run"))
 
 
+def test_gpu_kernels_for_the_vision_tower_on_cpu_are_a_config_error_before_anything_compiles(
+    synthetic_data, tmp_path, nothing_compiles):
+  config = _trainer_config(synthetic_data)
+  config.model.vit.attention_impl = "cudnn"
+  config.model.vit.norm_impl = "pallas"
+  with pytest.raises(ConfigError, match=r"(?s)vit\.attention_impl='cudnn' runs on GPUs only.*"
+                                        r"vit\.norm_impl='pallas' runs on GPUs only"):
+    trainer.train(config, str(tmp_path / "run"))
+
+
 def test_missing_init_path_is_named_before_the_step_compiles(synthetic_data, tmp_path, step_never_compiles):
   config = _trainer_config(synthetic_data)
   config.init.path = str(tmp_path / "no_such_run")

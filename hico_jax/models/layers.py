@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hico_jax.ops import layer_norm as layer_norm_ops
+
 
 def normal_init(names, std=0.02):
   """Normal(0, std) initialiser boxed with logical axis names (transformers' init for Qwen2 and UMT)."""
@@ -54,6 +56,27 @@ class Projection(nn.Module):
                         bias_shape, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+class LayerNorm(nn.Module):
+  """nn.LayerNorm's parameters (scale, bias over the last axis) and maths, through ops/layer_norm so that a
+  GPU run can take the one-pass Pallas kernels (impl="pallas"; shapes they do not take fall back to XLA).
+  rows_name: the logical name of x's leading axis, by which the kernels find their rows under a mesh."""
+  epsilon: float
+  dtype: Any
+  param_dtype: Any
+  impl: str = "xla"
+  rows_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (width,),
+                       self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (width,),
+                      self.param_dtype)
+    impl = self.impl if layer_norm_ops.pallas_supported(x.shape, self.rows_name) else "xla"
+    return layer_norm_ops.layer_norm(x, scale, bias, self.epsilon, impl, self.rows_name).astype(self.dtype)
 
 
 def dataclass_from_dict(cls, fields, what: str):

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from hico_jax.models import position_tables
-from hico_jax.models.layers import Projection, constrain, dataclass_from_dict, exact_gelu, normal_init
+from hico_jax.models.layers import LayerNorm, Projection, constrain, dataclass_from_dict, exact_gelu, normal_init
 from hico_jax.models.qwen2 import DTYPES, REMAT_POLICIES
 from hico_jax.ops import attention as attention_ops
+from hico_jax.ops import layer_norm as layer_norm_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ViTConfig:
   param_dtype: str = "float32"
   remat_policy: str = "full"
   attention_impl: str = "xla"
+  norm_impl: str = "xla"           # LayerNorm kernels: xla | pallas (GPU, ops/layer_norm.py)
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "ViTConfig":
@@ -47,6 +49,8 @@ class ViTConfig:
     if config.attention_impl not in ("xla", "cudnn"):
       # A clip's tokens are never split over the sequence axis (clips are), so there is no ring to run.
       raise ValueError(f"vision attention_impl={config.attention_impl!r} must be 'xla' or 'cudnn'")
+    if config.norm_impl not in layer_norm_ops.IMPLEMENTATIONS:
+      raise ValueError(f"vision norm_impl={config.norm_impl!r} is not one of {layer_norm_ops.IMPLEMENTATIONS}")
     return config
 
   @property
@@ -69,9 +73,7 @@ class ViTBlock(nn.Module):
   def __call__(self, x, _):
     cfg = self.config
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
-                                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+    norm = lambda name: LayerNorm(1e-6, dtype, param_dtype, cfg.norm_impl, "act_clips", name=name)
 
     h = norm("norm1")(x)
     # One fused projection for q, k and v (as the checkpoint stores them): one large matmul instead of three.
@@ -128,6 +130,5 @@ class UMTViT(nn.Module):
       block = nn.remat(ViTBlock, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
     x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth,
                    metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(x, None)
-    return nn.LayerNorm(epsilon=1e-12, dtype=dtype, param_dtype=param_dtype, name="vision_layernorm",
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
+    return LayerNorm(1e-12, dtype, param_dtype, cfg.norm_impl, "act_clips",
+                     name="vision_layernorm")(x)
