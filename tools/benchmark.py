@@ -209,6 +209,7 @@ def run_jax_train(case: dict) -> dict:
   fields = presets.hico(case["preset"], dtype="bfloat16", remat_policy=case["remat"],
                         attention_impl="cudnn" if on_gpu else "xla")
   fields.vit.remat_policy = case.get("vit_remat", case["remat"])
+  fields.vit.norm_impl = case.get("vit_norm", "xla")
   config = HiCoConfig.from_dict(dict(fields))
   model = HiCo(config)
   frames, visual = case["frames"], config.visual_tokens(case["frames"])
@@ -338,6 +339,7 @@ def _train_table(results: list[dict]) -> str:
   rows = ["| preset | frames | tokens | remat | step s | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     label = (f"| {r['preset']} | {r['frames']} | {r.get('tokens', '')} | vit {r.get('vit_remat')}, llm {r['remat']}"
+             f"{', Pallas LayerNorm' if r.get('vit_norm') == 'pallas' else ''}"
              f"{'' if r.get('options', True) else ', default XLA'} | ")
     if "error" in r:
       rows.append(label + f"{r['error']} | | | | |")
@@ -372,7 +374,7 @@ def _cases(args) -> list[dict]:
   timing = {"warmup": args.warmup, "iters": args.iters}
   if args.section == "train":
     return [{"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
-             "vit_remat": args.vit_remat, "options": not args.no_options, "text_tokens": args.text_tokens, **timing}
+             "vit_remat": args.vit_remat, "vit_norm": args.vit_norm, "options": not args.no_options, "text_tokens": args.text_tokens, **timing}
             for preset in args.presets for frames in args.frames for remat in args.remat]
   if args.section == "clip":
     return [{"section": "clip", "framework": framework, "preset": preset, "frames": frames, **timing}
@@ -401,6 +403,8 @@ def main():
                       help="data section: frames/s one GPU trains on (hico_2b @256 frames: 256 / step s)")
   parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row")
   parser.add_argument("--vit_remat", default="full", help="train section: the vision tower's remat policy")
+  parser.add_argument("--vit_norm", default="xla", choices=["xla", "pallas"],
+                      help="train section: the vision tower's LayerNorm kernels (ops/layer_norm.py)")
   parser.add_argument("--no_options", action="store_true", help="train section: default XLA options only")
   parser.add_argument("--presets", nargs="+", default=["qwen2_5_1_5b", "qwen2_7b"])
   parser.add_argument("--seq_lens", nargs="+", type=int, default=[4096, 16384])
