@@ -374,7 +374,8 @@ def _cases(args) -> list[dict]:
   timing = {"warmup": args.warmup, "iters": args.iters}
   if args.section == "train":
     return [{"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
-             "vit_remat": args.vit_remat, "vit_norm": args.vit_norm, "options": not args.no_options, "text_tokens": args.text_tokens, **timing}
+             "vit_remat": args.vit_remat, "vit_norm": args.vit_norm, "options": not args.no_options,
+             "text_tokens": args.text_tokens, **timing}
             for preset in args.presets for frames in args.frames for remat in args.remat]
   if args.section == "clip":
     return [{"section": "clip", "framework": framework, "preset": preset, "frames": frames, **timing}
