@@ -2,7 +2,7 @@
 """Where a benchmark case's GPU time goes: kernel durations from a jax.profiler trace, summed by kind.
 
   python tools/profile_gpu.py clip --preset hico_7b --frames 128
-  python tools/profile_gpu.py train --preset hico_2b --frames 64 --vit_remat full --show_hlo 6
+  python tools/profile_gpu.py train --preset hico_2b --frames 64 --vit_remat attn --vit_norm pallas --show_hlo 6
 
 Runs the same case as tools/benchmark.py (same setup code), traces two steps after the warm-up and prints the
 per-step total by kind (GEMM, attention, elementwise fusions, ...) and the largest kernels. With --show_hlo N
@@ -80,6 +80,7 @@ def main():
   parser.add_argument("--frames", type=int, default=128)
   parser.add_argument("--vit_remat", default="full", help="train: the vision tower's remat policy")
   parser.add_argument("--remat", default="dots_attn", help="train: the LLM's remat policy")
+  parser.add_argument("--vit_norm", default="xla", choices=["xla", "pallas"], help="train: the vision LayerNorms")
   parser.add_argument("--text_tokens", type=int, default=512)
   parser.add_argument("--top", type=int, default=25, help="largest kernels to list")
   parser.add_argument("--show_hlo", type=int, default=0, help="print the HLO of this many largest fusions")
@@ -111,7 +112,7 @@ def main():
     benchmark.run_jax_clip(case)
   else:
     benchmark.run_jax_train({**case, "remat": args.remat, "vit_remat": args.vit_remat,
-                             "text_tokens": args.text_tokens})
+                             "vit_norm": args.vit_norm, "text_tokens": args.text_tokens})
 
   kernels, launches = found["kernels"], found["launches"]
   if not kernels:
