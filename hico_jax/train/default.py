@@ -25,6 +25,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "steps per stage (default: the conf
 _STAGE_CONFIG = flags.DEFINE_string("stage_config", "configs/tiny_synthetic.py", "config file with get_config(stage)")
 _TRAIN_VIDEOS = flags.DEFINE_integer("train_videos", 2000, "synthetic training videos")
 _EVAL_VIDEOS = flags.DEFINE_integer("eval_videos", 300, "synthetic held-out videos")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the model's initialisation and of the training data's order "
+                             "(the synthetic videos themselves stay the same)")
 
 
 def _load_config_module(path: str):
@@ -62,6 +64,7 @@ def main(argv):
       if _STEPS.value:
         config.total_steps = _STEPS.value
       config.init.path = previous
+      config.seed = config.data.seed = _SEED.value
       config.eval.shards = config.eval.shards if stage == _STAGES.value[-1] else None
       config.export_hf = stage == _STAGES.value[-1]
     workdir = os.path.join(_WORKDIR.value, stage)
