@@ -99,6 +99,27 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[jax.Devi
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def ambient_axes(logical_name: str | None, divides: int | None = None) -> tuple[str, ...]:
+  """The axes of the ambient mesh (`jax.set_mesh`) that the active logical rules (or LOGICAL_RULES) give
+  `logical_name`, leaving out those the mesh lacks; with `divides`, trailing axes are dropped until their
+  product divides it, as sharding constraints drop them. () without a mesh or a name."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if logical_name is None or mesh.empty:
+    return ()
+  entry = nn.logical_to_mesh_axes((logical_name,), nn.get_logical_axis_rules() or LOGICAL_RULES)[0]
+  entry = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  axes = tuple(a for a in entry if a in mesh.shape)
+  while divides is not None and axes and divides % ambient_size(axes):
+    axes = axes[:-1]
+  return axes
+
+
+def ambient_size(axes: Sequence[str]) -> int:
+  """Devices along `axes` of the ambient mesh (1 for none)."""
+  shape = jax.sharding.get_abstract_mesh().shape
+  return math.prod(shape[a] for a in axes)
+
+
 def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
   """Logical PartitionSpecs (or boxed params) -> NamedShardings on `mesh`."""
   specs = nn.get_partition_spec(logical_tree)

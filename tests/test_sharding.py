@@ -61,6 +61,18 @@ def test_mesh_without_wildcard_whose_product_differs_from_the_devices_is_rejecte
     sharding.make_mesh([("fsdp", 4), ("tensor", 4)])
 
 
+def test_ambient_axes_follow_the_rules_on_the_mesh_in_use_and_drop_what_does_not_divide():
+  assert sharding.ambient_axes("act_clips") == ()                         # no mesh set
+  with jax.set_mesh(sharding.make_mesh([("data", 2), ("seq", 2), ("tensor", 2)])):
+    assert sharding.ambient_axes("act_clips") == ("data", "fsdp", "seq")  # the rule, in the rule's order
+    assert sharding.ambient_axes("act_clips", divides=6) == ("data", "fsdp")
+    assert sharding.ambient_axes("act_heads") == ("tensor",)
+    assert sharding.ambient_axes("act_emb") == () and sharding.ambient_axes(None) == ()
+    assert sharding.ambient_size(("data", "seq", "tensor")) == 8 and sharding.ambient_size(()) == 1
+    with nn.logical_axis_rules((("act_clips", "tensor"),)):             # rules in force win over the defaults
+      assert sharding.ambient_axes("act_clips") == ("tensor",)
+
+
 def test_mesh_with_non_positive_size_is_rejected_naming_it():
   with pytest.raises(ValueError, match=r"'fsdp' has size 0"):
     sharding.mesh_shape([("fsdp", 0), ("tensor", -1)], 8)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -48,7 +47,7 @@ BACKWARD_PROGRAMS = 528
 def pallas_supported(shape, rows_name: str | None = None) -> bool:
   """Whether the kernels take x of this shape, its rows split as `rows_name` splits them (see layer_norm)."""
   rows, width = math.prod(shape[:-1]), shape[-1]
-  devices = _mesh_size(_row_axes(shape[0], rows_name))
+  devices = sharding.ambient_size(_row_axes(shape[0], rows_name))
   return width & (width - 1) == 0 and width <= MAX_WIDTH and rows % (ROWS * devices) == 0
 
 
@@ -66,7 +65,7 @@ def layer_norm(x, scale, bias, epsilon: float, impl: str = "xla", rows_name: str
   row_axes = _row_axes(x.shape[0], rows_name)
   if not pallas_supported(x.shape, rows_name):
     raise ValueError(f"the Pallas LayerNorm takes a power-of-two width <= {MAX_WIDTH} and a multiple of "
-                     f"{ROWS} rows per device; got shape {x.shape} over {_mesh_size(row_axes)} devices")
+                     f"{ROWS} rows per device; got shape {x.shape} over {sharding.ambient_size(row_axes)} devices")
   rows = x.reshape(-1, x.shape[-1])
   y = _pallas_layer_norm(rows, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon, row_axes,
                          interpret)
@@ -74,24 +73,8 @@ def layer_norm(x, scale, bias, epsilon: float, impl: str = "xla", rows_name: str
 
 
 def _row_axes(leading: int, rows_name: str | None) -> tuple[str, ...]:
-  """The mesh axes x's leading axis is split over: those the logical rules give rows_name, as far as the
-  ambient mesh has them with more than one device and they divide it (as the sharding constraints drop
-  them)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if rows_name is None or mesh.empty:
-    return ()
-  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
-  entry = nn.logical_to_mesh_axes((rows_name,), rules)[0]
-  entry = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  axes = tuple(a for a in entry if mesh.shape.get(a, 1) > 1)
-  while axes and leading % _mesh_size(axes):
-    axes = axes[:-1]
-  return axes
-
-
-def _mesh_size(axes) -> int:
-  mesh = jax.sharding.get_abstract_mesh()
-  return math.prod(mesh.shape[a] for a in axes) if axes else 1
+  """The mesh axes x's leading axis is split over, without those of one device (no split, no shard_map)."""
+  return tuple(a for a in sharding.ambient_axes(rows_name, divides=leading) if sharding.ambient_size((a,)) > 1)
 
 
 def _xla_layer_norm(x, scale, bias, epsilon):

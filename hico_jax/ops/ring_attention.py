@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -77,26 +76,16 @@ def layout(q_shape, kv_shape, impl: str) -> Layout:
   if mesh.empty:
     raise ValueError(f"attention impl={impl!r} shards over a device mesh: call it under "
                      f"`with jax.set_mesh(mesh)` (hico_jax.sharding.make_mesh)")
-  rules = nn.get_logical_axis_rules() or sharding.LOGICAL_RULES
   shape = dict(mesh.shape)
-
-  def axes(spec, dim):
-    entry = spec[dim] if dim < len(spec) else None
-    entry = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return tuple(a for a in entry if a in shape)  # rules may name axes this mesh lacks
-
-  q_spec = nn.logical_to_mesh_axes(Q_AXES, rules)
-  kv_spec = nn.logical_to_mesh_axes(KV_AXES, rules)
+  axes = sharding.ambient_axes   # rules may name axes this mesh lacks: they are left out
   (batch, q_len, num_heads, _), (_, kv_len, num_kv_heads, _) = q_shape, kv_shape
-  size = lambda a: math.prod(shape[x] for x in a)
+  size = sharding.ambient_size
 
-  batch_axes = axes(q_spec, 0)
-  while batch_axes and batch % size(batch_axes):
-    batch_axes = batch_axes[:-1]
-  heads = axes(q_spec, 2)
-  if heads != axes(kv_spec, 2) or num_heads % size(heads) or num_kv_heads % size(heads):
+  batch_axes = axes(Q_AXES[0], divides=batch)
+  heads = axes(Q_AXES[2])
+  if heads != axes(KV_AXES[2]) or num_heads % size(heads) or num_kv_heads % size(heads):
     heads = ()
-  q_axes, kv_axes = axes(q_spec, 1), axes(kv_spec, 1)
+  q_axes, kv_axes = axes(Q_AXES[1]), axes(KV_AXES[1])
   if q_len % size(q_axes) or kv_len % size(kv_axes):
     raise ValueError(
         f"attention impl={impl!r}: the sequence axis {q_axes or kv_axes} of size {size(q_axes or kv_axes)} "
