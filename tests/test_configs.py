@@ -49,3 +49,23 @@ def test_stage_learning_rates_follow_the_reference():
   assert stage2.optim.lr == 1e-5 and dict(stage2.optim.schedule)["visual/vision_tower/.*"] == 0.2   # 2e-6
   assert _config("configs/hico_7b.py", "stage4").model.vit.image_size == 448
   assert _config("configs/hico_7b.py", "stage1").data.template == "plain"
+
+
+def test_sweep_overrides_reach_the_stage2_config():
+  """tools/sweep_default.py: dotted overrides land where named (lists become the tuples configs use), a data
+  root rewires shards, tokenizer and held-out shards together, and a misspelt key fails instead of being
+  ignored."""
+  spec = importlib.util.spec_from_file_location("sweep_default", "tools/sweep_default.py")
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  base = _config("configs/tiny_synthetic.py", "stage2")
+  config = sweep.stage2_config({"data": "/d", "model.llm.num_layers": 6, "optim.lr": 1e-3,
+                                "optim.schedule": [["visual/vision_tower/.*", 1.0], [".*", 1.0]]}, 3, 7)
+  assert config.model.llm.num_layers == 6 != base.model.llm.num_layers
+  assert config.optim.lr == 1e-3 and config.optim.schedule == (("visual/vision_tower/.*", 1.0), (".*", 1.0))
+  assert (config.data.shards, config.data.tokenizer_dir, config.eval.shards) == ("/d/shards", "/d/tokenizer",
+                                                                                   "/d/eval_shards")
+  assert (config.seed, config.data.seed, config.eval.max_per_task) == (3, 3, 7)
+  assert config.model.vit.width == base.model.vit.width            # what was not named stays the default's
+  with pytest.raises((AttributeError, KeyError)):
+    sweep.stage2_config({"model.llm.num_layer": 6}, 0, 1)

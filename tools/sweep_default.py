@@ -40,6 +40,8 @@ def stage2_config(overrides: dict, seed: int, eval_per_task: int):
     node = c
     for part in path:
       node = node[part]
+    if last not in node:      # ConfigDicts take new keys silently: a misspelt override would change nothing
+      raise KeyError(f"override {key!r}: the stage-2 config has no {last!r} there")
     node[last] = tuple(tuple(v) for v in value) if isinstance(value, list) else value
   c.seed = c.data.seed = seed
   c.eval.max_per_task = eval_per_task
