@@ -4,8 +4,8 @@
       --config.init.path=runs/tiny/stage1
 
 The whole sequence (data, stages, evaluation, export) is one command: python -m hico_jax.train.default
-Same code as the real presets, small sizes: UMT-like ViT of width 128 at 112 px, Qwen2-shaped decoder (4 layers) of
-width 64 with the real 151,936-token vocabulary.
+Same code as the real presets, small sizes: UMT-like ViT of width 128 at 112 px, Qwen2-shaped decoder of 4
+layers of width 64 with the real 151,936-token vocabulary.
 """
 
 from hico_jax import presets
@@ -23,10 +23,10 @@ def get_config(arg=None):
   stage = arg or "stage2"
   model = presets.hico("tiny", dtype="float32", remat_policy="none")
   model.encode_chunk = 8
-  # Four decoder layers, not the preset's two. Every task needs the answer position to pick a few visual tokens
-  # out of 256 (a small shape, the flash frames, the frames after a change); measured over the whole default
-  # (700 steps, 100 held-out questions a task, one H100, 2026-11-24), two layers averaged 26% over the five
-  # tasks for seeds 0-2 (chance 20%), four 47/50/29%, six 38/40%. Four cost ~20% more per step on the CPU.
+  # Four decoder layers, not the preset's two: every task needs the answer position to pick a few of 256
+  # visual tokens (a small shape, the flash frames, the frames after a change). Held-out choice accuracy
+  # averaged over the five tasks (chance 20%), seeds 0/1/2: two layers 28/23/28% and four 47/50/29% in a GPU
+  # sweep, 27/22/26% and 44/28/27% on the 2-core CPU (docs/default_run.md). Four cost ~20% more per CPU step.
   model.llm.num_layers = 4
   model.loss_chunk = 32      # rows of 512 tokens hold a few dozen supervised tokens: the head skips the rest
   c = recipe.stage_config(stage, model, shards=f"{DATA}/shards", tokenizer_dir=f"{DATA}/tokenizer",

@@ -1,5 +1,5 @@
-"""Tuning sweeps of the embedded default: many stage-2 runs of configs/tiny_synthetic.py at once, each with its
-own overrides and seed, each scored on the held-out questions; one JSON line per finished run.
+"""Tuning sweeps of the embedded default: many stage-2 runs of configs/tiny_synthetic.py at once, each with
+its own overrides and seed, each scored on the held-out questions; one JSON line per finished run.
 
   python tools/sweep_default.py runs.jsonl --parallel 6 --out sweep.jsonl
 
@@ -28,13 +28,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stage2_config(overrides: dict, seed: int, eval_per_task: int):
-  spec = importlib.util.spec_from_file_location("tiny_synthetic", os.path.join(REPO, "configs", "tiny_synthetic.py"))
+  """configs/tiny_synthetic.py's stage 2 with `overrides` ({"dotted.key": value, "data": root}) applied."""
+  path = os.path.join(REPO, "configs", "tiny_synthetic.py")
+  spec = importlib.util.spec_from_file_location("tiny_synthetic", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config("stage2")
   overrides = dict(overrides)
   root = overrides.pop("data", module.DATA)
-  c.data.shards, c.data.tokenizer_dir, c.eval.shards = f"{root}/shards", f"{root}/tokenizer", f"{root}/eval_shards"
+  c.data.shards, c.data.tokenizer_dir = f"{root}/shards", f"{root}/tokenizer"
+  c.eval.shards = f"{root}/eval_shards"
   for key, value in overrides.items():
     *path, last = key.split(".")
     node = c
