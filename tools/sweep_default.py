@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,16 +23,16 @@ import sys
 import tempfile
 import time
 
+from hico_jax.train import default
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stage2_config(overrides: dict, seed: int, eval_per_task: int):
   """configs/tiny_synthetic.py's stage 2 with `overrides` ({"dotted.key": value, "data": root}) applied."""
-  path = os.path.join(REPO, "configs", "tiny_synthetic.py")
-  spec = importlib.util.spec_from_file_location("tiny_synthetic", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = default.load_config_module(os.path.join(REPO, "configs", "tiny_synthetic.py"))
   c = module.get_config("stage2")
+  c.lock()        # as the trainer's --config.key=value flags do: a misspelt key fails instead of being added
   overrides = dict(overrides)
   root = overrides.pop("data", module.DATA)
   c.data.shards, c.data.tokenizer_dir = f"{root}/shards", f"{root}/tokenizer"
@@ -43,8 +42,6 @@ def stage2_config(overrides: dict, seed: int, eval_per_task: int):
     node = c
     for part in path:
       node = node[part]
-    if last not in node:      # ConfigDicts take new keys silently: a misspelt override would change nothing
-      raise KeyError(f"override {key!r}: the stage-2 config has no {last!r} there")
     node[last] = tuple(tuple(v) for v in value) if isinstance(value, list) else value
   c.seed = c.data.seed = seed
   c.eval.max_per_task = eval_per_task

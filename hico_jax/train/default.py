@@ -29,7 +29,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed of the model's initialisation and 
                              "(the synthetic videos themselves stay the same)")
 
 
-def _load_config_module(path: str):
+def load_config_module(path: str):
+  """A stage-config file (configs/*.py) as a module: its get_config(stage), DATA and SYNTHETIC."""
   spec = importlib.util.spec_from_file_location("stage_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -53,7 +54,7 @@ def prepare_data(root: str, train_videos: int, eval_videos: int, size: int, **op
 def main(argv):
   del argv
   from hico_jax.train import evaluate, trainer
-  module = _load_config_module(_STAGE_CONFIG.value)
+  module = load_config_module(_STAGE_CONFIG.value)
   first = module.get_config(_STAGES.value[0])
   prepare_data(module.DATA, _TRAIN_VIDEOS.value, _EVAL_VIDEOS.value, size=first.model.vit.image_size,
                **getattr(module, "SYNTHETIC", {}))
