@@ -37,11 +37,14 @@ def test_fused_loss_value_and_grads_match_autodiff(length, chunk):
   assert np.all(np.asarray(dh)[np.asarray(weights) == 0] == 0)
 
 
+@pytest.mark.parametrize("text_row", [True, False], ids=["with_text_row", "video_rows_only"])
 @pytest.mark.parametrize("supervised_first", [True, False])
-def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsupervised_states(supervised_first):
-  """Video rows: a few supervised answers among many unsupervised positions, a row with none and a row with
-  all. The fused loss moves each row's answers to its front and skips the chunks left empty; whatever the
-  unsupervised positions hold (NaN here) must not reach the loss or any gradient."""
+def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsupervised_states(supervised_first,
+                                                                                            text_row):
+  """Video rows: a few supervised answers among many unsupervised positions, a row with none and (with
+  `text_row`) a row with all. The fused loss moves each row's answers to its front (or not) and visits only
+  the chunks that hold one: without the text row, empty chunks lie between and after the visited ones.
+  Whatever the unsupervised positions hold (NaN here) must not reach the loss or any gradient."""
   rng = np.random.default_rng(7)
   batch, length, dim, vocab = 4, 96, 16, 53
   hidden = rng.normal(size=(batch, length, dim)).astype(np.float32)
@@ -50,7 +53,8 @@ def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsuperv
   weights = np.zeros((batch, length), np.float32)
   weights[0, [5, 40, 41, 90]] = 1.0            # scattered answers
   weights[1, 60:75] = 1.0                      # one answer span late in the row
-  weights[3, :] = 1.0                          # every position (a text-only row)
+  if text_row:
+    weights[3, :] = 1.0                        # every position (a text-only row)
   poisoned = np.where(weights[..., None] > 0, hidden, np.nan)
 
   def fused(h, k):

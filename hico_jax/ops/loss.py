@@ -57,7 +57,7 @@ def _chunks(x, chunk_size):
 
 
 def _loss_and_grads(hidden, kernel, labels, weights, chunk_size):
-  """The loss sum and its gradients, chunk by chunk, skipping chunks where nothing is supervised."""
+  """The loss sum and its gradients, chunk by chunk, visiting only the chunks where something is supervised."""
   batch, length, dim = hidden.shape
 
   def chunk_loss_and_grads(h, y, w):
@@ -75,20 +75,23 @@ def _loss_and_grads(hidden, kernel, labels, weights, chunk_size):
     kernel_grad = jnp.einsum("bld,blv->dv", h, logits_grad, preferred_element_type=jnp.float32)
     return total, hidden_grad.astype(h.dtype), kernel_grad
 
-  def skip(h, y, w):
-    del y, w
-    return jnp.zeros((), jnp.float32), jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32)
+  chunks = [_chunks(x, chunk_size) for x in (hidden, labels, weights)]      # each (C, B, c, ...)
+  # The loop runs over the chunks that hold a supervised position, in order, and no others: an empty chunk
+  # costs nothing, not even the zeros of a (D, V) gradient to add (with supervised positions first in every
+  # row, all chunks past the longest row's answers are empty).
+  nonempty = jnp.any(chunks[2] > 0, axis=(1, 2))
+  visit = jnp.argsort(~nonempty, stable=True)
 
-  def body(carry, xs):
-    total, kernel_grad = carry
-    h, y, w = xs
-    # With supervised positions first in every row, the chunks past the longest row's answers are all empty.
-    chunk_total, hidden_grad, chunk_kernel_grad = jax.lax.cond(jnp.any(w > 0), chunk_loss_and_grads, skip, h, y, w)
-    return (total + chunk_total, kernel_grad + chunk_kernel_grad), hidden_grad
+  def body(i, carry):
+    total, kernel_grad, hidden_grad = carry
+    index = visit[i]
+    h, y, w = (jax.lax.dynamic_index_in_dim(x, index, keepdims=False) for x in chunks)
+    chunk_total, chunk_hidden_grad, chunk_kernel_grad = chunk_loss_and_grads(h, y, w)
+    hidden_grad = jax.lax.dynamic_update_index_in_dim(hidden_grad, chunk_hidden_grad, index, 0)
+    return total + chunk_total, kernel_grad + chunk_kernel_grad, hidden_grad
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
-  (total, kernel_grad), hidden_grad = jax.lax.scan(
-      body, init, (_chunks(hidden, chunk_size), _chunks(labels, chunk_size), _chunks(weights, chunk_size)))
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32), jnp.zeros_like(chunks[0]))
+  total, kernel_grad, hidden_grad = jax.lax.fori_loop(0, jnp.sum(nonempty), body, init)
   hidden_grad = jnp.moveaxis(hidden_grad, 0, 1).reshape(batch, -1, dim)[:, :length]
   return total, (hidden_grad, kernel_grad.astype(kernel.dtype))
 
