@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from hico_jax.models import position_tables
-from hico_jax.models.layers import LayerNorm, Projection, constrain, dataclass_from_dict, exact_gelu, normal_init
+from hico_jax.models.layers import (LayerNorm, Projection, add_bias, constrain, dataclass_from_dict, exact_gelu,
+                                    normal_init)
 from hico_jax.models.qwen2 import DTYPES, REMAT_POLICIES
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import layer_norm as layer_norm_ops
@@ -66,6 +67,23 @@ class ViTConfig:
     return self.width // self.num_heads
 
 
+class QKVProjection(nn.Module):
+  """q, k and v from one (width, 3, heads, head_dim) kernel, as the checkpoint stores it, but as three
+  matmuls: each lands in the (B, L, heads, head_dim) layout the attention kernel reads, and the attention's
+  three input gradients feed three backward matmuls. One fused matmul would need its (B, L, 3, ...) output
+  split into q, k and v before the attention and the three gradients joined after it, full passes over the
+  activations that cost more than the larger matmul saves."""
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, h):
+    cfg = self.config
+    kernel = self.param("kernel", normal_init(("embed", None, "heads", "head_dim")),
+                        (cfg.width, 3, cfg.num_heads, cfg.head_dim), DTYPES[cfg.param_dtype])
+    kernel = kernel.astype(DTYPES[cfg.dtype])
+    return tuple(jnp.einsum("bld,dnh->blnh", h, kernel[:, i]) for i in range(3))
+
+
 class ViTBlock(nn.Module):
   config: ViTConfig
 
@@ -76,13 +94,11 @@ class ViTBlock(nn.Module):
     norm = lambda name: LayerNorm(1e-6, dtype, param_dtype, cfg.norm_impl, "act_clips", name=name)
 
     h = norm("norm1")(x)
-    # One fused projection for q, k and v (as the checkpoint stores them): one large matmul instead of three.
-    qkv = Projection("bld,dsnh->blsnh", (cfg.width, 3, cfg.num_heads, cfg.head_dim),
-                     ("embed", None, "heads", "head_dim"), None, dtype, param_dtype, name="qkv")(h)
+    q, k, v = QKVProjection(cfg, name="qkv")(h)
     bias = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
                                    (cfg.num_heads, cfg.head_dim), param_dtype).astype(dtype)
     # BEiT-style biases: q and v only; k's bias is fixed at zero and is no parameter.
-    q, k, v = qkv[:, :, 0] + bias("q_bias"), qkv[:, :, 1], qkv[:, :, 2] + bias("v_bias")
+    q, v = add_bias(q, bias("q_bias")), add_bias(v, bias("v_bias"))
     out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, causal=False)
     out = constrain(out, ("act_clips", None, "act_heads", "act_head_dim"))
     out = Projection("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width), ("heads", "head_dim", "embed"),
