@@ -210,6 +210,8 @@ def run_jax_train(case: dict) -> dict:
                         attention_impl="cudnn" if on_gpu else "xla")
   fields.vit.remat_policy = case.get("vit_remat", case["remat"])
   fields.vit.norm_impl = case.get("vit_norm", "xla")
+  fields.loss_chunk = case.get("loss_chunk", fields.loss_chunk)
+  fields.encode_chunk = case.get("encode_chunk") or fields.encode_chunk
   config = HiCoConfig.from_dict(dict(fields))
   model = HiCo(config)
   frames, visual = case["frames"], config.visual_tokens(case["frames"])
@@ -375,7 +377,8 @@ def _cases(args) -> list[dict]:
   if args.section == "train":
     return [{"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
              "vit_remat": args.vit_remat, "vit_norm": args.vit_norm, "options": not args.no_options,
-             "text_tokens": args.text_tokens, **timing}
+             "text_tokens": args.text_tokens, "loss_chunk": args.loss_chunk, "encode_chunk": args.encode_chunk,
+             **timing}
             for preset in args.presets for frames in args.frames for remat in args.remat]
   if args.section == "clip":
     return [{"section": "clip", "framework": framework, "preset": preset, "frames": frames, **timing}
@@ -416,7 +419,9 @@ def main():
   parser.add_argument("--param_dtype", default="float32", help="hico_jax master-weight dtype")
   parser.add_argument("--param_dtype_7b", default="bfloat16",
                       help="for 7B presets: fp32 weights plus fp32 grads (61 GB) leave no room on an 80 GB GPU")
-  parser.add_argument("--loss_chunk", type=int, default=4096, help="tokens per loss chunk")
+  parser.add_argument("--loss_chunk", type=int, default=4096, help="llm and train sections: positions per loss chunk")
+  parser.add_argument("--encode_chunk", type=int, default=None, help="train section: clips per vision-tower step "
+                      "(default: the preset's)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--timeout", type=int, default=900, help="seconds per case")

@@ -82,6 +82,7 @@ def main():
   parser.add_argument("--remat", default="dots_attn", help="train: the LLM's remat policy")
   parser.add_argument("--vit_norm", default="xla", choices=["xla", "pallas"], help="train: the vision LayerNorms")
   parser.add_argument("--text_tokens", type=int, default=512)
+  parser.add_argument("--encode_chunk", type=int, default=None, help="train: clips per vision-tower step")
   parser.add_argument("--top", type=int, default=25, help="largest kernels to list")
   parser.add_argument("--show_hlo", type=int, default=0, help="print the HLO of this many largest fusions")
   parser.add_argument("--dump_dir", default=None, help="with --show_hlo: keep XLA's dump here (default: a temp dir)")
@@ -112,7 +113,8 @@ def main():
     benchmark.run_jax_clip(case)
   else:
     benchmark.run_jax_train({**case, "remat": args.remat, "vit_remat": args.vit_remat,
-                             "vit_norm": args.vit_norm, "text_tokens": args.text_tokens})
+                             "vit_norm": args.vit_norm, "text_tokens": args.text_tokens,
+                             "encode_chunk": args.encode_chunk})
 
   kernels, launches = found["kernels"], found["launches"]
   if not kernels:
