@@ -52,6 +52,15 @@ HICO_PRESETS = {
 }
 
 
+def _encode_chunk(vision_attention: str) -> int:
+  """Clips per vision-tower step. Each step of the tower's loop carries its parameter gradients and stacks
+  its residuals: with cuDNN's attention, whose memory does not grow with the square of a clip's length, a
+  step takes 64 clips (one row of 256 frames on one H100: 1.646 -> 1.584 s, in no more memory;
+  docs/benchmarks.md). XLA's attention writes out every clip's scores (a 448 px clip: 16 x 3136^2, 315 MB
+  in bf16), so it keeps 16."""
+  return 64 if vision_attention == "cudnn" else 16
+
+
 def hico(name: str, **compute) -> ml_collections.ConfigDict:
   """A composed HiCo preset: {vit, llm, tokens_per_clip, encode_chunk, loss_chunk}. `compute` (dtype, param_dtype,
   remat_policy, attention_impl) applies to both towers."""
@@ -67,9 +76,6 @@ def hico(name: str, **compute) -> ml_collections.ConfigDict:
       "vit": {**VIT_PRESETS[vit_name], "image_size": image_size, **vit_compute},
       "llm": dict(llm(llm_name, **compute)),
       "tokens_per_clip": 64,
-      # 64 clips (256 frames) per vision-tower step: a train step at 256 frames runs the tower as one piece,
-      # 4% faster than in four steps of 16 and in no more memory (docs/benchmarks.md); longer videos and
-      # inference still go through it 64 clips at a time.
-      "encode_chunk": 64,
+      "encode_chunk": _encode_chunk(vit_compute["attention_impl"]),
       "loss_chunk": 4096,
   })

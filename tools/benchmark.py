@@ -210,7 +210,7 @@ def run_jax_train(case: dict) -> dict:
                         attention_impl="cudnn" if on_gpu else "xla")
   fields.vit.remat_policy = case.get("vit_remat", case["remat"])
   fields.vit.norm_impl = case.get("vit_norm", "xla")
-  fields.loss_chunk = case.get("loss_chunk", fields.loss_chunk)
+  fields.loss_chunk = case.get("loss_chunk") or fields.loss_chunk
   fields.encode_chunk = case.get("encode_chunk") or fields.encode_chunk
   config = HiCoConfig.from_dict(dict(fields))
   model = HiCo(config)
@@ -245,7 +245,7 @@ def run_jax_train(case: dict) -> dict:
   times = _time(run, case["warmup"], case["iters"])
   stats = jax.devices()[0].memory_stats() or {}
   return {"loss": loss, "tokens": length, "supervised": int((batch["targets"] >= 0).sum()), "times": times,
-          "compile_s": compile_s,
+          "compile_s": compile_s, "encode_chunk": config.encode_chunk, "loss_chunk": config.loss_chunk,
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
 
 
@@ -389,7 +389,7 @@ def _cases(args) -> list[dict]:
       for framework in args.frameworks:
         for remat in (args.remat if framework == "jax" else [None]):
           case = {"section": "llm", "framework": framework, "preset": preset, "seq_len": seq_len,
-                  "loss_chunk": args.loss_chunk, **timing}
+                  "loss_chunk": args.loss_chunk or 4096, **timing}
           if framework == "jax":
             case.update(remat=remat, xla_flags=os.environ.get("XLA_FLAGS", ""),
                         param_dtype=args.param_dtype_7b if "7b" in preset else args.param_dtype)
@@ -403,7 +403,7 @@ def main():
   parser.add_argument("--data_dir", default="/tmp/hico_data_bench", help="data section: where the videos go")
   parser.add_argument("--videos", type=int, default=12, help="data section: synthetic videos")
   parser.add_argument("--source_px", type=int, default=448, help="data section: synthetic video size")
-  parser.add_argument("--frames_per_gpu_s", type=float, default=139.0,
+  parser.add_argument("--frames_per_gpu_s", type=float, default=165.0,
                       help="data section: frames/s one GPU trains on (hico_2b @256 frames: 256 / step s)")
   parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row")
   parser.add_argument("--vit_remat", default="full", help="train section: the vision tower's remat policy")
@@ -419,7 +419,8 @@ def main():
   parser.add_argument("--param_dtype", default="float32", help="hico_jax master-weight dtype")
   parser.add_argument("--param_dtype_7b", default="bfloat16",
                       help="for 7B presets: fp32 weights plus fp32 grads (61 GB) leave no room on an 80 GB GPU")
-  parser.add_argument("--loss_chunk", type=int, default=4096, help="llm and train sections: positions per loss chunk")
+  parser.add_argument("--loss_chunk", type=int, default=None,
+                      help="positions per loss chunk (llm section: 4096; train section: the preset's)")
   parser.add_argument("--encode_chunk", type=int, default=None, help="train section: clips per vision-tower step "
                       "(default: the preset's)")
   parser.add_argument("--warmup", type=int, default=2)

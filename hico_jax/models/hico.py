@@ -31,8 +31,8 @@ class HiCoConfig:
   vit: ViTConfig
   llm: Qwen2Config
   tokens_per_clip: int = 64        # 16 per frame
-  encode_chunk: int = 64           # clips per vision-tower step; bounds the activation memory of inference,
-                                   # while in training each step costs (a loop carrying the tower's gradients)
+  encode_chunk: int = 16           # clips per vision-tower step; bounds activation memory, but in training
+                                   # each step also carries the tower's gradients (presets choose by kernel)
   loss_chunk: int = 4096           # positions per output-head step of the fused loss; chunks with no
                                    # supervised position are skipped, so short rows want short chunks
   visual_dropout: VisualDropoutConfig | None = None   # progressive dropout inside the LLM; None: off
