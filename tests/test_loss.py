@@ -28,7 +28,7 @@ def test_fused_loss_value_and_grads_match_autodiff(length, chunk):
     total, count = loss.linear_cross_entropy(h, k, labels, weights, chunk)
     return total / count
 
-  value, (dh, dk) = jax.value_and_grad(fused, argnums=(0, 1))(hidden, kernel)
+  value, (dh, dk) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(hidden, kernel)
   ref_value, (ref_dh, ref_dk) = jax.value_and_grad(_reference, argnums=(0, 1))(hidden, kernel, labels, weights)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(dh, ref_dh, atol=1e-6)
@@ -44,7 +44,8 @@ def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsuperv
   """Video rows: a few supervised answers among many unsupervised positions, a row with none and (with
   `text_row`) a row with all. The fused loss moves each row's answers to its front (or not) and visits only
   the chunks that hold one: without the text row, empty chunks lie between and after the visited ones.
-  Whatever the unsupervised positions hold (NaN here) must not reach the loss or any gradient."""
+  Whatever the unsupervised positions hold (NaN here) must not reach the loss or any gradient. Under jit, as
+  in training: there the number of chunks to visit is a traced value and the loop a while loop."""
   rng = np.random.default_rng(7)
   batch, length, dim, vocab = 4, 96, 16, 53
   hidden = rng.normal(size=(batch, length, dim)).astype(np.float32)
@@ -61,7 +62,7 @@ def test_sparse_supervision_in_many_chunks_matches_autodiff_and_ignores_unsuperv
     total, count = loss.linear_cross_entropy(h, k, labels, jnp.asarray(weights), 8, supervised_first)
     return total / count
 
-  value, (dh, dk) = jax.value_and_grad(fused, argnums=(0, 1))(jnp.asarray(poisoned), kernel)
+  value, (dh, dk) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(jnp.asarray(poisoned), kernel)
   ref_value, (ref_dh, ref_dk) = jax.value_and_grad(_reference, argnums=(0, 1))(
       jnp.asarray(hidden), kernel, labels, jnp.asarray(weights))
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
