@@ -78,9 +78,17 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
       problems.append(f"model.vit.{field}={gpu_kernel!r} runs on GPUs only; this mesh has {platforms} devices")
   if vit.width % (size.get("fsdp", 1) * seq):
     problems.append(f"model.vit.width={vit.width} is not divisible by mesh fsdp*seq={size.get('fsdp', 1) * seq}")
-  if model_config.encode_chunk % clip_devices:
-    problems.append(f"model.encode_chunk={model_config.encode_chunk} is not divisible by mesh data*fsdp*seq="
-                    f"{clip_devices} (each device encodes whole clips)")
+  # The tower's steps take min(encode_chunk, the micro-batch's clips) clips: rows carry data.frame_budget
+  # frames each, so a micro-batch smaller than one chunk is one step of all its clips.
+  micro_batch_clips = (config.batch_size // max(config.accumulation_steps, 1) * config.data.frame_budget
+                       // model_config.clip_frames)
+  step_clips = min(model_config.encode_chunk, micro_batch_clips) or model_config.encode_chunk
+  if step_clips % clip_devices:
+    what = (f"model.encode_chunk={step_clips}" if step_clips == model_config.encode_chunk else
+            f"a vision-tower step of {step_clips} clips (a micro-batch's clips, fewer than model.encode_chunk="
+            f"{model_config.encode_chunk})")
+    problems.append(f"{what} is not divisible by mesh data*fsdp*seq={clip_devices} (each device encodes whole "
+                    f"clips)")
   batch = config.batch_size
   if batch % rows:
     problems.append(f"batch_size={batch} is not divisible by mesh data*fsdp={rows}")

@@ -482,6 +482,18 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_config_error_before_anythi
     trainer.train(config, str(tmp_path / "run"))
 
 
+def test_micro_batch_with_fewer_clips_than_the_chunk_must_still_split_over_the_clip_devices(
+    synthetic_data, tmp_path, nothing_compiles):
+  """4 rows of one clip on (fsdp 4, seq 2): encode_chunk 8 divides over the 8 clip devices, but the tower's
+  one step takes the micro-batch's 4 clips."""
+  config = _trainer_config(synthetic_data)
+  config.mesh = (("fsdp", 4), ("seq", 2))
+  config.model.encode_chunk = 8
+  with pytest.raises(ConfigError, match=r"a vision-tower step of 4 clips \(a micro-batch's clips, fewer than "
+                                        r"model\.encode_chunk=8\) is not divisible by mesh data\*fsdp\*seq=8"):
+    trainer.train(config, str(tmp_path / "run"))
+
+
 def test_gpu_kernels_for_the_vision_tower_on_cpu_are_a_config_error_before_anything_compiles(
     synthetic_data, tmp_path, nothing_compiles):
   config = _trainer_config(synthetic_data)
