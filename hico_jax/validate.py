@@ -80,7 +80,7 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
     problems.append(f"model.vit.width={vit.width} is not divisible by mesh fsdp*seq={size.get('fsdp', 1) * seq}")
   # The tower's steps take min(encode_chunk, the micro-batch's clips) clips: rows carry data.frame_budget
   # frames each, so a micro-batch smaller than one chunk is one step of all its clips.
-  micro_batch_clips = (config.batch_size // max(config.accumulation_steps, 1) * config.data.frame_budget
+  micro_batch_clips = (config.batch_size // config.accumulation_steps * config.data.frame_budget
                        // model_config.clip_frames)
   step_clips = min(model_config.encode_chunk, micro_batch_clips) or model_config.encode_chunk
   if step_clips % clip_devices:

@@ -37,12 +37,9 @@ def stage2_config(overrides: dict, seed: int, eval_per_task: int):
   root = overrides.pop("data", module.DATA)
   c.data.shards, c.data.tokenizer_dir = f"{root}/shards", f"{root}/tokenizer"
   c.eval.shards = f"{root}/eval_shards"
-  for key, value in overrides.items():
-    *path, last = key.split(".")
-    node = c
-    for part in path:
-      node = node[part]
-    node[last] = tuple(tuple(v) for v in value) if isinstance(value, list) else value
+  # JSON brings lists; the configs hold tuples (a schedule is a tuple of (regex, scale) pairs).
+  c.update_from_flattened_dict({key: tuple(tuple(v) for v in value) if isinstance(value, list) else value
+                                for key, value in overrides.items()})
   c.seed = c.data.seed = seed
   c.eval.max_per_task = eval_per_task
   c.checkpoint.every = 10**9          # the final step's forced save only

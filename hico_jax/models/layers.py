@@ -64,7 +64,7 @@ class Projection(nn.Module):
       bias_shape = self.shape[len(self.shape) - len(self.bias_names):]
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names),
                         bias_shape, self.param_dtype)
-      y = add_bias(y, bias.astype(self.dtype))
+      y = add_bias(y, bias)
     return y
 
 
