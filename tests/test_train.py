@@ -474,6 +474,20 @@ def test_missing_data_path_is_named_before_anything_compiles(synthetic_data, tmp
     trainer.train(config, str(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("make,message", [
+    (lambda path: None, r"eval\.shards '.*eval_set' does not exist"),
+    (lambda path: path.mkdir(), r"no manifest\.json in shard directory '.*eval_set'"),
+], ids=["missing", "not_shards"])
+def test_bad_evaluation_set_is_named_before_anything_compiles(synthetic_data, tmp_path, nothing_compiles, make,
+                                                               message):
+  """The evaluation runs after the last step: a bad path found only then would cost the whole run."""
+  config = _trainer_config(synthetic_data)
+  make(tmp_path / "eval_set")
+  config.eval.shards = str(tmp_path / "eval_set")
+  with pytest.raises(FileNotFoundError, match=message):
+    trainer.train(config, str(tmp_path / "run"))
+
+
 def test_batch_that_does_not_split_over_the_mesh_is_a_config_error_before_anything_compiles(
     synthetic_data, tmp_path, nothing_compiles):
   config = _trainer_config(synthetic_data)

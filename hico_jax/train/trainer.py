@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from hico_jax import sharding, validate
-from hico_jax.data import pipeline
+from hico_jax.data import pipeline, shards
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.train import checkpoint as ckpt
 from hico_jax.train import evaluate, init_weights, metrics, optimizer as optim, step as step_lib
@@ -35,10 +35,13 @@ def train(config, workdir: str) -> dict:
     json.dump(config_json, f, indent=2)
   model_config = HiCoConfig.from_dict(dict(config.model))
   data_config = pipeline.DataConfig.from_dict(dict(config.data))
+  eval_shards = config.eval.get("shards") if config.get("eval") else None
   for path, what in ((data_config.shards, "data.shards"), (data_config.tokenizer_dir, "data.tokenizer_dir"),
-                     (config.init.get("path"), "init.path")):
+                     (config.init.get("path"), "init.path"), (eval_shards, "eval.shards")):
     if path and not os.path.exists(path):
       raise FileNotFoundError(f"{what} {path!r} does not exist")
+  if eval_shards:
+    shards.MixedSource(eval_shards)   # opened now: a bad evaluation set must not wait for the end of training
 
   # -------------------------------------------------------------------------------------------------- mesh
   # jax.distributed.initialize() has already run (launch/) when there are several processes.
