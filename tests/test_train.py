@@ -543,13 +543,16 @@ def test_init_from_a_run_of_another_hidden_size_names_the_parameter_and_both_sha
     trainer.train(config, str(tmp_path / "run"))
 
 
-def test_held_out_scores_equal_a_full_logits_recount(synthetic_data):
+@pytest.mark.parametrize("template", ["qwen_2", "plain"])
+def test_held_out_scores_equal_a_full_logits_recount(synthetic_data, template):
   """evaluate_qa forms the head only at answer positions; recount its choice and exact scores from the
   model's full logits, candidates drawn as it draws them, on a randomly initialised model (scores near chance,
-  so both outcomes occur)."""
+  so both outcomes occur). With stage 1's plain template the sample ends in the caption and a newline, one
+  piece of text, and training supervises both: the recount scores the tokens of caption + newline."""
   from hico_jax.data import records, text
   from hico_jax.train import evaluate
   config = _trainer_config(synthetic_data)
+  config.data.template = template
   config.eval.shards, config.eval.max_per_task = str(synthetic_data / "shards"), 1
   data_config = pipeline.DataConfig.from_dict(dict(config.data))
   model_config = HiCoConfig.from_dict(dict(config.model))
@@ -584,8 +587,10 @@ def test_held_out_scores_equal_a_full_logits_recount(synthetic_data):
                                           num_frames=len(frames), duration=info["duration"],
                                           template=data_config.template)["input_ids"])
       log_p = np.asarray(jax.nn.log_softmax(np.asarray(full_logits(ids, frames)[0], np.float64), axis=-1))
-      n = len(tok.encode(candidate))
-      end = len(ids) - 2                              # ... answer <|im_end|> \n
+      if template == "plain":                         # ... caption \n
+        n, end = len(tok.encode(candidate + "\n")), len(ids)
+      else:                                           # ... answer <|im_end|> \n
+        n, end = len(tok.encode(candidate)), len(ids) - 2
       predicted_by = np.arange(end - n - 1, end - 1)
       totals.append(log_p[predicted_by, ids[end - n:end]].sum())
       exact = exact or (row == 0 and bool(np.all(log_p[predicted_by].argmax(-1) == ids[end - n:end])))
@@ -594,3 +599,4 @@ def test_held_out_scores_equal_a_full_logits_recount(synthetic_data):
   assert set(ours) == set(counts)
   for task, (c, e, s) in counts.items():
     assert (ours[task]["choice"], ours[task]["exact"], ours[task]["count"]) == (c / s, e / s, s), task
+    assert ours[task]["skipped"] == 0, task

@@ -28,16 +28,24 @@ def _bucket(length: int, multiple: int = 128) -> int:
   return int(math.ceil(length / multiple) * multiple)
 
 
-def _answer_span(ids, answer_ids, template):
-  end = len(ids) - (1 if template == "plain" else 2)     # ... {answer}<|im_end|>\n  |  {caption}\n
+def _answer_span(ids, answer: str, tokenizer, template: str) -> tuple[int, int]:
+  """[start, end) of the answer's tokens in an encoded sample. qwen_2 ends "{answer}<|im_end|>\n", the
+  special token keeping the answer's tokens apart; plain ends "{caption}\n" tokenised as one piece, so the
+  newline can merge with the caption's last character (".\n" is one token) and is scored with it, as
+  training supervises it."""
+  if template == "plain":
+    answer_ids, end = tokenizer.encode(answer + "\n"), len(ids)
+  else:
+    answer_ids, end = tokenizer.encode(answer), len(ids) - 2
   start = end - len(answer_ids)
-  if not np.array_equal(ids[start:end], answer_ids):
-    raise ValueError("answer tokens are not where the template puts them")
+  if not np.array_equal(ids[start:end], np.asarray(answer_ids, np.int32)):
+    raise ValueError(f"the answer {answer!r} is not where the {template} template puts it")
   return start, end
 
 
 def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
-  """{task: {"choice", "choice_chance", "exact", "exact_chance", "count"}} over eval_config.shards."""
+  """{task: {"choice", "choice_chance", "exact", "exact_chance", "count", "skipped"}} over
+  eval_config.shards; "skipped" counts the records whose video did not decode."""
   tokenizer = load_tokenizer(data_config.tokenizer_dir)
   source = shards.MixedSource(eval_config.shards)
   max_per_task = eval_config.get("max_per_task", 10**9)
@@ -61,7 +69,7 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
     answers[header["dataset"]].append(header["conversations"][1]["value"].strip())
   distinct = {task: sorted(set(values)) for task, values in answers.items()}
 
-  choice, exact, seen = collections.Counter(), collections.Counter(), collections.Counter()
+  choice, exact, seen, skipped = (collections.Counter() for _ in range(4))
   for header, media in headers:
     task = header["dataset"]
     if seen[task] >= max_per_task:
@@ -71,7 +79,8 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
       raw, info = video.decode_frames(media, mode=data_config.sampling, num_frames=data_config.num_frames,
                                       min_frames=data_config.min_frames, max_frames=data_config.max_frames,
                                       start=header.get("start"), end=header.get("end"))
-    except ValueError:
+    except ValueError:   # a video that does not decode: counted and reported, not scored
+      skipped[task] += 1
       continue
     frames = video.resize_frames(raw, size)[:frame_budget]
     others = [a for a in distinct[task] if a != answer["value"].strip()]
@@ -79,8 +88,7 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
     encoded = [text.encode_sample([question, {"from": "gpt", "value": c}], tokenizer, num_frames=len(frames),
                                   duration=info["duration"], template=data_config.template)["input_ids"]
                for c in candidates]
-    spans = [_answer_span(ids, np.asarray(tokenizer.encode(c), np.int32), data_config.template)
-             for ids, c in zip(encoded, candidates)]
+    spans = [_answer_span(ids, c, tokenizer, data_config.template) for ids, c in zip(encoded, candidates)]
     length = _bucket(max(len(ids) for ids in encoded))
     batch = np.zeros((len(encoded), length), np.int32)
     where = np.zeros((len(encoded), _bucket(max(end - start for start, end in spans), 16)), np.int32)
@@ -98,9 +106,10 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
         exact[task] += bool(np.all(scores[row, :end - start].argmax(-1) == answer_ids))
     choice[task] += int(np.argmax(likelihoods) == 0)
     seen[task] += 1
-  return {task: {"choice": choice[task] / seen[task], "choice_chance": 1.0 / min(num_choices, len(distinct[task])),
-                 "exact": exact[task] / seen[task], "exact_chance": 1.0 / max(len(distinct[task]), 1),
-                 "count": seen[task]} for task in sorted(seen)}
+  score = lambda hits, task: hits[task] / seen[task] if seen[task] else float("nan")
+  return {task: {"choice": score(choice, task), "choice_chance": 1.0 / min(num_choices, len(distinct[task])),
+                 "exact": score(exact, task), "exact_chance": 1.0 / max(len(distinct[task]), 1),
+                 "count": seen[task], "skipped": skipped[task]} for task in sorted(set(seen) | set(skipped))}
 
 
 def format_results(results: dict) -> str:
@@ -108,4 +117,7 @@ def format_results(results: dict) -> str:
   for task, r in results.items():
     lines.append(f"{task:22s} {100 * r['choice']:7.1f}% {100 * r['choice_chance']:7.1f}% "
                  f"{100 * r['exact']:7.1f}% {100 * r['exact_chance']:7.1f}% {r['count']:4d}")
+  skipped = {task: r["skipped"] for task, r in results.items() if r.get("skipped")}
+  if skipped:
+    lines.append("not scored, the video did not decode: " + ", ".join(f"{t} {n}" for t, n in skipped.items()))
   return "\n".join(lines)
