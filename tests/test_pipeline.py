@@ -296,6 +296,35 @@ def _write_dataset(shard_dir, name, encoded):
     json.dump(manifest, f)
 
 
+@pytest.mark.parametrize("vlen", [9, 10, 12])
+def test_every_sample_brings_whole_clips_even_where_the_reference_count_is_not(built, tmp_path, vlen):
+  """middle sampling with a floor above a video's length takes every frame (the reference's rule), a count
+  that need not be whole 4-frame clips; the sample is padded with its last frame, so it never shares a clip
+  with the next sample of its row, and its placeholders cover the padded frames."""
+  config = _config(built, sampling="middle", num_frames=4, min_frames=64, max_frames=64)
+  rng = np.random.default_rng(vlen)
+  # Flat frames of distinct grey levels: the codec keeps them apart, and each decoded frame is recognisable.
+  levels = rng.permutation(np.arange(20, 240, 10))[:vlen]
+  written = np.broadcast_to(levels[:, None, None, None], (vlen, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
+  path = synthetic.write_video(tmp_path / "odd.mp4", written, fps=4)
+  turns = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Grey."}]
+  sample = pipeline.DecodeSample(config).map(records.encode_record(
+      {"id": "odd", "dataset": "extra", "media_type": "video", "conversations": turns}, path.read_bytes()))
+  assert not sample["skip"]
+  frames = sample["frames"]
+  assert len(frames) == -(-vlen // 4) * 4
+  grey = frames.reshape(len(frames), -1).mean(axis=1)
+  np.testing.assert_allclose(grey[:vlen], levels, atol=4.9)        # every frame, in order, once (levels 10 apart)
+  np.testing.assert_allclose(grey[vlen:], grey[vlen - 1])           # then copies of the last
+  assert np.sum(sample["input_ids"] == VIDEO_TOKEN_ID) == TOKENS_PER_FRAME * len(frames)
+
+
+def test_frame_counts_off_whole_clips_are_config_errors(built):
+  for field, value in (("num_frames", 6), ("max_frames", 10), ("frame_budget", 18)):
+    with pytest.raises(ValueError, match=rf"data\.{field}={value} must be a multiple of 4"):
+      _config(built, sampling="middle", **{"num_frames": 4, field: value})
+
+
 def test_records_failing_at_decode_time_are_skipped_and_counted(built, reference):
   good_keys, good_samples = reference
   shard_dir = str(built["root"] / "shards_with_bad_records")

@@ -9,7 +9,8 @@
            with segment ids and per-sample positions
   batch    this host's rows; zig-zag reordered along the sequence when the mesh has a seq axis
 
-Each row's frames are its samples' frames one after another (every sample brings a multiple of 4), so the
+Each row's frames are its samples' frames one after another (every sample brings whole clips of 4: the config
+asks for whole clips and `video.whole_clips` pads the counts the reference leaves odd), so the
 k-th video placeholder of a row is the k-th visual token of the row's clips: exactly what HiCo.embed does.
 Targets are shifted here, per sample, before packing: targets[t] is the label of token t + 1, so no
 target ever crosses into the next sample, and zig-zag reordering cannot break the shift.
@@ -59,8 +60,12 @@ class DataConfig:
       fields["strategies"] = tuple(tuple(x) for x in (fields["strategies"].items() if isinstance(
           fields["strategies"], dict) else fields["strategies"]))
     config = cls(**fields)
-    if config.frame_budget % 4:
-      raise ValueError(f"data.frame_budget={config.frame_budget} must be a multiple of 4 (whole clips)")
+    # Whole clips of 4 frames (the model encodes clip by clip): the row's budget, and the counts a sample asks
+    # for. min_frames is only a floor (stage 2's is 1); video.whole_clips pads a count the floor leaves odd.
+    for name, value in (("frame_budget", config.frame_budget), ("num_frames", config.num_frames or 4),
+                        ("max_frames", max(config.max_frames, 4))):
+      if value % 4:
+        raise ValueError(f"data.{name}={value} must be a multiple of 4 (whole clips)")
     if config.packing not in ("first_fit", "best_fit"):
       raise ValueError(f"data.packing={config.packing!r} is not first_fit or best_fit")
     return config
@@ -97,7 +102,7 @@ class DecodeSample(grain.transforms.Map):
         raw, info = video.decode_frames(media, mode=cfg.sampling, num_frames=cfg.num_frames,
                                         min_frames=cfg.min_frames, max_frames=cfg.max_frames,
                                         start=header.get("start"), end=header.get("end"))
-        frames = video.resize_frames(raw, cfg.image_size)
+        frames = video.whole_clips(video.resize_frames(raw, cfg.image_size))
         num_frames, duration = len(frames), info["duration"]
         if num_frames > cfg.frame_budget:
           raise text.SampleTooLongError(f"{num_frames} frames exceed data.frame_budget={cfg.frame_budget}")

@@ -74,7 +74,8 @@ def frame_indices(
     """Indices (into a video of `vlen` frames at `fps`) that the reference samples; int64, sorted.
 
     `dynamic_fps1` takes about one frame a second in whole clips of `clip_frames`, between `min_frames` and
-    `max_frames` (`max_frames <= 0`: no cap); `num_frames` is ignored there, as in the reference.
+    `max_frames` (`max_frames <= 0`: no cap; a cap or floor off whole clips gives a count off them, as in the
+    reference); `num_frames` is ignored there, as in the reference.
     `middle` takes `max(num_frames, min_frames)` frames, one from the middle of each equal segment. Either
     way, asking for more frames than the video has repeats its last sampled frame.
     """
@@ -365,6 +366,21 @@ def _check_count(name: str, decoded: int, declared: int | None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # UMTImageProcessor
 # ----------------------------------------------------------------------------------------------------------
+
+
+def whole_clips(frames: np.ndarray, clip_frames: int = 4) -> np.ndarray:
+    """`frames` (T, ...) padded with copies of the last frame to a whole number of clips.
+
+    The model encodes a sample's frames clip by clip, and a packed row holds its samples' frames back to back:
+    a sample that ended mid-clip would share its last clip with the next sample. `frame_indices` keeps the
+    reference's counts, which are whole clips except where the reference could not have trained either
+    (`middle` sampling of a video shorter than `min_frames`: the floor becomes its frame count). Padding with
+    the last frame is what the reference does when it asks for more frames than a video has.
+    """
+    extra = -len(frames) % clip_frames
+    if not len(frames) or not extra:
+        return frames
+    return np.concatenate([frames, np.repeat(frames[-1:], extra, axis=0)])
 
 
 def resize_frames(frames_uint8: np.ndarray, size: int) -> np.ndarray:

@@ -82,7 +82,7 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
     except ValueError:   # a video that does not decode: counted and reported, not scored
       skipped[task] += 1
       continue
-    frames = video.resize_frames(raw, size)[:frame_budget]
+    frames = video.whole_clips(video.resize_frames(raw, size))[:frame_budget]
     others = [a for a in distinct[task] if a != answer["value"].strip()]
     candidates = [answer["value"].strip()] + list(rng.choice(others, min(num_choices - 1, len(others)), replace=False))
     encoded = [text.encode_sample([question, {"from": "gpt", "value": c}], tokenizer, num_frames=len(frames),
