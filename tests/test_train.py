@@ -488,6 +488,37 @@ def test_bad_evaluation_set_is_named_before_anything_compiles(synthetic_data, tm
     trainer.train(config, str(tmp_path / "run"))
 
 
+def test_the_step_compiles_with_the_benchmarks_options_for_its_rows(synthetic_data, tmp_path, monkeypatch):
+  """The trainer asks ops/xla_options for the options of its rows (frame budget, the text the token budget
+  leaves), as tools/benchmark.py does for the figures it reports."""
+  from hico_jax.ops import xla_options
+  asked = []
+
+  class Reached(Exception):
+    pass
+
+  def record(model_config, frames_per_row, text_tokens_per_row):
+    asked.append((model_config.vit.image_size, frames_per_row, text_tokens_per_row))
+    raise Reached
+  monkeypatch.setattr(xla_options, "train_compiler_options", record)
+  config = _trainer_config(synthetic_data)
+  with pytest.raises(Reached):
+    trainer.train(config, str(tmp_path / "run"))
+  assert asked == [(SIZE, FRAMES, 160 - 16 * FRAMES)]
+
+
+def test_vision_heavy_rows_compile_without_tritons_gemms_on_gpus(monkeypatch):
+  """docs/benchmarks.md: XLA's Triton GEMMs run the ViT's projections at a third of cuBLAS's rate, while the
+  decoder is faster with them; so the option follows which part of the row has most of the FLOPs."""
+  from hico_jax.ops import xla_options
+  model = HiCoConfig.from_dict(dict(presets.hico("hico_2b")))
+  monkeypatch.setattr(xla_options.jax, "default_backend", lambda: "gpu")
+  assert xla_options.train_compiler_options(model, 256, 512) == {"xla_gpu_enable_triton_gemm": False}
+  assert xla_options.train_compiler_options(model, 4, 16384) == {}
+  monkeypatch.setattr(xla_options.jax, "default_backend", lambda: "tpu")
+  assert xla_options.train_compiler_options(model, 256, 512) == {}
+
+
 def test_batch_that_does_not_split_over_the_mesh_is_a_config_error_before_anything_compiles(
     synthetic_data, tmp_path, nothing_compiles):
   config = _trainer_config(synthetic_data)
