@@ -68,8 +68,9 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
   llm, vit = model_config.llm, model_config.vit
   try:
     validate(type(config)({"model": dict(llm.__dict__)}), mesh)
-  except ConfigError as e:
-    problems += [line.strip() for line in str(e).splitlines()[1:]]
+  except ConfigError as e:   # its reasons, without the header line; a single-line error is its own reason
+    lines = str(e).splitlines()
+    problems += [line.strip() for line in (lines[1:] or lines)]
   if vit.num_heads % tensor:
     problems.append(f"model.vit.num_heads={vit.num_heads} is not divisible by mesh tensor={tensor}")
   platforms = sorted({d.platform for d in mesh.devices.flat})
@@ -107,5 +108,10 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
     problems.append(f"data.image_size={config.data.image_size} differs from model.vit.image_size={vit.image_size}")
   if config.total_steps < 1:
     problems.append(f"total_steps={config.total_steps} must be >= 1")
+  from hico_jax.train.optimizer import OPTIMIZERS, SCHEDULE_TYPES  # pylint: disable=import-outside-toplevel
+  optim = config.get("optim") or {}
+  for field, default, allowed in (("optimizer", "adamw", OPTIMIZERS), ("schedule_type", "cosine", SCHEDULE_TYPES)):
+    if optim.get(field, default) not in allowed:
+      problems.append(f"optim.{field}={optim.get(field)!r} is not one of {allowed}")
   if problems:
     raise ConfigError("config does not fit the mesh " + str(size) + ":\n  " + "\n  ".join(problems))

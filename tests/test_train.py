@@ -519,6 +519,16 @@ def test_vision_heavy_rows_compile_without_tritons_gemms_on_gpus(monkeypatch):
   assert xla_options.train_compiler_options(model, 256, 512) == {}
 
 
+@pytest.mark.parametrize("field,value", [("optimizer", "adam"), ("schedule_type", "linear")])
+def test_misspelt_optimizer_or_schedule_is_a_config_error_before_anything_compiles(
+    synthetic_data, tmp_path, nothing_compiles, field, value):
+  """Before, anything but "sgd" ran AdamW and anything but "constant" ran the cosine schedule."""
+  config = _trainer_config(synthetic_data)
+  config.optim[field] = value
+  with pytest.raises(ConfigError, match=rf"optim\.{field}='{value}' is not one of"):
+    trainer.train(config, str(tmp_path / "run"))
+
+
 def test_batch_that_does_not_split_over_the_mesh_is_a_config_error_before_anything_compiles(
     synthetic_data, tmp_path, nothing_compiles):
   config = _trainer_config(synthetic_data)

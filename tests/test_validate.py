@@ -92,3 +92,17 @@ def test_several_mismatches_are_reported_together_in_one_message():
   for pattern in expected:
     assert sum(bool(re.search(pattern, line)) for line in lines) == 1, f"{pattern!r} not once in:\n{lines}"
   assert len(lines) == 1 + len(expected)          # the header and one line per problem, nothing else
+
+
+def test_training_validation_keeps_a_decoder_error_of_one_line():
+  """validate_training gathers validate()'s reasons; a decoder config that fails to parse is one line, and
+  was dropped with the header lines (a model config built in code, not through from_dict, reaches it)."""
+  import dataclasses
+  from hico_jax.models.hico import HiCoConfig
+  from hico_jax.validate import validate_training
+  model = HiCoConfig.from_dict(dict(presets.hico("tiny")))
+  model = dataclasses.replace(model, llm=dataclasses.replace(model.llm, num_heads=3, num_kv_heads=2))
+  config = ml_collections.ConfigDict({"batch_size": 8, "accumulation_steps": 1, "total_steps": 1, "data": {
+      "frame_budget": 16, "token_budget": 512, "image_size": model.vit.image_size}})
+  with pytest.raises(ConfigError, match=r"config\.model: .*num_heads=3"):
+    validate_training(config, model, _mesh((("data", 8),)))

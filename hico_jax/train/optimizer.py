@@ -43,19 +43,28 @@ def frozen_mask(params, rules) -> object:
   return jax.tree.map(lambda label: rules[int(label)][1] is None, labels)
 
 
+SCHEDULE_TYPES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warmup over warmup_ratio of the steps, then cosine to zero (HF's cosine-with-warmup)."""
-  warmup = int(round(config.warmup_ratio * config.total_steps))
-  if config.get("schedule_type", "cosine") == "constant":
+  """schedule_type "cosine" (the default): linear warmup over warmup_ratio of the steps, then cosine to zero
+  (HF's cosine-with-warmup); "constant": lr throughout."""
+  schedule_type = config.get("schedule_type", "cosine")
+  if schedule_type not in SCHEDULE_TYPES:
+    raise ValueError(f"optim.schedule_type={schedule_type!r} is not one of {SCHEDULE_TYPES}")
+  if schedule_type == "constant":
     return optax.constant_schedule(config.lr)
-  return optax.warmup_cosine_decay_schedule(0.0, config.lr, max(warmup, 1) if warmup else 0,
-                                            max(config.total_steps, warmup + 1), 0.0)
+  warmup = int(round(config.warmup_ratio * config.total_steps))
+  return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(config.total_steps, warmup + 1), 0.0)
 
 
 def make_optimizer(config, params) -> tuple[optax.GradientTransformation, dict]:
   """(optimizer, {group index: schedule}) for `params`. config: lr, total_steps, warmup_ratio, b1, b2, eps,
   weight_decay, grad_clip, schedule (the rule list), optimizer ("adamw" | "sgd")."""
   rules = [tuple(rule) for rule in config.schedule]
+  if config.get("optimizer", "adamw") not in OPTIMIZERS:
+    raise ValueError(f"optim.optimizer={config.optimizer!r} is not one of {OPTIMIZERS}")
   base = learning_rate_schedule(config)
   transforms, schedules = {}, {}
   for i, (_, scale) in enumerate(rules):
