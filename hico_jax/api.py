@@ -150,6 +150,9 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str = "
   if isinstance(config, hico.HiCoConfig) and not (isinstance(visual_dropout, str) and visual_dropout == "config"):
     if isinstance(visual_dropout, dict):
       visual_dropout = VisualDropoutConfig.from_dict(visual_dropout)
+    if visual_dropout is not None and not isinstance(visual_dropout, VisualDropoutConfig):
+      raise ValueError(f"visual_dropout must be 'config', None, a dict or a VisualDropoutConfig, got "
+                       f"{visual_dropout!r}")
     if visual_dropout is not None:
       visual_dropout.check(config.llm.num_layers)
     config = dataclasses.replace(config, visual_dropout=visual_dropout)

@@ -1,5 +1,5 @@
 """Builds the configured decoder on the mesh, runs a forward pass and a greedy generation, prints shapes
-and times. The embedded default of README.md until the trainer exists.
+and times: a quick check of a decoder config on a mesh (README's main command is hico_jax.train.default).
 
   python -m hico_jax.demo --config configs/llm_demo.py
 """

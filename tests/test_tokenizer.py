@@ -103,6 +103,13 @@ def test_chat_template_keeps_an_explicit_system_message(tok):
     "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("messages", [[{"content": "Hi"}], [{"role": "user", "content": "Hi"}, {"role": "user"}]],
+                         ids=["first_without_role", "second_without_content"])
+def test_chat_template_names_a_malformed_message(tok, messages):
+  with pytest.raises(ValueError, match=r"chat message \d needs a 'role' and a string 'content'"):
+    tok.apply_chat_template(messages)
+
+
 def test_chat_template_round_trips_and_markers_sit_at_turn_boundaries(tok):
   prompt = tok.apply_chat_template(TWO_TURNS)
   ids = tok.encode(prompt)

@@ -68,7 +68,7 @@ class Tokenizer:
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Qwen2-Instruct prompt: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message (see QWEN2_CHAT_TEMPLATE)."""
     parts = []
-    if not messages or messages[0]["role"] != "system":
+    if not messages or messages[0].get("role") != "system":   # a message without a role is named below
       parts.append(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
     for i, m in enumerate(messages):
       if "role" not in m or "content" not in m or not isinstance(m["content"], str):

@@ -1,1 +1,2 @@
-"""Pure-functional Flax linen modules: the Qwen2 decoder now; the video ViT, merge and HiCo model later."""
+"""Flax linen modules: the Qwen2 decoder, the UMT video ViT, the token merge, progressive visual dropout and
+the HiCo model that joins them."""

@@ -44,8 +44,8 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None,
   q_segment_ids (B, T), kv_segment_ids (B, S): None means one unpadded sequence per row.
   q_slots (B, T), kv_slots (B, S): original positions (see the module docstring).
   impl="ring" and "all_gather" shard over the mesh of `with jax.set_mesh(mesh)`; without a mesh, or with
-  q_slots (decode against a cache), they run block_impl's kernel locally. block_impl is ignored by the other
-  impls.
+  q_slots (decode against a cache), they run locally: cuDNN's kernel for block_impl="cudnn", XLA's otherwise
+  (splash included). block_impl is ignored by the other impls.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")

@@ -1,8 +1,9 @@
 """Where a stage's weights come from, and where they go: a previous stage's run directory, the official
 VideoChat-Flash layout, or a plain Qwen2 checkpoint for the LLM alone; and the HF export at the end.
 
-config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A checkpoint whose architecture
-does not match the configured model fails with one line naming the first tensor or field that differs.
+config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A checkpoint whose tensors do not
+match the configured model's fails with one line naming the first tensor and both shapes. Settings that no
+tensor carries (RoPE θ, norm epsilons) are the configured model's: loading cannot check them.
 """
 
 from __future__ import annotations
