@@ -108,10 +108,7 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
     problems.append(f"data.image_size={config.data.image_size} differs from model.vit.image_size={vit.image_size}")
   if config.total_steps < 1:
     problems.append(f"total_steps={config.total_steps} must be >= 1")
-  from hico_jax.train.optimizer import OPTIMIZERS, SCHEDULE_TYPES  # pylint: disable=import-outside-toplevel
-  optim = config.get("optim") or {}
-  for field, default, allowed in (("optimizer", "adamw", OPTIMIZERS), ("schedule_type", "cosine", SCHEDULE_TYPES)):
-    if optim.get(field, default) not in allowed:
-      problems.append(f"optim.{field}={optim.get(field)!r} is not one of {allowed}")
+  from hico_jax.train import optimizer  # pylint: disable=import-outside-toplevel
+  problems += optimizer.config_problems(config.get("optim") or {})
   if problems:
     raise ConfigError("config does not fit the mesh " + str(size) + ":\n  " + "\n  ".join(problems))

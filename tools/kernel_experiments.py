@@ -43,7 +43,8 @@ WIDTH, MLP_DIM = 1024, 4096
 
 
 def _time_ms(fn, *args, iters=10, repeats=3) -> float:
-  """Best of `repeats` means over `iters` back-to-back calls, after one warm-up call."""
+  """Best of `repeats` means over `iters` back-to-back calls, after one warm-up call. Not benchmark._time,
+  which waits for each call: at a few milliseconds a kernel, the wait and the next launch would be in it."""
   jax.block_until_ready(fn(*args))
   best = float("inf")
   for _ in range(repeats):
@@ -81,6 +82,8 @@ def _tail_logits(q, k_tail):
   return jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k_tail.astype(jnp.float32)) * SCALE
 
 
+# attention_blocks._cudnn_forward/_cudnn_backward do the same for ring attention, but always with a mask as a
+# bias; the mask-free kernel is the one measured here.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def keys_split(q, k, v, at=3072):
   return _keys_split_forward(q, k, v, at)[0]

@@ -62,13 +62,22 @@ class DataConfig:
     config = cls(**fields)
     # Whole clips of 4 frames (the model encodes clip by clip): the row's budget, and the counts a sample asks
     # for. min_frames is only a floor (stage 2's is 1); video.whole_clips pads a count the floor leaves odd.
-    for name, value in (("frame_budget", config.frame_budget), ("num_frames", config.num_frames or 4),
-                        ("max_frames", max(config.max_frames, 4))):
-      if value % 4:
+    counts = {"frame_budget": config.frame_budget, "num_frames": config.num_frames,
+              "max_frames": config.max_frames if config.max_frames > 0 else None}   # <= 0: no cap
+    for name, value in counts.items():
+      if value is not None and value % 4:
         raise ValueError(f"data.{name}={value} must be a multiple of 4 (whole clips)")
     if config.packing not in ("first_fit", "best_fit"):
       raise ValueError(f"data.packing={config.packing!r} is not first_fit or best_fit")
     return config
+
+
+def sample_frames(media: bytes, header: dict, cfg: DataConfig):
+  """A video record's frames as a sample takes them (training and held-out evaluation alike): sampled by the
+  reference's rules within the record's start/end, resized, in whole clips. Returns (frames, decode info)."""
+  raw, info = video.decode_frames(media, mode=cfg.sampling, num_frames=cfg.num_frames, min_frames=cfg.min_frames,
+                                  max_frames=cfg.max_frames, start=header.get("start"), end=header.get("end"))
+  return video.whole_clips(video.resize_frames(raw, cfg.image_size)), info
 
 
 _logged_once: set = set()
@@ -99,10 +108,7 @@ class DecodeSample(grain.transforms.Map):
       frames = np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
       num_frames = duration = None
       if header["media_type"] == "video":
-        raw, info = video.decode_frames(media, mode=cfg.sampling, num_frames=cfg.num_frames,
-                                        min_frames=cfg.min_frames, max_frames=cfg.max_frames,
-                                        start=header.get("start"), end=header.get("end"))
-        frames = video.whole_clips(video.resize_frames(raw, cfg.image_size))
+        frames, info = sample_frames(media, header, cfg)
         num_frames, duration = len(frames), info["duration"]
         if num_frames > cfg.frame_budget:
           raise text.SampleTooLongError(f"{num_frames} frames exceed data.frame_budget={cfg.frame_budget}")

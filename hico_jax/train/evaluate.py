@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hico_jax.data import records, shards, text, video
+from hico_jax.data import pipeline, records, shards, text
 from hico_jax.data.tokenizer import load_tokenizer
 from hico_jax.models.hico import HiCo
 from hico_jax.train.step import normalize_frames
@@ -76,13 +76,11 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
       continue
     question, answer = header["conversations"][0], header["conversations"][1]
     try:
-      raw, info = video.decode_frames(media, mode=data_config.sampling, num_frames=data_config.num_frames,
-                                      min_frames=data_config.min_frames, max_frames=data_config.max_frames,
-                                      start=header.get("start"), end=header.get("end"))
+      frames, info = pipeline.sample_frames(media, header, data_config)
     except ValueError:   # a video that does not decode: counted and reported, not scored
       skipped[task] += 1
       continue
-    frames = video.whole_clips(video.resize_frames(raw, size))[:frame_budget]
+    frames = frames[:frame_budget]
     others = [a for a in distinct[task] if a != answer["value"].strip()]
     candidates = [answer["value"].strip()] + list(rng.choice(others, min(num_choices - 1, len(others)), replace=False))
     encoded = [text.encode_sample([question, {"from": "gpt", "value": c}], tokenizer, num_frames=len(frames),

@@ -43,17 +43,20 @@ def frozen_mask(params, rules) -> object:
   return jax.tree.map(lambda label: rules[int(label)][1] is None, labels)
 
 
-SCHEDULE_TYPES = ("cosine", "constant")
-OPTIMIZERS = ("adamw", "sgd")
+# The names config.optim may choose, with the defaults; anything else is a config error, not a fallback.
+CHOICES = {"optimizer": ("adamw", ("adamw", "sgd")), "schedule_type": ("cosine", ("cosine", "constant"))}
+
+
+def config_problems(config) -> list[str]:
+  """One line per misspelt choice in config.optim (validate reports them with the other config errors)."""
+  return [f"optim.{field}={config.get(field, default)!r} is not one of {allowed}"
+          for field, (default, allowed) in CHOICES.items() if config.get(field, default) not in allowed]
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
   """schedule_type "cosine" (the default): linear warmup over warmup_ratio of the steps, then cosine to zero
   (HF's cosine-with-warmup); "constant": lr throughout."""
-  schedule_type = config.get("schedule_type", "cosine")
-  if schedule_type not in SCHEDULE_TYPES:
-    raise ValueError(f"optim.schedule_type={schedule_type!r} is not one of {SCHEDULE_TYPES}")
-  if schedule_type == "constant":
+  if config.get("schedule_type", "cosine") == "constant":
     return optax.constant_schedule(config.lr)
   warmup = int(round(config.warmup_ratio * config.total_steps))
   return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(config.total_steps, warmup + 1), 0.0)
@@ -63,8 +66,9 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, dict]:
   """(optimizer, {group index: schedule}) for `params`. config: lr, total_steps, warmup_ratio, b1, b2, eps,
   weight_decay, grad_clip, schedule (the rule list), optimizer ("adamw" | "sgd")."""
   rules = [tuple(rule) for rule in config.schedule]
-  if config.get("optimizer", "adamw") not in OPTIMIZERS:
-    raise ValueError(f"optim.optimizer={config.optimizer!r} is not one of {OPTIMIZERS}")
+  problems = config_problems(config)
+  if problems:
+    raise ValueError("; ".join(problems))
   base = learning_rate_schedule(config)
   transforms, schedules = {}, {}
   for i, (_, scale) in enumerate(rules):
