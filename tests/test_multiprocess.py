@@ -1,4 +1,5 @@
-"""Two processes with gloo collectives train exactly like one process on the same global batch."""
+"""Two processes with gloo collectives train exactly like one process on the same global batch, and log the
+same counts."""
 
 import os
 import signal
@@ -57,5 +58,8 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tm
   one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
   assert sorted(one.files) == sorted(two.files)
   np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+  # The logged token and skipped-record counts are the whole global batch's, however many processes read it.
+  np.testing.assert_array_equal(one["counts"], one["whole_batch_counts"])
+  np.testing.assert_array_equal(two["counts"], two["whole_batch_counts"])
   for name in one.files:
     np.testing.assert_allclose(two[name], one[name], atol=1e-5, rtol=1e-5, err_msg=name)

@@ -402,4 +402,3 @@ def test_to_global_shards_the_local_batch_over_the_mesh(epoch, mesh_config):
     for shard in array.addressable_shards:
       assert shard.data.shape[0] == rows_per_device
       np.testing.assert_array_equal(np.asarray(shard.data), local[k][shard.index])
-  assert out["num_skipped"] == 3

@@ -319,7 +319,7 @@ def _trainer_config(data_root, total_steps=4):
   c.data.num_frames = c.data.min_frames = c.data.max_frames = c.data.frame_budget = FRAMES
   c.data.token_budget = 160                       # the samples are 118-156 tokens with 4 frames
   c.total_steps = total_steps
-  c.log_every = 1
+  c.log_every = 2                                 # a log line spans two steps' tokens
   c.checkpoint.every = 1000                       # only the forced saves: preemption and the last step
   c.eval.shards = None
   c.export_hf = False
@@ -332,7 +332,7 @@ def _train(config, workdir, kill_after=None):
   batches, to_global = [], pipeline.to_global
 
   def recording(batch, mesh):
-    batches.append({k: np.array(batch[k]) for k in ("input_ids", "targets", "frames")})
+    batches.append({k: np.array(batch[k]) for k in ("input_ids", "targets", "frames", "segment_ids")})
     if len(batches) == kill_after:
       os.kill(os.getpid(), signal.SIGTERM)
     return to_global(batch, mesh)
@@ -393,6 +393,15 @@ def test_run_preempted_after_2_of_4_steps_and_resumed_is_bit_identical_to_4_stra
     assert np.array_equal(got, want), f"{jax.tree_util.keystr(path)} differs after the resume"
   assert int(state["step"]) == 4 and int(state["skipped_updates"]) == 0
   assert data == expected_data and data
+
+
+def test_logged_tokens_are_the_real_tokens_of_every_step_since_the_last_log_line(runs):
+  result, batches = runs.straight
+  assert result["step"] == 4 and len(batches) == 4
+  real_tokens = sum(int((batch["segment_ids"] > 0).sum()) for batch in batches[2:])   # steps 3 and 4
+  assert 0 < real_tokens < sum(batch["segment_ids"].size for batch in batches[2:])     # rows are padded
+  assert result["tokens"] == real_tokens
+  assert result["num_skipped_records"] == 0
 
 
 def _qwen2_dir_from_export(export, out):

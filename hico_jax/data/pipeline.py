@@ -220,7 +220,8 @@ def make_dataset(config: DataConfig, *, batch_size: int, process_index: int = 0,
 
 def to_global(batch: dict, mesh) -> dict:
   """Host-local numpy batch -> global jax Arrays sharded for training (rows over data·fsdp, tokens over
-  seq). Every host passes its own rows; jax assembles the global batch."""
+  seq). Every host passes its own rows; jax assembles the global batch. The host's own count of skipped
+  records (`num_skipped`) stays behind: the trainer sums the counts over processes when it logs."""
   import jax
   from hico_jax import sharding
   specs = {"input_ids": ("act_batch", "act_len"), "targets": ("act_batch", "act_len"),
@@ -231,5 +232,4 @@ def to_global(batch: dict, mesh) -> dict:
     local = batch[key]
     global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding.named_sharding(mesh, *names), local, global_shape)
-  out["num_skipped"] = int(batch["num_skipped"])
   return out
