@@ -593,6 +593,27 @@ def test_init_from_a_run_of_another_hidden_size_names_the_parameter_and_both_sha
     trainer.train(config, str(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("field, value", [("rope_theta", 5e6), ("rms_norm_eps", 1e-5)])
+def test_init_from_a_run_saved_with_settings_no_shape_carries_names_them(synthetic_data, tmp_path,
+                                                                         step_never_compiles, field, value):
+  config = _trainer_config(synthetic_data)
+  abstract = jax.eval_shape(HiCo(HiCoConfig.from_dict(dict(config.model))).init, jax.random.key(0),
+                            *init_inputs(HiCoConfig.from_dict(dict(config.model))))
+  saver = ckpt.Checkpointer(str(tmp_path / "other_run"))
+  saver.save(1, {"params": jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(abstract)["params"])},
+             force=True)
+  saver.close()
+  other = config.copy_and_resolve_references()
+  other.model.llm[field] = value                  # same shapes, another model
+  (tmp_path / "other_run" / "config.json").write_text(other.to_json_best_effort())
+
+  config.init.path = str(tmp_path / "other_run")
+  configured = config.model.llm[field]
+  with pytest.raises(ValueError, match=rf"init\.path .* was saved with llm\.{field}={value!r} "
+                                       rf"\(configured: {configured!r}\)"):
+    trainer.train(config, str(tmp_path / "run"))
+
+
 @pytest.mark.parametrize("template", ["qwen_2", "plain"])
 def test_held_out_scores_equal_a_full_logits_recount(synthetic_data, template):
   """evaluate_qa forms the head only at answer positions; recount its choice and exact scores from the

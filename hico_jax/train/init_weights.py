@@ -2,12 +2,14 @@
 VideoChat-Flash layout, or a plain Qwen2 checkpoint for the LLM alone; and the HF export at the end.
 
 config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A checkpoint whose tensors do not
-match the configured model's fails with one line naming the first tensor and both shapes. Settings that no
-tensor carries (RoPE θ, norm epsilons) are the configured model's: loading cannot check them.
+match the configured model's fails with one line naming the first tensor and both shapes; one saved with
+other settings that no tensor's shape carries (RoPE θ, the norm epsilon, the head split) fails naming them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import jax
@@ -28,6 +30,29 @@ def _check_same_shapes(loaded, target, where: str):
                        f"model needs {tuple(leaf.shape)}")
 
 
+# Decoder settings that no tensor's shape carries: a checkpoint saved with others loads without a shape error
+# and computes something else (Qwen2-7B and its 1M-context variant differ only in RoPE θ; 12 heads of 128 and
+# 24 of 64 have the same projection shapes).
+UNCARRIED_LLM_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+
+
+def _check_same_settings(saved_llm: dict, llm_config, where: str):
+  """saved_llm: the checkpoint's decoder fields (those it has are compared)."""
+  differ = [f"llm.{name}={saved_llm[name]!r} (configured: {getattr(llm_config, name)!r})"
+            for name in UNCARRIED_LLM_FIELDS if name in saved_llm and saved_llm[name] != getattr(llm_config, name)]
+  if differ:
+    raise ValueError(f"{where}: was saved with {', '.join(differ)}; the configured model must match it")
+
+
+def _saved_run_llm_fields(run_dir: str) -> dict:
+  """The decoder fields of the run's config.json ({} for a run directory without one)."""
+  try:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      return json.load(f).get("model", {}).get("llm", {})
+  except FileNotFoundError:
+    return {}
+
+
 def _place(loaded, like):
   """numpy params -> arrays with the dtype and sharding of `like`."""
   return jax.tree.map(lambda x, t: jax.device_put(np.asarray(x, t.dtype), t.sharding), loaded, like)
@@ -40,6 +65,7 @@ def load_into_state(state, init, model_config, param_shardings):
     raise FileNotFoundError(f"init.path {path!r} does not exist")
   params = state["params"]
   if kind == "run":
+    _check_same_settings(_saved_run_llm_fields(path), model_config.llm, f"init.path {path!r}")
     checkpointer = ckpt.Checkpointer(path)
     try:
       step = checkpointer.latest_step()
@@ -61,12 +87,14 @@ def load_into_state(state, init, model_config, param_shardings):
       checkpointer.close()
     return {**state, "params": restored}
   if kind == "videochat_flash":
-    _, loaded, _ = videochat_flash.load(path)
+    saved_config, loaded, _ = videochat_flash.load(path)
+    saved_llm = saved_config.llm
   elif kind == "qwen2":
-    _, llm, _ = qwen2_hf.load(path)
+    saved_llm, llm, _ = qwen2_hf.load(path)
     loaded = {**jax.tree.map(np.asarray, params), "llm": llm}
   else:
     raise ValueError(f"init.kind {kind!r} is not run, videochat_flash or qwen2")
+  _check_same_settings(dataclasses.asdict(saved_llm), model_config.llm, path)
   _check_same_shapes(loaded, params, path)
   return {**state, "params": _place(loaded, params)}
 
