@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
@@ -94,7 +95,10 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[jax.Devi
     # Knows the physical topology (ICI rings on TPU, NVLink islands on GPU) when devices are all local.
     from jax.experimental import mesh_utils
     device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
-  except Exception:  # pylint: disable=broad-except  # e.g. CPU devices, or a multi-slice layout
+  except Exception as e:  # pylint: disable=broad-except  # e.g. a multi-slice TPU layout it does not know
+    # Still a valid mesh, but collectives may cross slower links than they need to: say so.
+    logging.warning("mesh_utils.create_device_mesh%s failed (%s); devices are laid out in listed order",
+                    shape, e)
     device_grid = np.asarray(devices).reshape(shape)
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
