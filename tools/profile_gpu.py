@@ -3,6 +3,7 @@
 
   python tools/profile_gpu.py clip --preset hico_7b --frames 128
   python tools/profile_gpu.py train --preset hico_2b --frames 64 --vit_remat attn --vit_norm pallas --show_hlo 6
+  python tools/profile_gpu.py train --preset hico_2b --frames 256 --vit_remat attn --launched_by memcpy --show_hlo 8
 
 Runs the same case as tools/benchmark.py (same setup code), traces two steps after the warm-up and prints the
 per-step total by kind (GEMM, attention, elementwise fusions, ...) and the largest kernels. With --show_hlo N
@@ -37,20 +38,24 @@ def kind_of(kernel: str) -> str:
   return next((kind for kind, marks in KINDS if any(m in name for m in marks)), "elementwise fusion")
 
 
-def kernel_times(trace_dir: str, steps: int) -> tuple[collections.Counter, collections.Counter]:
-  """Kernel name -> (GPU nanoseconds per step, launches per step), from the trace's device planes.
+def kernel_times(trace_dir: str, steps: int) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+  """Kernel name -> GPU nanoseconds per step; kernel name -> launches per step; (kernel name, the HLO
+  instruction that launched it) -> nanoseconds per step. From the trace's device planes.
 
-  A fusion inside a scanned layer has one name for all its layers: its launches count the layers."""
+  A fusion inside a scanned layer has one name for all its layers: its launches count the layers. Library
+  kernels (cuBLAS, cuDNN, memcpy) have their own names; the instruction tells which call launched them."""
   import jax
   path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-  per_kernel, launches = collections.Counter(), collections.Counter()
+  per_kernel, launches, per_instruction = collections.Counter(), collections.Counter(), collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(path).planes:
     if plane.name.startswith("/device:GPU"):
       for line in plane.lines:
         for event in line.events:
           per_kernel[event.name] += event.duration_ns / steps
           launches[event.name] += 1 / steps
-  return per_kernel, launches
+          instruction = next((value for key, value in event.stats if key == "hlo_op"), "?")
+          per_instruction[event.name, instruction] += event.duration_ns / steps
+  return per_kernel, launches, per_instruction
 
 
 def print_fusion_hlo(dump_dir: str, kernels: list[str]) -> None:
@@ -86,6 +91,10 @@ def main():
   parser.add_argument("--top", type=int, default=25, help="largest kernels to list")
   parser.add_argument("--show_hlo", type=int, default=0, help="print the HLO of this many largest fusions")
   parser.add_argument("--dump_dir", default=None, help="with --show_hlo: keep XLA's dump here (default: a temp dir)")
+  parser.add_argument("--launched_by", default=None, metavar="TEXT",
+                      help="list the HLO instructions that launched the kernels whose name contains TEXT (any "
+                           "case, e.g. memcpy), largest first; with --show_hlo, print the largest of them too. Run "
+                           "with XLA_FLAGS=--xla_gpu_enable_command_buffer= or a CUDA graph is all it names")
   args = parser.parse_args()
 
   dump_dir = args.dump_dir or tempfile.mkdtemp()
@@ -104,7 +113,7 @@ def main():
     with jax.profiler.trace(trace_dir):
       for _ in range(steps):
         run()
-    found["kernels"], found["launches"] = kernel_times(trace_dir, steps)
+    found["kernels"], found["launches"], found["instructions"] = kernel_times(trace_dir, steps)
     return [0.0]
 
   benchmark._time = traced_time      # the benchmark's own case setup, timed by the tracer instead
@@ -131,8 +140,16 @@ def main():
   for name, ns in kernels.most_common(args.top):
     calls = launches[name]
     print(f"  {ns / 1e6:9.3f} {calls:6.0f} {ns / 1e3 / calls:9.1f}  {kind_of(name):20s} {name[:90]}")
+  if args.launched_by:
+    chosen = [(op, ns) for (name, op), ns in found["instructions"].most_common()
+              if args.launched_by.lower() in name.lower()]
+    print(f"HLO instructions launching kernels named *{args.launched_by}*: ms per step")
+    for op, ns in chosen[:args.top]:
+      print(f"  {ns / 1e6:9.3f}  {op}")
   if args.show_hlo:
     fusions = [n for n, _ in kernels.most_common() if kind_of(n) not in ("gemm", "attention")]
+    if args.launched_by:
+      fusions = [op for op, _ in chosen]
     print_fusion_hlo(dump_dir, fusions[:args.show_hlo])
 
 
