@@ -4,7 +4,12 @@ Configs pick one by name and override fields on the command line (`--config.mode
 `tiny` keeps the real Qwen2 vocabulary so the real tokenizer works with it; everything else is small.
 """
 
+import dataclasses
+
 import ml_collections
+
+from hico_jax.models.qwen2 import Qwen2Config
+from hico_jax.models.vit import ViTConfig
 
 _COMPUTE_DEFAULTS = dict(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="xla")
 
@@ -28,11 +33,18 @@ LLM_PRESETS = {
 }
 
 
+def _every_field(config_class, fields: dict) -> dict:
+  """fields, completed with config_class's defaults. ml_collections refuses a command-line override of a key
+  its dict lacks, so every field must be there for `--config.model.vit.norm_impl=pallas` to work."""
+  defaults = {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+  return {**defaults, **fields}
+
+
 def llm(name: str, **overrides) -> ml_collections.ConfigDict:
   """The Qwen2 decoder preset `name` with compute defaults (bf16 compute, fp32 weights, full remat)."""
   if name not in LLM_PRESETS:
     raise ValueError(f"unknown LLM preset {name!r}; known presets: {sorted(LLM_PRESETS)}")
-  return ml_collections.ConfigDict({**LLM_PRESETS[name], **_COMPUTE_DEFAULTS, **overrides})
+  return ml_collections.ConfigDict(_every_field(Qwen2Config, {**LLM_PRESETS[name], **_COMPUTE_DEFAULTS, **overrides}))
 
 
 VIT_PRESETS = {
@@ -73,7 +85,7 @@ def hico(name: str, **compute) -> ml_collections.ConfigDict:
     vit_compute["attention_impl"] = vit_compute.get("attention_block_impl", "xla")
   vit_compute.pop("attention_block_impl", None)
   return ml_collections.ConfigDict({
-      "vit": {**VIT_PRESETS[vit_name], "image_size": image_size, **vit_compute},
+      "vit": _every_field(ViTConfig, {**VIT_PRESETS[vit_name], "image_size": image_size, **vit_compute}),
       "llm": dict(llm(llm_name, **compute)),
       "tokens_per_clip": 64,
       "encode_chunk": _encode_chunk(vit_compute["attention_impl"]),

@@ -1,6 +1,9 @@
 """The stage configs parse, and freeze and scale exactly the modules the reference recipe says."""
 
+import dataclasses
 import importlib.util
+from pathlib import Path
+import sys
 
 import jax
 import pytest
@@ -8,8 +11,11 @@ import pytest
 from hico_jax import sharding
 from hico_jax.data.pipeline import DataConfig
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+from hico_jax.models.qwen2 import Qwen2Config
+from hico_jax.models.vit import ViTConfig
 from hico_jax.train import optimizer
 
+REPO = Path(__file__).resolve().parent.parent
 
 def _config(path, stage):
   spec = importlib.util.spec_from_file_location("stage_config", path)
@@ -69,3 +75,32 @@ def test_sweep_overrides_reach_the_stage2_config():
   assert config.model.vit.width == base.model.vit.width            # what was not named stays the default's
   with pytest.raises((AttributeError, KeyError)):
     sweep.stage2_config({"model.llm.num_layer": 6}, 0, 1)
+
+
+def test_every_model_field_named_in_the_readme_overrides_from_the_command_line(monkeypatch):
+  """README's GPU line (`--config.model.vit.norm_impl=pallas ...`), through absl's real flag parser: a key the
+  preset's ConfigDict lacks cannot be overridden, so each tower's every field must be there."""
+  import re
+  from absl import flags
+  from ml_collections import config_flags
+
+  readme = (REPO / "README.md").read_text()
+  overrides = sorted(set(re.findall(r"--config\.model\.(?:vit|llm)\.[\w.]+=\w+", readme)))
+  assert any("vit.norm_impl" in o for o in overrides) and any("llm.attention_impl" in o for o in overrides)
+  for path in ("configs/hico_2b.py", "configs/hico_7b.py", "configs/tiny_synthetic.py"):
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=values)
+    argv = [__file__, f"--config={REPO / path}:stage2", *overrides, "--config.model.vit.block_loop=scan"]
+    monkeypatch.setattr(sys, "argv", argv)      # config_flags reads the overrides from sys.argv, as app.run does
+    values(argv)
+    config = values.config
+    for override in overrides:
+      dotted, value = override[len("--config."):].split("=")
+      node = config
+      for key in dotted.split("."):
+        node = node[key]
+      assert node == value, (path, override)
+    assert config.model.vit.block_loop == "scan"
+    # What makes that true for any field, not only the README's:
+    fields = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    assert fields(ViTConfig) <= set(config.model.vit) and fields(Qwen2Config) <= set(config.model.llm), path

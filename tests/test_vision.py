@@ -5,6 +5,8 @@ safetensors, against torch's bicubic, and against a plain numpy transcription of
 Small widths (128, 2 heads of 64, 2 blocks, MLP 256) at the real resolutions 224 and 448, fp32.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from hico_jax.convert import videochat_flash
 from hico_jax.convert.safetensors_io import SINGLE_FILE
 from hico_jax.models import position_tables, tome
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+from hico_jax.models import vit
 from hico_jax.models.vit import UMTViT
 from tests.torch_reference import videochat_flash as ref
 
@@ -255,3 +258,28 @@ def test_exact_gelu_is_torch_gelu_with_erf_in_float32_and_bfloat16():
   # Both compute in float32 and round once to bf16: at most one bf16 step apart (the two erf approximations
   # can land on either side of a rounding boundary).
   np.testing.assert_allclose(ours, F.gelu(x_bf16).float().numpy(), rtol=2**-7, atol=2e-5)
+
+
+def test_unrolled_blocks_compute_the_scanned_blocks_output_and_gradients():
+  """block_loop only changes how XLA sees the blocks (one loop, or straight-line code without the loop's
+  stacks of saved activations); "auto" keeps the loop off GPUs. With remat, as training runs it."""
+  base = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=2, num_heads=2, mlp_dim=64, dtype="float32",
+                       remat_policy="attn")
+  rng = np.random.default_rng(0)
+  frames = jnp.asarray(rng.normal(size=(2, 4, 32, 32, 3)), jnp.float32)
+  # A random readout: the tower ends in a LayerNorm, so a sum of squares would be constant.
+  readout = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32)     # (clips, 4·2·2 tokens, width)
+  results = {}
+  for loop in ("scan", "unrolled", "auto"):
+    model = vit.UMTViT(dataclasses.replace(base, block_loop=loop))
+    params = model.init(jax.random.key(0), frames)
+    step = jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply(p, frames) * readout)))
+    lowered = step.lower(params)
+    loops = lowered.as_text().count("stablehlo.while")
+    results[loop] = (loops, *(lowered.compile()(params) if loop != "auto" else ()))
+  assert results["scan"][0] > 0 and results["unrolled"][0] == 0
+  assert results["auto"][0] == (0 if jax.default_backend() == "gpu" else results["scan"][0])
+  np.testing.assert_allclose(results["unrolled"][1], results["scan"][1], rtol=1e-6)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results["unrolled"][2]),
+                               jax.tree.leaves(results["scan"][2])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))   # fp32 sums

@@ -130,8 +130,10 @@ def run_torch_llm(case: dict) -> dict:
 def _clip_configs(case: dict):
   from hico_jax import presets
   from hico_jax.models.hico import HiCoConfig
-  return HiCoConfig.from_dict(dict(presets.hico(case["preset"], dtype="bfloat16", remat_policy="none",
-                                                attention_impl="cudnn" if case["on_gpu"] else "xla")))
+  fields = presets.hico(case["preset"], dtype="bfloat16", remat_policy="none",
+                        attention_impl="cudnn" if case["on_gpu"] else "xla")
+  fields.vit.block_loop = case.get("vit_block_loop", "auto")
+  return HiCoConfig.from_dict(dict(fields))
 
 
 def run_jax_clip(case: dict) -> dict:
@@ -210,6 +212,7 @@ def run_jax_train(case: dict) -> dict:
                         attention_impl="cudnn" if on_gpu else "xla")
   fields.vit.remat_policy = case.get("vit_remat", case["remat"])
   fields.vit.norm_impl = case.get("vit_norm", "xla")
+  fields.vit.block_loop = case.get("vit_block_loop", "auto")
   fields.loss_chunk = case.get("loss_chunk") or fields.loss_chunk
   fields.encode_chunk = case.get("encode_chunk") or fields.encode_chunk
   config = HiCoConfig.from_dict(dict(fields))
@@ -326,7 +329,8 @@ def _clip_table(results: list[dict]) -> str:
   from hico_jax import presets
   for r in results:
     size = presets.HICO_PRESETS[r["preset"]][1]
-    label = f"| {r['preset']} | {size} | {r['frames']} | {r['framework']} | "
+    loop = f" (ViT {r['vit_block_loop']})" if r.get("vit_block_loop", "auto") != "auto" else ""
+    label = f"| {r['preset']} | {size} | {r['frames']} | {r['framework']}{loop} | "
     if "error" in r:
       rows.append(label + f"{r['error']} | | | | | |")
       continue
@@ -342,6 +346,7 @@ def _train_table(results: list[dict]) -> str:
   for r in results:
     label = (f"| {r['preset']} | {r['frames']} | {r.get('tokens', '')} | vit {r.get('vit_remat')}, llm {r['remat']}"
              f"{', Pallas LayerNorm' if r.get('vit_norm') == 'pallas' else ''}"
+             f"{', ViT ' + r['vit_block_loop'] if r.get('vit_block_loop', 'auto') != 'auto' else ''}"
              f"{'' if r.get('options', True) else ', default XLA'} | ")
     if "error" in r:
       rows.append(label + f"{r['error']} | | | | |")
@@ -378,11 +383,14 @@ def _cases(args) -> list[dict]:
     return [{"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
              "vit_remat": args.vit_remat, "vit_norm": args.vit_norm, "options": not args.no_options,
              "text_tokens": args.text_tokens, "loss_chunk": args.loss_chunk, "encode_chunk": args.encode_chunk,
-             **timing}
-            for preset in args.presets for frames in args.frames for remat in args.remat]
+             "vit_block_loop": loop, **timing}
+            for preset in args.presets for frames in args.frames for remat in args.remat
+            for loop in args.vit_block_loop]
   if args.section == "clip":
-    return [{"section": "clip", "framework": framework, "preset": preset, "frames": frames, **timing}
-            for preset, frames in zip(args.presets, args.frames) for framework in args.frameworks]
+    return [{"section": "clip", "framework": framework, "preset": preset, "frames": frames, **timing,
+             **({"vit_block_loop": loop} if framework == "jax" else {})}
+            for preset, frames in zip(args.presets, args.frames) for framework in args.frameworks
+            for loop in (args.vit_block_loop if framework == "jax" else ["auto"])]
   cases = []
   for preset in args.presets:
     for seq_len in args.seq_lens:
@@ -410,6 +418,8 @@ def main():
   parser.add_argument("--vit_norm", default="xla", choices=["xla", "pallas"],
                       help="train section: the vision tower's LayerNorm kernels (ops/layer_norm.py)")
   parser.add_argument("--no_options", action="store_true", help="train section: default XLA options only")
+  parser.add_argument("--vit_block_loop", nargs="+", default=["auto"], choices=["auto", "scan", "unrolled"],
+                      help="train and clip sections: the vision blocks as a loop or unrolled (auto: unrolled on GPUs)")
   parser.add_argument("--presets", nargs="+", default=["qwen2_5_1_5b", "qwen2_7b"])
   parser.add_argument("--seq_lens", nargs="+", type=int, default=[4096, 16384])
   parser.add_argument("--frames", nargs="+", type=int, default=[128, 64],
