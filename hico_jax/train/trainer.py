@@ -9,6 +9,7 @@ before anything compiles; an init checkpoint of another architecture fails befor
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -96,11 +97,10 @@ def train(config, workdir: str) -> dict:
     writer = metrics.MetricWriter(workdir, total_steps=config.total_steps, start_step=start_step,
                                   flops_per_step=metrics.train_flops(model_config, config, data_config))
     nonfinite_in_a_row, last = 0, {}
-    tokens_since_log, skipped_since_start = 0, 0    # this process's rows; summed over processes when logged
+    since_log = collections.Counter()     # this process's rows; summed over processes when logged
     for step in range(start_step + 1, config.total_steps + 1):
       local = next(data_iter)
-      tokens_since_log += int((local["segment_ids"] > 0).sum())
-      skipped_since_start += int(local["num_skipped"])
+      since_log.update(metrics.batch_counts(local))
       batch = pipeline.to_global(local, mesh)
       state, step_metrics = train_step(state, batch)
       # The step skipped its update if the loss or gradient was not finite; several in a row stop the run.
@@ -111,9 +111,8 @@ def train(config, workdir: str) -> dict:
                                  f"{step}; the last good checkpoint is step {checkpointer.latest_step()}")
       if step % config.log_every == 0 or step == config.total_steps:
         last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        last.update(metrics.sum_over_processes(tokens=tokens_since_log, num_skipped_records=skipped_since_start),
-                    step=step)
-        tokens_since_log = 0
+        last.update(metrics.sum_over_processes(since_log), step=step)
+        since_log.clear()
         writer.write(step, last)
       checkpointer.save(step, state, data_iter, config=config_json,
                         force=stop["requested"] or step == config.total_steps)

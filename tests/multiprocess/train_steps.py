@@ -43,7 +43,7 @@ segment_ids = (np.arange(length)[None, :] < length - padding[:, None]).astype(np
 targets = np.where((ids < 0) | (segment_ids == 0), -100, np.roll(ids, -1, axis=1)).astype(np.int32)
 batch = {"input_ids": ids, "targets": targets, "segment_ids": segment_ids,
          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
-         "frames": rng.integers(0, 255, (rows, frames, 64, 64, 3)).astype(np.uint8), "num_skipped": np.int32(0)}
+         "frames": rng.integers(0, 255, (rows, frames, 64, 64, 3)).astype(np.uint8), "num_skipped": skipped_per_row}
 per_process = rows // num_processes
 mine = slice(process_id * per_process, (process_id + 1) * per_process)
 local = {k: (v[mine] if np.ndim(v) else v) for k, v in batch.items()}
@@ -59,14 +59,14 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
   for _ in range(3):
     state, step_metrics = step(state, global_batch)
     losses.append(float(step_metrics["loss"]))
-  # What the trainer logs: this process's counts, summed over processes.
-  counts = metrics.sum_over_processes(tokens=int((local["segment_ids"] > 0).sum()),
-                                      num_skipped_records=int(skipped_per_row[mine].sum()))
+  # What the trainer logs: this process's counts of its own rows, summed over processes.
+  counts = metrics.sum_over_processes(metrics.batch_counts(local))
   gathered = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True)),
                           state["params"])
 if process_id == 0:
   flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(gathered)[0]}
-  np.savez(out, losses=np.asarray(losses), counts=np.asarray([counts["tokens"], counts["num_skipped_records"]]),
+  np.savez(out, losses=np.asarray(losses),
+           counts=np.asarray([counts["tokens_since_last_log"], counts["skipped_records_since_last_log"]]),
            whole_batch_counts=np.asarray([(segment_ids > 0).sum(), skipped_per_row.sum()]), **flat)
 if num_processes > 1:
   jax.distributed.shutdown()
