@@ -10,6 +10,7 @@ Qwen2 vocabulary and tokenizer) for a few steps on 30 synthetic videos. Frames a
 patches x 4 frames = 64 tokens a clip, which the merge keeps as they are.
 """
 
+import dataclasses
 import functools
 import glob
 import importlib.util
@@ -32,9 +33,10 @@ from safetensors.torch import load_file, save_file
 
 import hico_jax
 from hico_jax import VIDEO_TOKEN_ID, presets, sharding
+from hico_jax.convert import qwen2_hf, videochat_flash
 from hico_jax.data import pipeline, shards, synthetic, tokenizer, video as video_lib
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
-from hico_jax.train import checkpoint as ckpt, optimizer as optim, recipe, step as step_lib, trainer
+from hico_jax.train import checkpoint as ckpt, init_weights, optimizer as optim, recipe, step as step_lib, trainer
 from hico_jax.validate import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -596,16 +598,11 @@ def test_init_from_a_run_of_another_hidden_size_names_the_parameter_and_both_sha
 
 @pytest.mark.parametrize("field, value", [("rope_theta", 5e6), ("rms_norm_eps", 1e-5)])
 def test_init_from_a_run_saved_with_settings_no_shape_carries_names_them(synthetic_data, tmp_path,
-                                                                         step_never_compiles, field, value):
+                                                                         nothing_compiles, field, value):
   config = _trainer_config(synthetic_data)
-  abstract = jax.eval_shape(HiCo(HiCoConfig.from_dict(dict(config.model))).init, jax.random.key(0),
-                            *init_inputs(HiCoConfig.from_dict(dict(config.model))))
-  saver = ckpt.Checkpointer(str(tmp_path / "other_run"))
-  saver.save(1, {"params": jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(abstract)["params"])},
-             force=True)
-  saver.close()
   other = config.copy_and_resolve_references()
   other.model.llm[field] = value                  # same shapes, another model
+  (tmp_path / "other_run").mkdir()                # its config.json is all the check reads
   (tmp_path / "other_run" / "config.json").write_text(other.to_json_best_effort())
 
   config.init.path = str(tmp_path / "other_run")
@@ -613,6 +610,23 @@ def test_init_from_a_run_saved_with_settings_no_shape_carries_names_them(synthet
   with pytest.raises(ValueError, match=rf"init\.path .* was saved with llm\.{field}={value!r} "
                                        rf"\(configured: {configured!r}\)"):
     trainer.train(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("kind", ["videochat_flash", "qwen2"])
+def test_init_from_hf_weights_saved_with_another_rope_theta_names_it(synthetic_data, tmp_path, kind):
+  config = _trainer_config(synthetic_data)
+  model_config = HiCoConfig.from_dict(dict(config.model))
+  abstract = jax.eval_shape(HiCo(model_config).init, jax.random.key(0), *init_inputs(model_config))
+  params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(abstract)["params"])
+  saved = dataclasses.replace(model_config, llm=dataclasses.replace(model_config.llm, rope_theta=1e7))
+  if kind == "videochat_flash":
+    videochat_flash.save(str(tmp_path / "hf"), saved, params)
+  else:
+    qwen2_hf.save(str(tmp_path / "hf"), saved.llm, params["llm"])
+  init = ml_collections.ConfigDict({"path": str(tmp_path / "hf"), "kind": kind})
+  with pytest.raises(ValueError, match=r"was saved with llm\.rope_theta=10000000\.0 \(configured: 1000000\.0\)"):
+    init_weights.check_settings(init, model_config)
+  init_weights.check_settings(init, saved)          # the matching config passes
 
 
 @pytest.mark.parametrize("template", ["qwen_2", "plain"])

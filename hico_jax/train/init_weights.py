@@ -3,7 +3,8 @@ VideoChat-Flash layout, or a plain Qwen2 checkpoint for the LLM alone; and the H
 
 config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A checkpoint whose tensors do not
 match the configured model's fails with one line naming the first tensor and both shapes; one saved with
-other settings that no tensor's shape carries (RoPE θ, the norm epsilon, the head split) fails naming them.
+other decoder settings that no tensor's shape carries (RoPE θ, the norm epsilon, the head split) fails naming
+them (`check_settings`, before anything compiles).
 """
 
 from __future__ import annotations
@@ -36,21 +37,28 @@ def _check_same_shapes(loaded, target, where: str):
 UNCARRIED_LLM_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
 
 
-def _check_same_settings(saved_llm: dict, llm_config, where: str):
-  """saved_llm: the checkpoint's decoder fields (those it has are compared)."""
-  differ = [f"llm.{name}={saved_llm[name]!r} (configured: {getattr(llm_config, name)!r})"
-            for name in UNCARRIED_LLM_FIELDS if name in saved_llm and saved_llm[name] != getattr(llm_config, name)]
+def check_settings(init, model_config):
+  """Refuses an init checkpoint saved with other decoder settings than those no tensor's shape carries; reads
+  only its config (the trainer calls it before anything compiles). The fields it has are compared: a run
+  directory's config.json (written when the run started), or the HF config.json of the other kinds."""
+  path, kind = init.path, init.get("kind", "run")
+  if kind == "run":
+    try:
+      with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f).get("model", {}).get("llm", {})
+    except FileNotFoundError:
+      return                                        # a run directory from before configs were saved
+  elif kind == "videochat_flash":
+    saved = dataclasses.asdict(videochat_flash.hf_config_to_hico(qwen2_hf.read_config(path), path).llm)
+  elif kind == "qwen2":
+    saved = qwen2_hf.hf_config_to_dict(qwen2_hf.read_config(path), where=path)
+  else:
+    raise ValueError(f"init.kind {kind!r} is not run, videochat_flash or qwen2")
+  llm = model_config.llm
+  differ = [f"llm.{name}={saved[name]!r} (configured: {getattr(llm, name)!r})"
+            for name in UNCARRIED_LLM_FIELDS if name in saved and saved[name] != getattr(llm, name)]
   if differ:
-    raise ValueError(f"{where}: was saved with {', '.join(differ)}; the configured model must match it")
-
-
-def _saved_run_llm_fields(run_dir: str) -> dict:
-  """The decoder fields of the run's config.json ({} for a run directory without one)."""
-  try:
-    with open(os.path.join(run_dir, "config.json")) as f:
-      return json.load(f).get("model", {}).get("llm", {})
-  except FileNotFoundError:
-    return {}
+    raise ValueError(f"init.path {path!r} was saved with {', '.join(differ)}; the configured model must match it")
 
 
 def _place(loaded, like):
@@ -65,7 +73,6 @@ def load_into_state(state, init, model_config, param_shardings):
     raise FileNotFoundError(f"init.path {path!r} does not exist")
   params = state["params"]
   if kind == "run":
-    _check_same_settings(_saved_run_llm_fields(path), model_config.llm, f"init.path {path!r}")
     checkpointer = ckpt.Checkpointer(path)
     try:
       step = checkpointer.latest_step()
@@ -87,14 +94,12 @@ def load_into_state(state, init, model_config, param_shardings):
       checkpointer.close()
     return {**state, "params": restored}
   if kind == "videochat_flash":
-    saved_config, loaded, _ = videochat_flash.load(path)
-    saved_llm = saved_config.llm
+    _, loaded, _ = videochat_flash.load(path)
   elif kind == "qwen2":
-    saved_llm, llm, _ = qwen2_hf.load(path)
+    _, llm, _ = qwen2_hf.load(path)
     loaded = {**jax.tree.map(np.asarray, params), "llm": llm}
   else:
     raise ValueError(f"init.kind {kind!r} is not run, videochat_flash or qwen2")
-  _check_same_settings(dataclasses.asdict(saved_llm), model_config.llm, path)
   _check_same_shapes(loaded, params, path)
   return {**state, "params": _place(loaded, params)}
 

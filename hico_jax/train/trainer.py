@@ -49,6 +49,8 @@ def train(config, workdir: str) -> dict:
   # jax.distributed.initialize() has already run (launch/) when there are several processes.
   mesh = sharding.make_mesh(config.mesh)
   validate.validate_training(config, model_config, mesh)      # every misfit named, before any compile
+  if config.init.get("path"):
+    init_weights.check_settings(config.init, model_config)    # settings no tensor shape carries
   seq_shards = dict(mesh.shape)["seq"]
   logging.info("mesh %s on %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
