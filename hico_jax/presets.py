@@ -1,6 +1,6 @@
 """Model presets with the real sizes (videochat_flash.md §4), as ml_collections ConfigDicts.
 
-Configs pick one by name and override fields on the command line (`--config.model.remat_policy=dots`).
+Configs pick one by name and override any field on the command line (`--config.model.llm.remat_policy=dots`).
 `tiny` keeps the real Qwen2 vocabulary so the real tokenizer works with it; everything else is small.
 """
 

@@ -1,11 +1,15 @@
-"""The stage configs parse, and freeze and scale exactly the modules the reference recipe says."""
+"""The stage configs parse, freeze and scale exactly the modules the reference recipe says, and take every model
+field as a command-line override."""
 
 import dataclasses
 import importlib.util
 from pathlib import Path
+import re
 import sys
 
+from absl import flags
 import jax
+from ml_collections import config_flags
 import pytest
 
 from hico_jax import sharding
@@ -16,6 +20,7 @@ from hico_jax.models.vit import ViTConfig
 from hico_jax.train import optimizer
 
 REPO = Path(__file__).resolve().parent.parent
+
 
 def _config(path, stage):
   spec = importlib.util.spec_from_file_location("stage_config", path)
@@ -80,10 +85,6 @@ def test_sweep_overrides_reach_the_stage2_config():
 def test_every_model_field_named_in_the_readme_overrides_from_the_command_line(monkeypatch):
   """README's GPU line (`--config.model.vit.norm_impl=pallas ...`), through absl's real flag parser: a key the
   preset's ConfigDict lacks cannot be overridden, so each tower's every field must be there."""
-  import re
-  from absl import flags
-  from ml_collections import config_flags
-
   readme = (REPO / "README.md").read_text()
   overrides = sorted(set(re.findall(r"--config\.model\.(?:vit|llm)\.[\w.]+=\w+", readme)))
   assert any("vit.norm_impl" in o for o in overrides) and any("llm.attention_impl" in o for o in overrides)

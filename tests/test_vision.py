@@ -261,8 +261,9 @@ def test_exact_gelu_is_torch_gelu_with_erf_in_float32_and_bfloat16():
 
 
 def test_unrolled_blocks_compute_the_scanned_blocks_output_and_gradients():
-  """block_loop only changes how XLA sees the blocks (one loop, or straight-line code without the loop's
-  stacks of saved activations); "auto" keeps the loop off GPUs. With remat, as training runs it."""
+  """block_loop only changes how XLA sees the blocks: one loop, or straight-line code without the loop's
+  stacks of saved activations, whose remat then stops XLA from merging each block's recompute with its
+  forward (prevent_cse, optimisation barriers). With remat, as training runs it."""
   base = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=2, num_heads=2, mlp_dim=64, dtype="float32",
                        remat_policy="attn")
   rng = np.random.default_rng(0)
@@ -275,11 +276,19 @@ def test_unrolled_blocks_compute_the_scanned_blocks_output_and_gradients():
     params = model.init(jax.random.key(0), frames)
     step = jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply(p, frames) * readout)))
     lowered = step.lower(params)
-    loops = lowered.as_text().count("stablehlo.while")
-    results[loop] = (loops, *(lowered.compile()(params) if loop != "auto" else ()))
-  assert results["scan"][0] > 0 and results["unrolled"][0] == 0
-  assert results["auto"][0] == (0 if jax.default_backend() == "gpu" else results["scan"][0])
-  np.testing.assert_allclose(results["unrolled"][1], results["scan"][1], rtol=1e-6)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results["unrolled"][2]),
-                               jax.tree.leaves(results["scan"][2])):
+    text = lowered.as_text()
+    results[loop] = (text.count("stablehlo.while"), text.count("optimization_barrier"),
+                     *(lowered.compile()(params) if loop != "auto" else ()))
+  assert results["scan"][:2] == results["auto"][:2] and results["scan"][0] > 0 and results["scan"][1] == 0
+  assert results["unrolled"][0] == 0 and results["unrolled"][1] > 0
+  np.testing.assert_allclose(results["unrolled"][2], results["scan"][2], rtol=1e-6)
+  assert jax.tree.structure(results["unrolled"][3]) == jax.tree.structure(results["scan"][3])
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results["unrolled"][3]),
+                               jax.tree.leaves(results["scan"][3])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))   # fp32 sums
+
+
+def test_training_unrolls_the_vision_blocks_on_gpus_only_unless_told():
+  assert vit.training_block_loop("auto", "gpu") == "unrolled"
+  assert vit.training_block_loop("auto", "cpu") == vit.training_block_loop("auto", "tpu") == "scan"
+  assert vit.training_block_loop("scan", "gpu") == "scan" and vit.training_block_loop("unrolled", "cpu") == "unrolled"

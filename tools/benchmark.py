@@ -203,6 +203,7 @@ def run_jax_train(case: dict) -> dict:
   import ml_collections
   import flax.linen as nn
   from hico_jax import presets
+  from hico_jax.models import vit
   from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
   from hico_jax.ops import xla_options
   from hico_jax.train import optimizer as optim, step as step_lib
@@ -212,7 +213,7 @@ def run_jax_train(case: dict) -> dict:
                         attention_impl="cudnn" if on_gpu else "xla")
   fields.vit.remat_policy = case.get("vit_remat", case["remat"])
   fields.vit.norm_impl = case.get("vit_norm", "xla")
-  fields.vit.block_loop = case.get("vit_block_loop", "auto")
+  fields.vit.block_loop = vit.training_block_loop(case.get("vit_block_loop", "auto"), jax.default_backend())
   fields.loss_chunk = case.get("loss_chunk") or fields.loss_chunk
   fields.encode_chunk = case.get("encode_chunk") or fields.encode_chunk
   config = HiCoConfig.from_dict(dict(fields))
@@ -411,7 +412,7 @@ def main():
   parser.add_argument("--data_dir", default="/tmp/hico_data_bench", help="data section: where the videos go")
   parser.add_argument("--videos", type=int, default=12, help="data section: synthetic videos")
   parser.add_argument("--source_px", type=int, default=448, help="data section: synthetic video size")
-  parser.add_argument("--frames_per_gpu_s", type=float, default=165.0,
+  parser.add_argument("--frames_per_gpu_s", type=float, default=168.0,
                       help="data section: frames/s one GPU trains on (hico_2b @256 frames: 256 / step s)")
   parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row")
   parser.add_argument("--vit_remat", default="full", help="train section: the vision tower's remat policy")
@@ -419,7 +420,8 @@ def main():
                       help="train section: the vision tower's LayerNorm kernels (ops/layer_norm.py)")
   parser.add_argument("--no_options", action="store_true", help="train section: default XLA options only")
   parser.add_argument("--vit_block_loop", nargs="+", default=["auto"], choices=["auto", "scan", "unrolled"],
-                      help="train and clip sections: the vision blocks as a loop or unrolled (auto: unrolled on GPUs)")
+                      help="train and clip sections: the vision blocks as a loop or unrolled (auto: what training "
+                           "uses, unrolled on GPUs; a loop for the clip encoder)")
   parser.add_argument("--presets", nargs="+", default=["qwen2_5_1_5b", "qwen2_7b"])
   parser.add_argument("--seq_lens", nargs="+", type=int, default=[4096, 16384])
   parser.add_argument("--frames", nargs="+", type=int, default=[128, 64],

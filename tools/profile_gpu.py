@@ -28,7 +28,7 @@ KINDS = (  # first match wins; names as cuDNN, cuBLAS (nvjet, cutlass, xmma) and
     ("attention", ("cudnn", "fmha", "sdpa", "flash")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
     ("reduction fusion", ("reduce",)),
-    ("copy / transpose", ("transpose", "copy", "memcpy")),
+    ("copy / transpose / memset", ("transpose", "copy", "memcpy", "memset")),
     ("gather / scatter / sort", ("gather", "scatter", "sort")),
 )
 
@@ -88,6 +88,8 @@ def main():
   parser.add_argument("--vit_norm", default="xla", choices=["xla", "pallas"], help="train: the vision LayerNorms")
   parser.add_argument("--text_tokens", type=int, default=512)
   parser.add_argument("--encode_chunk", type=int, default=None, help="train: clips per vision-tower step")
+  parser.add_argument("--vit_block_loop", default="auto", choices=["auto", "scan", "unrolled"],
+                      help="the vision blocks as a loop or unrolled (auto: as training and the clip encoder run them)")
   parser.add_argument("--top", type=int, default=25, help="largest kernels to list")
   parser.add_argument("--show_hlo", type=int, default=0, help="print the HLO of this many largest fusions")
   parser.add_argument("--dump_dir", default=None, help="with --show_hlo: keep XLA's dump here (default: a temp dir)")
@@ -117,7 +119,7 @@ def main():
     return [0.0]
 
   benchmark._time = traced_time      # the benchmark's own case setup, timed by the tracer instead
-  case = dict(preset=args.preset, frames=args.frames, warmup=2, iters=1)
+  case = dict(preset=args.preset, frames=args.frames, warmup=2, iters=1, vit_block_loop=args.vit_block_loop)
   if args.section == "clip":
     benchmark.run_jax_clip(case)
   else:
@@ -141,15 +143,18 @@ def main():
     calls = launches[name]
     print(f"  {ns / 1e6:9.3f} {calls:6.0f} {ns / 1e3 / calls:9.1f}  {kind_of(name):20s} {name[:90]}")
   if args.launched_by:
-    chosen = [(op, ns) for (name, op), ns in found["instructions"].most_common()
-              if args.launched_by.lower() in name.lower()]
+    chosen = collections.Counter()
+    for (name, op), ns in found["instructions"].items():
+      if args.launched_by.lower() in name.lower():
+        chosen[op] += ns
+    chosen = chosen.most_common()
     print(f"HLO instructions launching kernels named *{args.launched_by}*: ms per step")
     for op, ns in chosen[:args.top]:
       print(f"  {ns / 1e6:9.3f}  {op}")
   if args.show_hlo:
     fusions = [n for n, _ in kernels.most_common() if kind_of(n) not in ("gemm", "attention")]
     if args.launched_by:
-      fusions = [op for op, _ in chosen]
+      fusions = [op for op, _ in chosen if op != "?"]
     print_fusion_hlo(dump_dir, fusions[:args.show_hlo])
 
 

@@ -26,6 +26,17 @@ from hico_jax.ops import layer_norm as layer_norm_ops
 BLOCK_LOOPS = ("auto", "scan", "unrolled")
 
 
+def training_block_loop(block_loop: str, platform: str) -> str:
+  """block_loop for a training step on `platform` (jax.default_backend()): "auto" is unrolled on GPUs, where
+  it shortens the hico_2b 256-frame step by 1-2% (1.554 -> 1.525 s with the `attn` remat, 1.658 -> 1.639
+  with `full`) for 2.5-3 GiB and a compile 2-3x as long; a loop elsewhere: XLA's CPU scheduler runs an
+  unrolled tower's recompute right after its forward and so keeps every activation (TPUs: not measured).
+  Inference keeps the loop: without a backward pass there are no stacks to save, only compile time to lose."""
+  if block_loop != "auto":
+    return block_loop
+  return "unrolled" if platform == "gpu" else "scan"
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   image_size: int = 224            # 224 ("umt-large") or 448 ("umt-hd-large")
@@ -40,12 +51,9 @@ class ViTConfig:
   remat_policy: str = "full"
   attention_impl: str = "xla"
   norm_impl: str = "xla"           # LayerNorm kernels: xla | pallas (GPU, ops/layer_norm.py)
-  # The blocks as a loop ("scan") or as straight-line code ("unrolled"); "auto": unrolled where jax's default
-  # backend is a GPU. In a loop every activation the backward pass keeps is copied into a per-block stack
-  # (zero-filled first) and out again: 55 ms of the hico_2b 256-frame step on an H100, of which unrolling
-  # removes 30 (2%), for 2.5 GiB more and a compile twice as long. XLA's CPU scheduler runs an unrolled
-  # tower's recompute right after its forward, so it keeps every activation: there the loop stays (TPUs:
-  # not measured, loop).
+  # The blocks as a loop ("scan") or as straight-line code ("unrolled"); "auto" is a loop here and is what
+  # `training_block_loop` decides for a training step. In a loop, every activation the backward pass keeps is
+  # copied into a zero-filled per-block stack and out again (docs/benchmarks.md, "The copies, placed").
   block_loop: str = "auto"
 
   @classmethod
@@ -156,7 +164,7 @@ class UMTViT(nn.Module):
     # The blocks' parameters are stacked over a "layers" axis either way (one checkpoint layout). Unrolled,
     # the remat must prevent CSE: with nothing between a block's forward and its recompute, XLA would merge
     # them and keep every activation (in a scan the loop boundary does that job, hence no barriers there).
-    unroll = cfg.block_loop == "unrolled" or (cfg.block_loop == "auto" and jax.default_backend() == "gpu")
+    unroll = cfg.block_loop == "unrolled"
     block = ViTBlock
     if REMAT_POLICIES[cfg.remat_policy] is not None:
       block = nn.remat(ViTBlock, prevent_cse=unroll, policy=REMAT_POLICIES[cfg.remat_policy])

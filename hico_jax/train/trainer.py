@@ -10,6 +10,7 @@ before anything compiles; an init checkpoint of another architecture fails befor
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import jax
 
 from hico_jax import sharding, validate
 from hico_jax.data import pipeline, shards
+from hico_jax.models import vit
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.ops import xla_options
 from hico_jax.train import checkpoint as ckpt
@@ -36,6 +38,9 @@ def train(config, workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config_json, f, indent=2)
   model_config = HiCoConfig.from_dict(dict(config.model))
+  # "auto" vision blocks made concrete for a training step: unrolled on GPUs (models/vit.py).
+  model_config = dataclasses.replace(model_config, vit=dataclasses.replace(
+      model_config.vit, block_loop=vit.training_block_loop(model_config.vit.block_loop, jax.default_backend())))
   data_config = pipeline.DataConfig.from_dict(dict(config.data))
   eval_shards = config.eval.get("shards") if config.get("eval") else None
   for path, what in ((data_config.shards, "data.shards"), (data_config.tokenizer_dir, "data.tokenizer_dir"),
