@@ -19,9 +19,8 @@ from safetensors.numpy import load_file
 from hico_jax import presets
 from hico_jax.convert import videochat_flash
 from hico_jax.convert.safetensors_io import SINGLE_FILE
-from hico_jax.models import position_tables, tome
+from hico_jax.models import position_tables, tome, vit
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
-from hico_jax.models import vit
 from hico_jax.models.vit import UMTViT
 from tests.torch_reference import videochat_flash as ref
 
