@@ -602,8 +602,12 @@ def test_init_from_a_run_saved_with_settings_no_shape_carries_names_them(synthet
   config = _trainer_config(synthetic_data)
   other = config.copy_and_resolve_references()
   other.model.llm[field] = value                  # same shapes, another model
-  (tmp_path / "other_run").mkdir()                # its config.json is all the check reads
-  (tmp_path / "other_run" / "config.json").write_text(other.to_json_best_effort())
+  saver = ckpt.Checkpointer(str(tmp_path / "other_run"))
+  # The config saved with the step is all the check reads (params are checked after compiling, by shape).
+  saver.save(1, {"params": {"x": np.zeros(2, np.float32)}}, config=json.loads(other.to_json_best_effort()),
+             force=True)
+  saver.close()
+  (tmp_path / "other_run" / "config.json").write_text(config.to_json_best_effort())   # as a later restart leaves it
 
   config.init.path = str(tmp_path / "other_run")
   configured = config.model.llm[field]

@@ -45,6 +45,12 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def saved_config(self, step: int) -> dict | None:
+    """The config saved with `step` (None for a step saved without one)."""
+    if not (self.manager.directory / str(step) / "config").exists():
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -10,7 +10,6 @@ them (`check_settings`, before anything compiles).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -39,15 +38,17 @@ UNCARRIED_LLM_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "rope_theta", "
 
 def check_settings(init, model_config):
   """Refuses an init checkpoint saved with other decoder settings than those no tensor's shape carries; reads
-  only its config (the trainer calls it before anything compiles). The fields it has are compared: a run
-  directory's config.json (written when the run started), or the HF config.json of the other kinds."""
+  only its config (the trainer calls it before anything compiles). The fields it has are compared: the config
+  saved with a run's latest step, or the HF config.json of the other kinds."""
   path, kind = init.path, init.get("kind", "run")
   if kind == "run":
+    checkpointer = ckpt.Checkpointer(path)
     try:
-      with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f).get("model", {}).get("llm", {})
-    except FileNotFoundError:
-      return                                        # a run directory from before configs were saved
+      step = checkpointer.latest_step()
+      saved = (checkpointer.saved_config(step) or {}) if step is not None else {}
+    finally:
+      checkpointer.close()
+    saved = saved.get("model", {}).get("llm", {})   # nothing to compare for steps saved without a config
   elif kind == "videochat_flash":
     saved = dataclasses.asdict(videochat_flash.hf_config_to_hico(qwen2_hf.read_config(path), path).llm)
   elif kind == "qwen2":
