@@ -32,7 +32,8 @@ def _check_same_shapes(loaded, target, where: str):
 
 # Decoder settings that no tensor's shape carries: a checkpoint saved with others loads without a shape error
 # and computes something else (Qwen2-7B and its 1M-context variant differ only in RoPE θ; 12 heads of 128 and
-# 24 of 64 have the same projection shapes).
+# 24 of 64 have the same projection shapes). Embedding tying shows in the tree only one way round (an untied
+# checkpoint has an lm_head the tied model ignores), so it is compared here too.
 UNCARRIED_LLM_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
 
 
