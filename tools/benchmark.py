@@ -5,6 +5,7 @@
   python tools/benchmark.py clip --presets hico_7b hico_7b_448 --frames 128 64
   python tools/benchmark.py train --presets hico_2b --frames 64 256 --remat dots_attn
   python tools/benchmark.py data      # CPU: decode + sample + resize frames/s per core
+  python tools/benchmark.py ceilings  # the device's bf16 matmul rate (jax, torch) and copy bandwidth
 
 `llm`: forward + backward (no optimizer) of the Qwen2 decoder, random init, bf16 compute, remat; tokens/s and
 MFU (FLOPs from tools/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
@@ -16,6 +17,10 @@ hico_jax and the independent PyTorch reference of tests/torch_reference (bf16, s
 
 `train`: a full train step of the composed model (ViT + merge + projector + LLM, AdamW, fp32 master weights,
 bf16 compute) on one row of F frames (16·F visual tokens) plus a text.
+
+`ceilings`: what this device gives before any model: a bf16 8192^3 matmul on random data through jax (XLA)
+and through torch (cuBLAS), and a device-to-device copy of 4 GiB (bytes read plus written). MFU is quoted
+against the nominal 989 TFLOP/s on every Hopper; these say how far that nominal is from this card.
 """
 
 from __future__ import annotations
@@ -253,6 +258,42 @@ def run_jax_train(case: dict) -> dict:
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
 
 
+def run_jax_ceilings(case: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+  n, repeats = 8192, 10
+  a, b = (jax.random.normal(key, (n, n), jnp.bfloat16) for key in jax.random.split(jax.random.key(0)))
+  matmul = jax.jit(lambda a, b: a @ b)
+  source = jax.random.normal(jax.random.key(1), (2**30,), jnp.float32)     # 4 GiB
+  add_one = jax.jit(lambda x: x + 1.0)   # one read and one write per element, as a copy
+  # `repeats` launches per timed call, so the wait for the result is not in the kernel's time.
+  timed = lambda fn, *args: [t / repeats for t in _time(
+      lambda: jax.block_until_ready([fn(*args) for _ in range(repeats)]), case["warmup"], case["iters"])]
+  matmul_times, copy_times = timed(matmul, a, b), timed(add_one, source)
+  return {"matmul_tflops": 2 * n**3 / statistics.median(matmul_times) / 1e12,
+          "copy_tb_s": 2 * source.nbytes / statistics.median(copy_times) / 1e12,
+          "times": matmul_times, "device": jax.devices()[0].device_kind}
+
+
+def run_torch_ceilings(case: dict) -> dict:
+  import torch
+  n, repeats = 8192, 10
+  a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+  source = torch.randn(2**30, device="cuda", dtype=torch.float32)
+  target = torch.empty_like(source)
+
+  def timed(fn):
+    def run():
+      for _ in range(repeats):
+        fn()
+      torch.cuda.synchronize()
+    return [t / repeats for t in _time(run, case["warmup"], case["iters"])]
+  matmul_times, copy_times = timed(lambda: a @ b), timed(lambda: target.copy_(source))
+  return {"matmul_tflops": 2 * n**3 / statistics.median(matmul_times) / 1e12,
+          "copy_tb_s": 2 * source.nbytes / statistics.median(copy_times) / 1e12,
+          "times": matmul_times, "device": torch.cuda.get_device_name()}
+
+
 def run_data(case: dict) -> dict:
   """Decode + sample (dynamic ~1 fps, 64-256 frames) + resize, one process on one core, from a shard of
   synthetic mp4s: the work a data worker does per sample."""
@@ -280,7 +321,8 @@ def run_data(case: dict) -> dict:
 
 
 RUNNERS = {("llm", "jax"): run_jax_llm, ("data", "cpu"): run_data, ("llm", "torch"): run_torch_llm, ("train", "jax"): run_jax_train,
-           ("clip", "jax"): run_jax_clip, ("clip", "torch"): run_torch_clip}
+           ("clip", "jax"): run_jax_clip, ("clip", "torch"): run_torch_clip,
+           ("ceilings", "jax"): run_jax_ceilings, ("ceilings", "torch"): run_torch_ceilings}
 
 
 def _run_case_in_subprocess(case: dict, timeout: int, script: str = __file__) -> dict:
@@ -304,6 +346,8 @@ def _summarise(result: dict) -> dict:
     return result
   median = statistics.median(result["times"])
   from hico_jax import presets
+  if result["section"] == "ceilings":
+    return {**result, "median_s": median}
   if result["section"] == "train":
     from hico_jax.models.hico import HiCoConfig
     config = HiCoConfig.from_dict(dict(presets.hico(result["preset"])))
@@ -357,7 +401,20 @@ def _train_table(results: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def _ceilings_table(results: list[dict]) -> str:
+  rows = ["| framework | device | bf16 8192^3 matmul TFLOP/s | of 989 | copy TB/s |", "|---|---|---|---|---|"]
+  for r in results:
+    if "error" in r:
+      rows.append(f"| {r['framework']} | {r['error']} | | | |")
+      continue
+    rows.append(f"| {r['framework']} | {r['device']} | {r['matmul_tflops']:.0f} | "
+                f"{100 * r['matmul_tflops'] / 989:.0f}% | {r['copy_tb_s']:.2f} |")
+  return "\n".join(rows)
+
+
 def _table(results: list[dict]) -> str:
+  if results and results[0]["section"] == "ceilings":
+    return _ceilings_table(results)
   if results and results[0]["section"] == "train":
     return _train_table(results)
   if results and results[0]["section"] == "clip":
@@ -380,13 +437,15 @@ def _table(results: list[dict]) -> str:
 def _cases(args) -> list[dict]:
   """Every case the command line asks for, each run in its own subprocess."""
   timing = {"warmup": args.warmup, "iters": args.iters}
+  if args.section == "ceilings":
+    return [{"section": "ceilings", "framework": framework, "warmup": 2, "iters": 5} for framework in args.frameworks]
   if args.section == "train":
     return [{"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
-             "vit_remat": args.vit_remat, "vit_norm": args.vit_norm, "options": not args.no_options,
+             "vit_remat": vit_remat, "vit_norm": args.vit_norm, "options": not args.no_options,
              "text_tokens": args.text_tokens, "loss_chunk": args.loss_chunk, "encode_chunk": args.encode_chunk,
              "vit_block_loop": loop, **timing}
             for preset in args.presets for frames in args.frames for remat in args.remat
-            for loop in args.vit_block_loop]
+            for vit_remat in args.vit_remat for loop in args.vit_block_loop]
   if args.section == "clip":
     return [{"section": "clip", "framework": framework, "preset": preset, "frames": frames, **timing,
              **({"vit_block_loop": loop} if framework == "jax" else {})}
@@ -408,14 +467,15 @@ def _cases(args) -> list[dict]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train", "data"])
+  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train", "data", "ceilings"])
   parser.add_argument("--data_dir", default="/tmp/hico_data_bench", help="data section: where the videos go")
   parser.add_argument("--videos", type=int, default=12, help="data section: synthetic videos")
   parser.add_argument("--source_px", type=int, default=448, help="data section: synthetic video size")
   parser.add_argument("--frames_per_gpu_s", type=float, default=168.0,
                       help="data section: frames/s one GPU trains on (hico_2b @256 frames: 256 / step s)")
   parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row")
-  parser.add_argument("--vit_remat", default="full", help="train section: the vision tower's remat policy")
+  parser.add_argument("--vit_remat", nargs="+", default=["full"],
+                      help="train section: the vision tower's remat policies to measure")
   parser.add_argument("--vit_norm", default="xla", choices=["xla", "pallas"],
                       help="train section: the vision tower's LayerNorm kernels (ops/layer_norm.py)")
   parser.add_argument("--no_options", action="store_true", help="train section: default XLA options only")
