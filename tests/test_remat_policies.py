@@ -7,6 +7,7 @@ block builders these tests share.
 
 import collections
 
+import jax
 import pytest
 
 from hico_jax.models import qwen2, vit
@@ -22,9 +23,11 @@ def _names(residuals) -> collections.Counter:
 @pytest.mark.parametrize("policy, expected", [
     ("attn", {"attention_out": 1}),
     ("dots_attn", {"attention_out": 1}),
+    ("qkv_attn", {"query": 1, "key": 1, "value": 1, "attention_out": 1}),
+    ("qkv_mlp_attn", {"query": 1, "key": 1, "value": 1, "mlp_hidden": 1, "attention_out": 1}),
     ("full", {}),
 ])
-def test_vision_block_keeps_its_attention_output_once(policy, expected):
+def test_vision_block_keeps_what_its_policy_names_once(policy, expected):
   config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
                          dtype="float32", remat_policy=policy)
   residuals, _ = vision_block_residuals(config)
@@ -33,6 +36,7 @@ def test_vision_block_keeps_its_attention_output_once(policy, expected):
 
 @pytest.mark.parametrize("policy, expected", [
     ("qkv_attn", {"query": 1, "key": 1, "value": 1, "attention_out": 1}),
+    ("qkv_mlp_attn", {"query": 1, "key": 1, "value": 1, "mlp_hidden": 2, "attention_out": 1}),   # gate and up
     ("attn", {"attention_out": 1}),
     ("full", {}),
 ])
@@ -41,6 +45,46 @@ def test_decoder_layer_keeps_what_its_policy_names_once(policy, expected):
                              num_kv_heads=2, head_dim=8, dtype="float32", remat_policy=policy)
   residuals, _ = decoder_layer_residuals(config, length=8)
   assert _names(residuals) == collections.Counter(expected)
+
+
+def _matmuls(jaxpr) -> int:
+  """dot_generals in a jaxpr and every jaxpr inside it (the remat's recompute is one)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "dot_general"
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _matmuls(inner)
+  return count
+
+
+def _vision_block_gradient_matmuls(policy: str) -> int:
+  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
+                         dtype="float32", remat_policy=policy)
+  x = jax.random.normal(jax.random.key(0), (2, config.clip_frames * config.tokens_per_frame, config.width))
+  block = vit.ViTBlock(config)
+  params = block.init(jax.random.key(1), x, None)
+  loss = jax.checkpoint(lambda p, x: block.apply(p, x, None)[0].sum(), policy=REMAT_POLICIES[policy])
+  return _matmuls(jax.make_jaxpr(jax.grad(loss))(params, x).jaxpr)
+
+
+def test_vision_block_recomputes_no_projection_it_keeps():
+  # attn recomputes q, k, v and fc1 (and the out projection); keeping them after their biases leaves four
+  # matmuls fewer, one fewer than qkv_attn (fc1), whatever else the block's gradient holds.
+  assert _vision_block_gradient_matmuls("attn") - _vision_block_gradient_matmuls("qkv_mlp_attn") == 4
+  assert _vision_block_gradient_matmuls("qkv_attn") - _vision_block_gradient_matmuls("qkv_mlp_attn") == 1
+
+
+def test_vision_block_keeps_the_mlp_pre_activation_and_the_attention_inputs_whole():
+  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
+                         dtype="float32", remat_policy="qkv_mlp_attn")
+  residuals, (clips, tokens, _, _) = vision_block_residuals(config)
+  shapes = {source: shape for shape, _, source in residuals if source.startswith("named '")}
+  assert shapes["named 'mlp_hidden'"] == f"float32[{clips},{tokens},{config.mlp_dim}]"
+  for name in ("query", "key", "value"):
+    assert shapes[f"named '{name}'"] == f"float32[{clips},{tokens},{config.num_heads},{config.head_dim}]"
 
 
 class _Primitive:

@@ -73,8 +73,8 @@ def main():
   if jax.default_backend() != "gpu":
     sys.exit("this check needs an NVIDIA GPU (cuDNN attention)")
   failures = []
-  for what, build, policies in (("vision block", vision_block, ("attn", "dots_attn")),
-                                ("decoder layer", decoder_layer, ("attn", "dots_attn", "qkv_attn"))):
+  for what, build, policies in (("vision block", vision_block, ("attn", "dots_attn", "qkv_mlp_attn")),
+                                ("decoder layer", decoder_layer, ("attn", "dots_attn", "qkv_attn", "qkv_mlp_attn"))):
     for policy in policies:
       kept, out_shape = build(policy)
       print(f"{what}, {policy}: {sum(b for _, b, _ in kept) / 2**20:.1f} MiB kept")
@@ -83,9 +83,9 @@ def main():
       from_kernel = [s for s in kept if "dot_product_attention_fwd" in s[2]]
       b, l, n, h = out_shape   # the fused kernel may hand its output over heads-major
       shapes = {f"[{b},{l},{n},{h}]", f"[{b},{n},{l},{h}]"}
-      # (q has the output's shape too: kept by name, or as a projection's output under the dots policies)
-      outputs = [s for s in kept if s[0][s[0].index("["):] in shapes and s[2] not in ("named 'query'",
-                                                                                      "output of dot_general")]
+      # (q, k and v have the output's shape too: kept by name, or as projection outputs under the dots policies)
+      inputs = {f"named '{name}'" for name in qwen2.ATTENTION_INPUT_NAMES} | {"output of dot_general"}
+      outputs = [s for s in kept if s[0][s[0].index("["):] in shapes and s[2] not in inputs]
       if not from_kernel:
         failures.append(f"{what}, {policy}: the fused attention forward's outputs are not kept")
       if len(outputs) != 1:

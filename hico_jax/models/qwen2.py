@@ -37,10 +37,18 @@ def _attention_outputs(prim, *args, **params):
           or jax.checkpoint_policies.save_only_these_names(attention_ops.OUTPUT_NAME)(prim, *args, **params))
 
 
-# What the backward pass may keep instead of recomputing, per decoder layer. "dots" keeps every projection
-# output (q, k, v, o, gate, up, down): most memory, least recompute; "dots_attn" also keeps the attention's
-# outputs, so nothing but elementwise work is recomputed. "qkv_attn" keeps the attention inputs and outputs,
-# recomputing the MLP. "attn" keeps only the attention outputs. "full" keeps only the layer input.
+# The names the layers give the values a policy may keep: the attention's inputs (after their biases) and the
+# MLP's pre-activations (the vision tower's fc1 output after its bias; the decoder's gate and up).
+ATTENTION_INPUT_NAMES = ("query", "key", "value")
+MLP_HIDDEN_NAME = "mlp_hidden"
+
+# What the backward pass may keep instead of recomputing, per decoder layer or vision block. "dots" keeps every
+# projection output (q, k, v, o, gate, up, down) as the matmul leaves it, before any bias: most memory, least
+# recompute; "dots_attn" also keeps the attention's outputs, so nothing but elementwise work is recomputed.
+# "qkv_attn" keeps the attention inputs and outputs, recomputing the MLP. "qkv_mlp_attn" also keeps the MLP's
+# pre-activations, so only the attention's output projection is recomputed; kept after their biases, unlike
+# "dots", so the biases stay in the matmuls' epilogues. "attn" keeps only the attention outputs. "full" keeps
+# only the layer input.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -48,7 +56,11 @@ REMAT_POLICIES = {
     "dots_attn": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _attention_outputs),
     "qkv_attn": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names("query", "key", "value"), _attention_outputs),
+        jax.checkpoint_policies.save_only_these_names(*ATTENTION_INPUT_NAMES), _attention_outputs),
+    # The vision tower's at 256 frames of 448 px on a GPU of 141 GB (an H200; docs/benchmarks.md): it keeps
+    # 7 of the block's 12 activation widths, ~62 GB over the 23 blocks, that `attn` recomputes.
+    "qkv_mlp_attn": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(*ATTENTION_INPUT_NAMES, MLP_HIDDEN_NAME), _attention_outputs),
     # Only the attention's outputs: for the vision tower at 448 px, where attention is a third of the FLOPs
     # and saving every projection would not fit.
     "attn": _attention_outputs,
@@ -142,9 +154,10 @@ class Attention(nn.Module):
   def __call__(self, x, meta, kv_cache):
     q, k = self.query_key(x, meta["cos"], meta["sin"])
     v = self.v_proj(x)
-    q = checkpoint_name(constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim")), "query")
-    k = checkpoint_name(constrain(k, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "key")
-    v = checkpoint_name(constrain(v, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), "value")
+    query, key, value = ATTENTION_INPUT_NAMES
+    q = checkpoint_name(constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim")), query)
+    k = checkpoint_name(constrain(k, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), key)
+    v = checkpoint_name(constrain(v, ("act_batch", "act_len", "act_kv_heads", "act_head_dim")), value)
 
     q_slots, kv_slots, kv_segment_ids = meta["slots"], meta["slots"], meta["segment_ids"]
     keys, values = k, v
@@ -176,8 +189,8 @@ class MLP(nn.Module):
     dense = lambda features, names, name: nn.Dense(
         features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         kernel_init=normal_init(names), name=name)
-    gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    gate = checkpoint_name(dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x), MLP_HIDDEN_NAME)
+    up = checkpoint_name(dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x), MLP_HIDDEN_NAME)
     hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
     return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
 

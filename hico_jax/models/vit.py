@@ -14,11 +14,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from hico_jax.models import position_tables
 from hico_jax.models.layers import (LayerNorm, Projection, add_bias, constrain, dataclass_from_dict, exact_gelu,
                                     normal_init)
-from hico_jax.models.qwen2 import DTYPES, REMAT_POLICIES
+from hico_jax.models.qwen2 import ATTENTION_INPUT_NAMES, DTYPES, MLP_HIDDEN_NAME, REMAT_POLICIES
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import layer_norm as layer_norm_ops
 
@@ -119,6 +120,7 @@ class ViTBlock(nn.Module):
                                    (cfg.num_heads, cfg.head_dim), param_dtype).astype(dtype)
     # BEiT-style biases: q and v only; k's bias is fixed at zero and is no parameter.
     q, v = add_bias(q, bias("q_bias")), add_bias(v, bias("v_bias"))
+    q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ATTENTION_INPUT_NAMES))
     out = attention_ops.attention(q, k, v, impl=cfg.attention_impl, causal=False)
     out = constrain(out, ("act_clips", None, "act_heads", "act_head_dim"))
     out = Projection("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width), ("heads", "head_dim", "embed"),
@@ -128,7 +130,7 @@ class ViTBlock(nn.Module):
     h = norm("norm2")(x)
     h = Projection("bld,df->blf", (cfg.width, cfg.mlp_dim), ("embed", "mlp"), ("mlp",), dtype, param_dtype,
                    name="fc1")(h)
-    h = constrain(exact_gelu(h), ("act_clips", None, "act_mlp"))
+    h = constrain(exact_gelu(checkpoint_name(h, MLP_HIDDEN_NAME)), ("act_clips", None, "act_mlp"))
     h = Projection("blf,fd->bld", (cfg.mlp_dim, cfg.width), ("mlp", "embed"), ("embed",), dtype, param_dtype,
                    name="fc2")(h)
     return constrain(x + h, ("act_clips", None, "act_emb")), None
