@@ -92,7 +92,7 @@ class _Primitive:
     self.name = name
 
 
-@pytest.mark.parametrize("policy", ["attn", "dots_attn", "qkv_attn"])
+@pytest.mark.parametrize("policy", ["attn", "dots_attn", "qkv_attn", "qkv_mlp_attn"])
 def test_attention_keeping_policies_keep_the_fused_cudnn_forward(policy):
   # The name jax gives the cuDNN flash-attention forward (jax/_src/cudnn/fused_attention_stablehlo.py).
   assert REMAT_POLICIES[policy](_Primitive("dot_product_attention_fwd_wrapper"))
