@@ -438,7 +438,7 @@ def _cases(args) -> list[dict]:
   """Every case the command line asks for, each run in its own subprocess."""
   timing = {"warmup": args.warmup, "iters": args.iters}
   if args.section == "ceilings":
-    return [{"section": "ceilings", "framework": framework, "warmup": 2, "iters": 5} for framework in args.frameworks]
+    return [{"section": "ceilings", "framework": framework, **timing} for framework in args.frameworks]
   if args.section == "train":
     return [{"section": "train", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
              "vit_remat": vit_remat, "vit_norm": args.vit_norm, "options": not args.no_options,
