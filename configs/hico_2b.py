@@ -21,8 +21,8 @@ def get_config(arg=None):
   stage = arg or "stage3"
   model = presets.hico("hico_2b", remat_policy="dots_attn")
   # 448 px clips, up to 512 frames a row: keep only each block's input. "attn" (also keep the attention
-  # outputs) is ~7% faster where its 11 GB more per 64 clips on a device fit; on an H200 (141 GB) at 256
-  # frames a device, "qkv_attn" is 2-3% faster again (84.5 GiB in all; docs/benchmarks.md, full train step).
+  # outputs) is ~7% faster where its 11 GB more per 64 clips on a device fit, and on an H200 "qkv_attn" or
+  # "qkv_mlp_attn" faster again (docs/benchmarks.md, full train step).
   model.vit.remat_policy = "full"
   c = recipe.stage_config(stage, model, shards="/data/shards", tokenizer_dir="/models/tokenizer",
                           batch_size=512 if stage == "stage1" else 256, total_steps=1000)

@@ -77,6 +77,42 @@ def test_vision_block_recomputes_no_projection_it_keeps():
   assert _vision_block_gradient_matmuls("qkv_attn") - _vision_block_gradient_matmuls("qkv_mlp_attn") == 1
 
 
+def _named_value_sources(fn, params, *args) -> dict[str, tuple[set[str], set[str]]]:
+  """checkpoint name -> (the parameters the named value depends on, the primitives upstream of it), read off
+  the forward jaxpr: where in the computation each name sits."""
+  closed = jax.make_jaxpr(fn)(params, *args)
+  param_paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  upstream = {var: ({path}, set()) for var, path in zip(closed.jaxpr.invars, param_paths)}
+  named = {}
+  for eqn in closed.jaxpr.eqns:
+    sources, primitives = set(), {eqn.primitive.name}
+    for var in eqn.invars:
+      if not hasattr(var, "val") and var in upstream:   # literals (constants) have a value and no source
+        sources |= upstream[var][0]
+        primitives |= upstream[var][1]
+    if eqn.primitive.name == "name":
+      named[eqn.params["name"]] = (sources, primitives - {"name"})
+    for var in eqn.outvars:
+      upstream[var] = (sources, primitives)
+  return named
+
+
+def test_vision_block_names_q_v_and_the_mlp_pre_activation_after_their_biases_and_before_the_gelu():
+  # Named before a bias, the kept value would be the bare matmul output and the bias add would run again in
+  # the backward pass, outside the GEMM's epilogue (what `dots` does).
+  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
+                         dtype="float32")
+  x = jax.random.normal(jax.random.key(0), (2, config.clip_frames * config.tokens_per_frame, config.width))
+  block = vit.ViTBlock(config)
+  params = block.init(jax.random.key(1), x, None)
+  named = _named_value_sources(lambda p, x: block.apply(p, x, None)[0], params, x)
+  depends_on = lambda name, param: any(f"['{param}']" in path for path in named[name][0])
+  assert depends_on("query", "q_bias") and depends_on("value", "v_bias")
+  assert not depends_on("key", "q_bias") and not depends_on("key", "v_bias")   # k has no bias
+  assert any("['fc1']['bias']" in path for path in named["mlp_hidden"][0])
+  assert "erf" not in named["mlp_hidden"][1]   # before the GELU
+
+
 def test_vision_block_keeps_the_mlp_pre_activation_and_the_attention_inputs_whole():
   config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
                          dtype="float32", remat_policy="qkv_mlp_attn")

@@ -73,7 +73,7 @@ def main():
   if jax.default_backend() != "gpu":
     sys.exit("this check needs an NVIDIA GPU (cuDNN attention)")
   failures = []
-  for what, build, policies in (("vision block", vision_block, ("attn", "dots_attn", "qkv_mlp_attn")),
+  for what, build, policies in (("vision block", vision_block, ("attn", "dots_attn", "qkv_attn", "qkv_mlp_attn")),
                                 ("decoder layer", decoder_layer, ("attn", "dots_attn", "qkv_attn", "qkv_mlp_attn"))):
     for policy in policies:
       kept, out_shape = build(policy)

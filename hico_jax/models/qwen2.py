@@ -57,9 +57,8 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _attention_outputs),
     "qkv_attn": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names(*ATTENTION_INPUT_NAMES), _attention_outputs),
-    # Seven of the vision block's activation widths that `attn` recomputes. On an H200 (141 GB) beside the
-    # 1.5B decoder: 64 frames 5% faster than `attn` for 18 GiB more; 256 frames do not fit, where `qkv_attn`
-    # (three widths, 26 GiB) is 2-3% faster (docs/benchmarks.md, the train step on an H200).
+    # Seven of the vision block's twelve activation widths, all that `attn` remakes but the out projection's:
+    # for GPUs with memory to spare (which policy where: docs/benchmarks.md, the train step on an H200).
     "qkv_mlp_attn": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names(*ATTENTION_INPUT_NAMES, MLP_HIDDEN_NAME), _attention_outputs),
     # Only the attention's outputs: for the vision tower at 448 px, where attention is a third of the FLOPs
