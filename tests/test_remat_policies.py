@@ -20,6 +20,19 @@ def _names(residuals) -> collections.Counter:
   return collections.Counter(source.split("'")[1] for _, _, source in residuals if source.startswith("named '"))
 
 
+def _tiny_vit(policy: str = "none") -> vit.ViTConfig:
+  return vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64, dtype="float32",
+                       remat_policy=policy)
+
+
+def _tiny_vision_block(policy: str = "none"):
+  """(block, params, x) for one vision block of _tiny_vit(policy) on two clips."""
+  config = _tiny_vit(policy)
+  x = jax.random.normal(jax.random.key(0), (2, config.clip_frames * config.tokens_per_frame, config.width))
+  block = vit.ViTBlock(config)
+  return block, block.init(jax.random.key(1), x, None), x
+
+
 @pytest.mark.parametrize("policy, expected", [
     ("attn", {"attention_out": 1}),
     ("dots_attn", {"attention_out": 1}),
@@ -28,9 +41,7 @@ def _names(residuals) -> collections.Counter:
     ("full", {}),
 ])
 def test_vision_block_keeps_what_its_policy_names_once(policy, expected):
-  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
-                         dtype="float32", remat_policy=policy)
-  residuals, _ = vision_block_residuals(config)
+  residuals, _ = vision_block_residuals(_tiny_vit(policy))
   assert _names(residuals) == collections.Counter(expected)
 
 
@@ -61,11 +72,7 @@ def _matmuls(jaxpr) -> int:
 
 
 def _vision_block_gradient_matmuls(policy: str) -> int:
-  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
-                         dtype="float32", remat_policy=policy)
-  x = jax.random.normal(jax.random.key(0), (2, config.clip_frames * config.tokens_per_frame, config.width))
-  block = vit.ViTBlock(config)
-  params = block.init(jax.random.key(1), x, None)
+  block, params, x = _tiny_vision_block(policy)
   loss = jax.checkpoint(lambda p, x: block.apply(p, x, None)[0].sum(), policy=REMAT_POLICIES[policy])
   return _matmuls(jax.make_jaxpr(jax.grad(loss))(params, x).jaxpr)
 
@@ -100,11 +107,7 @@ def _named_value_sources(fn, params, *args) -> dict[str, tuple[set[str], set[str
 def test_vision_block_names_q_v_and_the_mlp_pre_activation_after_their_biases_and_before_the_gelu():
   # Named before a bias, the kept value would be the bare matmul output and the bias add would run again in
   # the backward pass, outside the GEMM's epilogue (what `dots` does).
-  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
-                         dtype="float32")
-  x = jax.random.normal(jax.random.key(0), (2, config.clip_frames * config.tokens_per_frame, config.width))
-  block = vit.ViTBlock(config)
-  params = block.init(jax.random.key(1), x, None)
+  block, params, x = _tiny_vision_block()
   named = _named_value_sources(lambda p, x: block.apply(p, x, None)[0], params, x)
   depends_on = lambda name, param: any(f"['{param}']" in path for path in named[name][0])
   assert depends_on("query", "q_bias") and depends_on("value", "v_bias")
@@ -114,8 +117,7 @@ def test_vision_block_names_q_v_and_the_mlp_pre_activation_after_their_biases_an
 
 
 def test_vision_block_keeps_the_mlp_pre_activation_and_the_attention_inputs_whole():
-  config = vit.ViTConfig(image_size=32, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64,
-                         dtype="float32", remat_policy="qkv_mlp_attn")
+  config = _tiny_vit("qkv_mlp_attn")
   residuals, (clips, tokens, _, _) = vision_block_residuals(config)
   shapes = {source: shape for shape, _, source in residuals if source.startswith("named '")}
   assert shapes["named 'mlp_hidden'"] == f"float32[{clips},{tokens},{config.mlp_dim}]"
