@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing may reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA:CPU executables loaded from JAX's persistent compilation cache abort the process now and then (seen here,
+# docs/benchmarks.md "The CPU test suite"): no test may run with one, even where a developer's shell sets it.
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import jax  # noqa: E402
 
