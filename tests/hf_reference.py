@@ -29,3 +29,30 @@ def make_hf_qwen2(out_dir, *, vocab=320, hidden=64, inter=112, layers=2, heads=4
   os.makedirs(out_dir, exist_ok=True)
   model.save_pretrained(out_dir)
   return model
+
+
+VISION_KEY_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
+
+
+def videochat_flash_reference(path, config):
+  """The independent pair for a VideoChat-Flash checkpoint our save wrote to `path` (official layout, one
+  model.safetensors): the torch clip encoder and a transformers Qwen2ForCausalLM, each loaded from the saved
+  tensors by key name. `config`: the hico.HiCoConfig it was saved from (sizes only)."""
+  from safetensors.numpy import load_file
+  from tests.torch_reference.videochat_flash import ClipEncoder, load_official
+
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  vit, lm = config.vit, config.llm
+  encoder = ClipEncoder(image_size=vit.image_size, width=vit.width, depth=vit.depth, heads=vit.num_heads,
+                        mlp_dim=vit.mlp_dim, hidden=lm.hidden_size).eval()
+  load_official(encoder.encoder, encoder.projector, tensors, allow_other_keys=True)
+  hf_config = transformers.Qwen2Config(
+      vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
+      num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
+      head_dim=lm.head_dim, rope_theta=lm.rope_theta, rms_norm_eps=lm.rms_norm_eps,
+      tie_word_embeddings=lm.tie_word_embeddings, max_position_embeddings=lm.max_position_embeddings)
+  hf_config._attn_implementation = "eager"
+  llm = transformers.Qwen2ForCausalLM(hf_config).eval()
+  llm.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items() if not k.startswith(VISION_KEY_PREFIXES)},
+                      strict=not lm.tie_word_embeddings)
+  return encoder, llm

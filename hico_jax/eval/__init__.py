@@ -1,0 +1,1 @@
+"""Long-context evaluations: needle in a video haystack (niah)."""

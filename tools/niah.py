@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Needle in a video haystack, single- or multi-hop, as the reference evaluates it (hico_jax/eval/niah.py).
+
+  python tools/niah.py single --model DIR --haystack video_haystack.mkv \
+      --needles niah-coco-singlehop_20.json --image_root DIR --min_frame_num 1000 --max_frame_num 10000 \
+      --frame_interval 1000 --depth_interval 0.2 --out single.json --attention_impl cudnn
+  python tools/niah.py multi --model DIR --haystack video_haystack.mkv \
+      --needles niah-coco-multihop-100.json --image_root DIR ... --out multi.json
+
+--model: a VideoChat-Flash checkpoint (official layout, with tokenizer.json). The needle files are the
+reference's: single-hop records {"question", "answer", "image"}, multi-hop {"images", "question1", "answer1",
+"question2", "answer2"}, image paths relative to --image_root. The haystack is sampled at one frame a second;
+a video shorter than --max_frame_num frames is repeated, as the reference repeats its 5,000 frames to reach
+10,000. For the reference's 160k-token prompts set the checkpoint's rope scaling as the reference does and
+use --attention_impl cudnn on a GPU. Writes the reference's result records (per frame count, and per depth
+for single-hop) to --out as JSON, and prints them and their mean.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("kind", choices=("single", "multi"))
+  parser.add_argument("--model", required=True, help="VideoChat-Flash checkpoint directory")
+  parser.add_argument("--haystack", required=True, help="the haystack video")
+  parser.add_argument("--needles", required=True, help="the reference's needle JSON file")
+  parser.add_argument("--image_root", default="", help="directory the needle image paths are relative to")
+  parser.add_argument("--min_frame_num", type=int, default=20)
+  parser.add_argument("--max_frame_num", type=int, default=256)
+  parser.add_argument("--frame_interval", type=int, default=20)
+  parser.add_argument("--depth_interval", type=float, default=0.1, help="single-hop only")
+  parser.add_argument("--attention_impl", default=None, help="the decoder's attention for the long prompts "
+                      "(cudnn on GPUs); default: the checkpoint's")
+  parser.add_argument("--out", required=True, help="JSON file for the result records")
+  return parser.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+  print(f"niah: {message}", file=sys.stderr)
+  return 2
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  if not 0 < args.min_frame_num <= args.max_frame_num or args.frame_interval < 1:
+    return _fail(f"frame counts {args.min_frame_num}..{args.max_frame_num} step {args.frame_interval}: need "
+                 "0 < min <= max and step >= 1")
+  if args.kind == "single" and not 0 < args.depth_interval <= 1:
+    return _fail(f"--depth_interval must be in (0, 1], got {args.depth_interval}")
+  for name in ("model", "haystack", "needles"):
+    if not os.path.exists(getattr(args, name)):
+      return _fail(f"--{name} {getattr(args, name)} does not exist")
+
+  import cv2
+  import numpy as np
+
+  import hico_jax
+  from hico_jax.data import tokenizer as tokenizer_lib
+  from hico_jax.data import video as video_lib
+  from hico_jax.eval import niah
+
+  try:
+    with open(args.needles) as f:
+      items = json.load(f)
+    keys = ("question", "answer", "image") if args.kind == "single" else (
+        "images", "question1", "answer1", "question2", "answer2")
+    for i, item in enumerate(items):
+      missing = [k for k in keys if k not in item]
+      if missing:
+        return _fail(f"{args.needles} record {i} has no {missing} (a {args.kind}-hop record needs {list(keys)})")
+
+    model = hico_jax.from_pretrained(args.model, visual_dropout=None)
+    if not model.is_video_model:
+      return _fail(f"{args.model} is a plain Qwen2 language model; NIAH needs a VideoChat-Flash checkpoint")
+    llm_config = model.config.llm
+    if args.attention_impl:
+      llm_config = dataclasses.replace(llm_config, attention_impl=args.attention_impl)
+      llm_config.check()
+    evaluator = niah.Evaluator(model.config, model.params, tokenizer_lib.load_tokenizer(args.model), llm_config)
+
+    def image(path):
+      frame = cv2.imread(os.path.join(args.image_root, path), cv2.IMREAD_COLOR)
+      if frame is None:
+        raise video_lib.VideoDecodeError(f"needle image {os.path.join(args.image_root, path)} does not decode")
+      return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+    if args.kind == "single":
+      needles = [evaluator.encode_needle(image(item["image"])) for item in items]
+    else:
+      needles = [[evaluator.encode_needle(image(p)) for p in item["images"]] for item in items]
+    haystack = evaluator.encode_haystack(niah.haystack_chunks(args.haystack), args.max_frame_num)
+  except (ValueError, FileNotFoundError) as e:     # VideoDecodeError is a ValueError
+    return _fail(str(e))
+  if len(haystack) < args.max_frame_num:
+    print(f"niah: the haystack has {len(haystack)} frames at 1 fps; repeating it to {args.max_frame_num}")
+    haystack = np.concatenate([haystack] * -(-args.max_frame_num // len(haystack)))[:args.max_frame_num]
+
+  frame_counts = range(args.min_frame_num, args.max_frame_num + 1, args.frame_interval)
+  if args.kind == "single":
+    depths = np.arange(0, 1 + args.depth_interval, args.depth_interval)     # the reference's grid, 1.0 included
+    results = niah.single_hop(evaluator, haystack, needles, items, frame_counts, depths, log=print)
+  else:
+    results = niah.multi_hop(evaluator, haystack, needles, items, frame_counts, log=print)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out + ".tmp", "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(args.out + ".tmp", args.out)
+  print(f"mean score {np.mean([r['Score'] for r in results]):.4f} over {len(results)} records -> {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
