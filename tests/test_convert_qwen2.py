@@ -280,16 +280,17 @@ def test_unknown_config_field_is_named(bad):
   assert "foo_bar" in _load_error(bad)
 
 
-YARN = {"factor": 4.0, "original_max_position_embeddings": 32768}
+# YaRN is implemented (tests/test_rope_scaling.py); these RoPE kinds are not.
+SCALED = {"factor": 4.0}
 
 
 @pytest.mark.parametrize("fields,named", [
     ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
     ({"use_sliding_window": True}, ["use_sliding_window"]),
-    ({"rope_scaling": {"type": "yarn", **YARN}}, ["rope_scaling", "yarn"]),
-    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", **YARN}}, ["rope_type", "yarn"]),
+    ({"rope_scaling": {"type": "dynamic", **SCALED}}, ["rope_scaling", "dynamic"]),
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "linear", **SCALED}}, ["rope_type", "linear"]),
     # transformers 5 reads the legacy key "type" inside rope_parameters as the rope type
-    ({"rope_parameters": {"rope_theta": 1e6, "type": "yarn", **YARN}}, ["rope_parameters", "yarn"]),
+    ({"rope_parameters": {"rope_theta": 1e6, "type": "llama3", **SCALED}}, ["rope_parameters", "llama3"]),
     ({"layer_types": ["full_attention", "sliding_attention"]}, ["layer_types", "sliding_attention"]),
 ], ids=["hidden_act", "sliding_window", "rope_scaling", "rope_type", "legacy_type_key",
         "layer_types"])

@@ -18,15 +18,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import torch
-import transformers
 from safetensors import safe_open
-from safetensors.numpy import load_file
 
 import hico_jax
 from hico_jax import VIDEO_TOKEN_ID, api, presets, sharding
 from hico_jax.convert import videochat_flash
 from hico_jax.models import hico
-from tests.torch_reference.videochat_flash import ClipEncoder, load_official
+from tests.hf_reference import videochat_flash_reference
 
 VOCAB, HIDDEN = 320, 64
 
@@ -239,9 +237,6 @@ def test_packed_row_gets_sample_1s_tokens_then_sample_2s(tiny):
 # ----------------------------------------------------------------------------------------------------------
 # 4. End to end against torch ClipEncoder + transformers Qwen2
 
-_VISION_KEYS = ("model.vision_tower.", "model.mm_projector.")
-
-
 @pytest.fixture(scope="module")
 def saved_224(tmp_path_factory):
   """A tiny untied HiCo at 224 px (a released tower size, so the official layout can name it), saved through
@@ -253,26 +248,10 @@ def saved_224(tmp_path_factory):
   return path, config, params
 
 
-def _reference_models(path):
-  """torch ClipEncoder and transformers Qwen2ForCausalLM, each loaded from the saved tensors by key name."""
-  tensors = load_file(os.path.join(path, "model.safetensors"))
-  encoder = ClipEncoder(image_size=224, width=128, depth=2, heads=2, mlp_dim=256, hidden=HIDDEN).eval()
-  load_official(encoder.encoder, encoder.projector, tensors, allow_other_keys=True)
-  config = transformers.Qwen2Config(
-      vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
-      max_position_embeddings=32768)
-  config._attn_implementation = "eager"
-  llm = transformers.Qwen2ForCausalLM(config).eval()
-  llm.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items() if not k.startswith(_VISION_KEYS)},
-                      strict=True)
-  return encoder, llm
-
-
 def test_reloaded_model_matches_torch_clip_encoder_and_transformers_logits_and_greedy_ids(saved_224):
-  path, _, _ = saved_224
+  path, config, _ = saved_224
   model = hico_jax.from_pretrained(str(path))
-  encoder, llm = _reference_models(path)
+  encoder, llm = videochat_flash_reference(path, config)
 
   rng = np.random.default_rng(6)
   frames, length = 8, 24

@@ -10,6 +10,7 @@ import numpy as np
 from hico_jax.convert import table
 from hico_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
 from hico_jax.models.qwen2 import Qwen2Config
+from hico_jax.ops.rope import YarnScaling
 
 
 def rules(config: Qwen2Config, prefix: str = "model.") -> list[table.Rule]:
@@ -103,8 +104,9 @@ _INERT_FIELDS = {
     "tokenizer_class", "generation_config", "is_decoder", "use_return_dict",
 }
 # Fields that change the architecture, with the only value we implement.
-_REQUIRED_VALUES = {"hidden_act": "silu", "use_sliding_window": False, "rope_scaling": None,
-                    "use_mrope": False}
+_REQUIRED_VALUES = {"hidden_act": "silu", "use_sliding_window": False, "use_mrope": False}
+# The RoPE kinds (rope_type) the decoder computes; linear, dynamic, llama3, longrope... are refused.
+_ROPE_TYPES = ("default", "yarn")
 
 
 def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str = "config.json") -> dict:
@@ -113,10 +115,14 @@ def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str
   for field, value in _REQUIRED_VALUES.items():
     if field in hf and hf[field] != value and not (value is False and hf[field] is None):
       raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
-  rope = hf.get("rope_parameters") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))  # transformers reads the legacy "type" too
-  if rope_type != "default":
-    raise ValueError(f"{where}: rope_parameters.rope_type = {rope_type!r} is not supported (only 'default')")
+  # transformers takes rope_scaling (4.x's name) over rope_parameters (5.x's), and the legacy key "type" where
+  # "rope_type" is absent.
+  source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  rope = dict(hf.get(source) or {})
+  rope_type = rope.pop("rope_type", rope.get("type", "default"))
+  rope.pop("type", None)
+  if rope_type not in _ROPE_TYPES:
+    raise ValueError(f"{where}: {source}.rope_type = {rope_type!r} is not supported (only {_ROPE_TYPES})")
   layer_types = hf.get("layer_types") or []
   if any(t != "full_attention" for t in layer_types):
     raise ValueError(f"{where}: layer_types {sorted(set(layer_types))} is not supported (only 'full_attention')")
@@ -124,7 +130,7 @@ def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str
     raise ValueError(f"{where}: attention_dropout = {hf['attention_dropout']} is not supported (only 0)")
 
   known = {name for name, _ in _SIZE_FIELDS} | _INERT_FIELDS | set(_REQUIRED_VALUES) | {
-      "rope_theta", "rope_parameters", "layer_types"} | set(extra_known)
+      "rope_theta", "rope_parameters", "rope_scaling", "layer_types"} | set(extra_known)
   unknown = sorted(set(hf) - known)
   if unknown:
     raise ValueError(f"{where}: unknown field(s) {unknown}: hico_jax cannot tell whether they change the "
@@ -137,10 +143,21 @@ def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str
   fields.setdefault("num_kv_heads", hf["num_attention_heads"])
   fields.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
   # transformers 5 keeps theta in rope_parameters; 4.x files have it at the top level.
-  theta = rope.get("rope_theta", hf.get("rope_theta"))
+  theta = rope.pop("rope_theta", hf.get("rope_theta"))
   if theta is None:
-    raise ValueError(f"{where}: no rope_theta (neither rope_parameters.rope_theta nor rope_theta)")
+    raise ValueError(f"{where}: no rope_theta (neither {source}.rope_theta nor rope_theta)")
   fields["rope_theta"] = float(theta)
+  if rope_type == "yarn":
+    # transformers' YaRN would rotate only part of the head, which its Qwen2 attention cannot apply.
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+      raise ValueError(f"{where}: {source}.partial_rotary_factor = {hf[source]['partial_rotary_factor']!r} is "
+                       "not supported (Qwen2 rotates the whole head: only 1.0)")
+    try:
+      # Built here, where max_position_embeddings is the file's (the default for a missing original one).
+      fields["rope_scaling"] = YarnScaling.from_dict(
+          rope, hf.get("max_position_embeddings", Qwen2Config.max_position_embeddings))
+    except ValueError as e:
+      raise ValueError(f"{where}: {source}: {e}") from None
   fields.setdefault("tie_word_embeddings", False)
   return fields
 
@@ -154,6 +171,12 @@ def dict_to_hf_config(config: Qwen2Config, dtype: str) -> dict:
       rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"},
       dtype=dtype, torch_dtype=dtype, use_cache=True,
       initializer_range=0.02)
+  if config.rope_scaling is not None:
+    scaling = {"rope_type": "yarn", **config.rope_scaling.to_dict()}
+    hf["rope_parameters"].update(scaling)
+    # 4.x reads only rope_scaling (VideoChat-Flash's own code its "type"); 5.x prefers it to rope_parameters
+    # and takes theta from the top-level rope_theta, so every reader sees the same RoPE.
+    hf["rope_scaling"] = {"type": "yarn", **scaling}
   return hf
 
 

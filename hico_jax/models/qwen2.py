@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5 decoder in Flax linen, weight-compatible with transformers' Qwen2ForCausalLM.
 
-RMSNorm in float32, rotate-half RoPE with configurable theta, grouped-query attention with q/k/v bias, SwiGLU
+RMSNorm in float32, rotate-half RoPE (configurable theta, YaRN), grouped-query attention with q/k/v bias, SwiGLU
 MLP, tied or untied head. The layers' parameters are stacked along a leading axis and run as a `lax.scan`
 (compile time independent of depth) under `jax.checkpoint` with the policy the config names; progressive
 visual dropout (hico_jax.models.visual_dropout) splits the stack into stages between drops. Every parameter
@@ -85,6 +85,20 @@ class Qwen2Config:
   remat_policy: str = "full"
   attention_impl: str = "xla"      # xla | cudnn | ring | all_gather (hico_jax.ops.attention)
   attention_block_impl: str = "xla"   # ring / all_gather per-block kernel: xla | cudnn | splash
+  # None: plain RoPE. YaRN (rope.YarnScaling, or its config.json dict) stretches it past the trained context.
+  rope_scaling: rope.YarnScaling | None = None
+
+  def __post_init__(self):
+    # A dict arrives from config.json, a ConfigDict or a saved run config; jit needs the config hashable,
+    # and a bad factor should fail here, not at the first trace.
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, rope.YarnScaling):
+      if not hasattr(self.rope_scaling, "keys"):
+        raise ValueError(f"rope_scaling must be None, a YarnScaling or a dict, got {self.rope_scaling!r}")
+      try:
+        scaling = rope.YarnScaling.from_dict(self.rope_scaling, self.max_position_embeddings)
+      except ValueError as e:
+        raise ValueError(f"rope_scaling: {e}") from None
+      object.__setattr__(self, "rope_scaling", scaling)
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "Qwen2Config":
@@ -366,7 +380,7 @@ class Qwen2ForCausalLM(nn.Module):
     return logits, aux
 
   def _meta(self, segment_ids, positions, slots):
-    cos, sin = rope.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+    cos, sin = rope.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
     return {"cos": cos, "sin": sin, "segment_ids": segment_ids, "slots": slots}
 
   def _layer_params(self, start, stop):
@@ -396,7 +410,7 @@ class Qwen2ForCausalLM(nn.Module):
       keep = visual_dropout.uniform_keep(state, dropout.ratios, drop_stage)
     else:
       # The next layer's view of the (detached) hidden states at the current positions.
-      cos, sin = rope.rope_cos_sin(state.positions, cfg.head_dim, cfg.rope_theta)
+      cos, sin = rope.rope_cos_sin(state.positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
       params = jax.tree.map(lambda p: p[next_layer], nn.meta.unbox(self.layers.variables["params"]))
       q, k = DecoderLayer(cfg, parent=None).apply({"params": params}, jax.lax.stop_gradient(hidden), cos, sin,
                                                   method=DecoderLayer.attention_query_key)
