@@ -178,7 +178,9 @@ def test_tool_writes_the_references_records_over_its_frame_and_depth_grid(saved_
   assert all(r["Score"] in (0.0, 1.0) for r in records)              # one question: right or wrong
 
   out = niah_files / "multi_out.json"
-  assert niah_tool.main(["multi", *common, "--needles", str(niah_files / "multi.json"), "--out", str(out)]) == 0
+  # With the reference's YaRN (here over an original context of 64 positions, which the prompts pass).
+  assert niah_tool.main(["multi", *common, "--needles", str(niah_files / "multi.json"), "--out", str(out),
+                         "--yarn_factor", "4", "--yarn_original_max_positions", "64"]) == 0
   records = json.loads(out.read_text())
   assert [r["Num. Frame"] for r in records] == [8, 16]
   for r in records:
@@ -187,7 +189,7 @@ def test_tool_writes_the_references_records_over_its_frame_and_depth_grid(saved_
     assert r["Score"] == (r["Caption Score"] + r["QA Score"]) / 2
 
 
-def test_tool_names_a_missing_needle_image_a_bad_record_and_a_text_only_model(saved_model, niah_files, capsys,
+def test_tool_names_a_missing_needle_image_a_bad_record_a_bad_yarn_factor_and_a_text_only_model(saved_model, niah_files, capsys,
                                                                               tmp_path):
   path = saved_model[0]
   common = ["--model", str(path), "--haystack", str(niah_files / "haystack.mp4"), "--out", str(tmp_path / "o.json"),
@@ -197,6 +199,9 @@ def test_tool_names_a_missing_needle_image_a_bad_record_and_a_text_only_model(sa
   assert "a.png does not decode" in capsys.readouterr().err
   assert niah_tool.main(["multi", *common, "--needles", str(niah_files / "single.json")]) == 2
   assert "record 0 has no ['images', 'question1'" in capsys.readouterr().err
+  assert niah_tool.main(["single", *common, "--needles", str(niah_files / "single.json"),
+                         "--image_root", str(niah_files), "--yarn_factor", "0.5"]) == 2
+  assert "YaRN factor must be >= 1, got 0.5" in capsys.readouterr().err
   qwen_dir = tmp_path / "qwen"
   make_hf_qwen2(qwen_dir)
   assert niah_tool.main(["single", *common, "--model", str(qwen_dir), "--needles",

@@ -11,8 +11,8 @@
 reference's: single-hop records {"question", "answer", "image"}, multi-hop {"images", "question1", "answer1",
 "question2", "answer2"}, image paths relative to --image_root. The haystack is sampled at one frame a second;
 a video shorter than --max_frame_num frames is repeated, as the reference repeats its 5,000 frames to reach
-10,000. For the reference's 160k-token prompts set the checkpoint's rope scaling as the reference does and
-use --attention_impl cudnn on a GPU. Writes the reference's result records (per frame count, and per depth
+10,000. For the reference's 160k-token prompts use its rope scaling (--yarn_factor 4, or rope_scaling in
+config.json) and --attention_impl cudnn on a GPU. Writes the reference's result records (per frame count, and per depth
 for single-hop) to --out as JSON, and prints them and their mean.
 """
 
@@ -38,6 +38,9 @@ def _parse(argv):
   parser.add_argument("--depth_interval", type=float, default=0.1, help="single-hop only")
   parser.add_argument("--attention_impl", default=None, help="the decoder's attention for the long prompts "
                       "(cudnn on GPUs); default: the checkpoint's")
+  parser.add_argument("--yarn_factor", type=float, default=None,
+                      help="YaRN rope scaling for the decoder, as the reference sets it in config.json (4)")
+  parser.add_argument("--yarn_original_max_positions", type=int, default=32768)
   parser.add_argument("--out", required=True, help="JSON file for the result records")
   return parser.parse_args(argv)
 
@@ -83,6 +86,10 @@ def main(argv=None) -> int:
     if args.attention_impl:
       llm_config = dataclasses.replace(llm_config, attention_impl=args.attention_impl)
       llm_config.check()
+    if args.yarn_factor is not None:
+      llm_config = dataclasses.replace(llm_config, rope_scaling={
+          "rope_type": "yarn", "factor": args.yarn_factor,
+          "original_max_position_embeddings": args.yarn_original_max_positions})
     evaluator = niah.Evaluator(model.config, model.params, tokenizer_lib.load_tokenizer(args.model), llm_config)
 
     def image(path):
