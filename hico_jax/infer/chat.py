@@ -1,0 +1,164 @@
+"""Chat with a video the way the reference's HF `chat()` does it, for a loaded model.
+
+The reference (`modeling_videochat_flash.py`, `VideoChatFlashQwenForCausalLM.chat`, and the `qwen_2` template of
+`conversation.py`; shared/reference/videochat_flash.md §5) does, per question:
+
+1. `load_video(video_path, max_num_frames=512)`: dynamic_fps1 sampling (about 1 fps in whole 4-frame clips) with
+   a floor of 64 frames and a cap of `max_num_frames`, and the "short" time message
+   `"\\nThe video lasts for {vlen / fps:.2f} seconds, and {T} frames are uniformly sampled from it. "`.
+2. The prompt, `conv_qwen` (CHATML) with the system turn `<|im_start|>system\\nYou are a helpful assistant.` and each
+   turn `{role}\\n{content}<|im_end|>\\n`, roles `<|im_start|>user` / `<|im_start|>assistant`, then the open
+   assistant header `<|im_start|>assistant\\n`. The first user turn is `<image>\\n{time_msg.strip()} {question}`;
+   with a non-empty `chat_history` the history turns come first, verbatim, and the new user turn is the bare
+   question (the video placeholder stays in the first turn only).
+3. `tokenizer_image_token`: the text around `<image>` is tokenized piece by piece and the placeholder becomes
+   IMAGE_TOKEN_INDEX (-200, our `VIDEO_TOKEN_ID`).
+4. `generate(...)` until `<|im_end|>` (a stopping keyword) or the model's eos; the answer is the generated text
+   decoded with `skip_special_tokens=True`, stripped, a trailing `<|im_end|>` cut off.
+5. The history gets `{"role": "<|im_start|>user", "content": user_turn}` and the assistant's answer *text*: a
+   later turn re-tokenizes that text (not the generated ids), as the reference does.
+
+The generation settings are the caller's (`generation_config` in the reference); greedy is the default here.
+
+Two numbers were not read from the reference's own files (the HF `mm_utils.load_video` is not in our sources,
+see §5): the 64-frame floor is what `load_video` passes according to a third-party harness that calls the HF
+module's sampler with "the same arguments load_video passes"; the model card's example (as copies of it show)
+generates greedily with max_new_tokens=1024, the tool's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from hico_jax import VIDEO_TOKEN_ID
+from hico_jax.data import text, video as video_io
+
+# chat()'s default `max_num_frames`, and the frame floor its `load_video` passes to the dynamic_fps1 sampler.
+REFERENCE_MAX_NUM_FRAMES = 512
+REFERENCE_MIN_NUM_FRAMES = 64
+CLIP_FRAMES = 4
+# conv_qwen: the roles carry the turn marker, and chat_history stores them that way.
+USER, ASSISTANT = "<|im_start|>user", "<|im_start|>assistant"
+STOP = "<|im_end|>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+  """The sampled frames of one video file: what `load_video` gives `chat()`."""
+  frames: np.ndarray      # (T, H, W, 3) uint8 RGB, T a multiple of 4
+  duration: float         # seconds of the whole video (frames / fps), as the time message states it
+  indices: np.ndarray     # (T,) the frames chosen, into the decoded stream
+  source: str
+
+  @property
+  def num_frames(self) -> int:
+    return len(self.frames)
+
+  def time_message(self) -> str:
+    return text.time_message(self.duration, self.num_frames)
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+  question: str
+  answer: str
+  prompt_ids: np.ndarray  # (L,) int32, one VIDEO_TOKEN_ID where the video goes
+  answer_ids: np.ndarray  # (N,) int32, the generated ids before the first stop id
+
+
+def read_video(path: str | os.PathLike, *, max_num_frames: int = REFERENCE_MAX_NUM_FRAMES,
+               min_num_frames: int = REFERENCE_MIN_NUM_FRAMES) -> Video:
+  """Decodes the frames `chat()` samples from a video file. VideoDecodeError names a file that does not decode."""
+  for name, value in (("max_num_frames", max_num_frames), ("min_num_frames", min_num_frames)):
+    # A count off whole clips would reach the vision tower as a partial clip, which the reference cannot take.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < CLIP_FRAMES \
+        or value % CLIP_FRAMES:
+      raise ValueError(f"{name} must be a positive multiple of {CLIP_FRAMES} (frames per clip), got {value!r}")
+  if min_num_frames > max_num_frames:
+    raise ValueError(f"min_num_frames={min_num_frames} is above max_num_frames={max_num_frames}")
+  frames, info = video_io.decode_frames(path, mode="dynamic_fps1", min_frames=min_num_frames,
+                                        max_frames=max_num_frames, clip_frames=CLIP_FRAMES)
+  return Video(frames=frames, duration=float(info["duration"]), indices=np.asarray(info["indices"]),
+               source=os.fspath(path))
+
+
+def first_user_turn(question: str, time_msg: str) -> str:
+  """The first user turn's content: the video placeholder, the time message and the question."""
+  return f"{text.IMAGE_TAG}\n{time_msg.strip()} {question}"
+
+
+def prompt_text(history: Sequence[dict], user_turn: str, system_prompt: str = text.DEFAULT_SYSTEM_PROMPT) -> str:
+  """conv_qwen's `get_prompt()` for the history turns, the new user turn and the open assistant turn."""
+  parts = [f"<|im_start|>system\n{system_prompt}{STOP}\n"]
+  for msg in (*history, {"role": USER, "content": user_turn}):
+    parts.append(f"{msg['role']}\n{msg['content']}{STOP}\n")
+  parts.append(f"{ASSISTANT}\n")
+  return "".join(parts)
+
+
+def tokenize_prompt(prompt: str, tokenizer) -> np.ndarray:
+  """tokenizer_image_token: each piece between `<image>` tags tokenized alone, each tag one VIDEO_TOKEN_ID."""
+  ids = []
+  for j, chunk in enumerate(prompt.split(text.IMAGE_TAG)):
+    if j:
+      ids.append(VIDEO_TOKEN_ID)
+    ids += tokenizer.encode(chunk) if chunk else []
+  return np.asarray(ids, np.int32)
+
+
+def decode_answer(new_ids, tokenizer, stop_ids: Sequence[int]) -> tuple[np.ndarray, str]:
+  """(ids before the first stop id, the reference's answer text)."""
+  new_ids = np.asarray(new_ids, np.int32).reshape(-1)
+  stops = np.flatnonzero(np.isin(new_ids, np.asarray(list(stop_ids), np.int32)))
+  ids = new_ids[:stops[0]] if stops.size else new_ids
+  answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+  if answer.endswith(STOP):
+    answer = answer[:-len(STOP)]
+  return ids, answer.strip()
+
+
+class VideoChat:
+  """One video and a conversation about it with a loaded VideoChat-Flash model (`hico_jax.from_pretrained`)."""
+
+  def __init__(self, model, tokenizer, video: Video, *, system_prompt: str = text.DEFAULT_SYSTEM_PROMPT):
+    if not getattr(model, "is_video_model", False):
+      raise ValueError("the model is a plain Qwen2 language model without a vision tower (no mm_vision_tower in "
+                       "its config.json); chatting with a video needs a VideoChat-Flash checkpoint")
+    self.model, self.tokenizer, self.video, self.system_prompt = model, tokenizer, video, system_prompt
+    # Preprocessed once: every turn of the reference reloads the same frames.
+    self.pixels = video_io.preprocess(video.frames, model.config.vit.image_size)[None]    # (1, T, S, S, 3)
+    # chat() stops on the keyword `<|im_end|>` besides whatever eos the checkpoint's generation config names.
+    self.stop_ids = tuple(dict.fromkeys([*model.eos_ids, tokenizer.eos_id]))
+    self.history: list[dict] = []
+
+  def prompt_ids(self, question: str, *, keep_history: bool = True) -> tuple[np.ndarray, str]:
+    """(prompt ids, the user turn as the history records it) for `question` after this conversation."""
+    if not isinstance(question, str) or not question.strip():
+      raise ValueError(f"question must be a non-empty string, got {question!r}")
+    if text.IMAGE_TAG in question:
+      raise ValueError(f"question contains {text.IMAGE_TAG!r}, the video placeholder; the video is placed once, "
+                       "in the first turn")
+    history = self.history if keep_history else []
+    user_turn = question if history else first_user_turn(question, self.video.time_message())
+    ids = tokenize_prompt(prompt_text(history, user_turn, self.system_prompt), self.tokenizer)
+    if np.sum(ids == VIDEO_TOKEN_ID) != 1:
+      raise ValueError(f"the conversation holds {int(np.sum(ids == VIDEO_TOKEN_ID))} {text.IMAGE_TAG!r} tags (an "
+                       "earlier answer wrote one); a prompt takes the video once: start a new conversation")
+    return ids, user_turn
+
+  def ask(self, question: str, *, max_new_tokens: int = 1024, temperature: float = 0.0, top_p: float = 1.0,
+          seed: int = 0, keep_history: bool = True) -> Turn:
+    """Answers `question`; with keep_history it follows the conversation so far (chat()'s chat_history),
+    without it it starts afresh (chat_history=None). Either way the turn is added to the history."""
+    ids, user_turn = self.prompt_ids(question, keep_history=keep_history)
+    new_ids = self.model.generate(ids[None], video=self.pixels, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed, eos_ids=self.stop_ids)
+    answer_ids, answer = decode_answer(new_ids[0], self.tokenizer, self.stop_ids)
+    if not keep_history:
+      self.history = []
+    self.history += [{"role": USER, "content": user_turn}, {"role": ASSISTANT, "content": answer}]
+    return Turn(question=question, answer=answer, prompt_ids=ids, answer_ids=answer_ids)

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Ask a VideoChat-Flash checkpoint questions about a video file, as the reference's HF chat() does.
+
+  python tools/chat.py --model ckpt/VideoChat-Flash-Qwen2_5-2B_res448 --video cooking.mp4 --question "What is cooked?"
+  python tools/chat.py --model DIR --video FILE --question "Who enters?" --question "What do they carry?"
+  python tools/chat.py --model DIR --video FILE          # one question a line from stdin, until end of input
+
+Several questions are one conversation, as chat() with its chat_history: each follow-up sees the earlier turns
+(--no_history asks each one afresh). Frames are sampled at about 1 fps in 4-frame clips, 64 at least and
+--max_num_frames at most (chat()'s load_video), and the prompt carries chat()'s time message. Answers go to
+stdout, one per question (--json: one JSON object a line with the prompt and answer ids); progress goes to stderr.
+The prompt building and answer decoding live in hico_jax/infer/chat.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Light (OpenCV and Pillow, no jax): --help and argument errors stay instant.
+from hico_jax.infer import chat  # noqa: E402
+
+PROG = "chat.py"
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n".join(__doc__.split("\n")[1:]))
+  parser.add_argument("--model", required=True, help="VideoChat-Flash checkpoint directory (HF official layout, "
+                      "with tokenizer.json)")
+  parser.add_argument("--video", required=True, help="video file to ask about")
+  parser.add_argument("--question", action="append", default=None,
+                      help="a question; repeat for follow-ups in one conversation. Absent: read stdin lines")
+  parser.add_argument("--max_num_frames", type=int, default=chat.REFERENCE_MAX_NUM_FRAMES,
+                      help="most frames sampled, a multiple of 4 (default: chat()'s %(default)s)")
+  parser.add_argument("--min_num_frames", type=int, default=chat.REFERENCE_MIN_NUM_FRAMES,
+                      help="fewest frames sampled where the video has that many (default: load_video's %(default)s)")
+  parser.add_argument("--max_new_tokens", type=int, default=1024, help="default: the model card's %(default)s")
+  parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+  parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0")
+  parser.add_argument("--seed", type=int, default=0, help="sampling seed; turn k uses seed + k")
+  parser.add_argument("--no_history", action="store_true", help="answer each question on its own")
+  parser.add_argument("--json", action="store_true",
+                      help="print one JSON object per turn: question, answer, prompt_ids, answer_ids")
+  return parser
+
+
+def _fail(message) -> int:
+  # One line, whatever the exception's text holds: the reason is what a user reads first.
+  print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+  return 2
+
+
+def _questions(args):
+  if args.question is not None:
+    yield from args.question
+    return
+  interactive = sys.stdin.isatty()
+  while True:
+    if interactive:
+      print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line:
+      return
+    if line.strip():
+      yield line.strip()
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  if args.max_new_tokens < 1:
+    return _fail(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  if args.temperature < 0 or not 0 < args.top_p <= 1:
+    return _fail(f"need --temperature >= 0 and 0 < --top_p <= 1, got {args.temperature} and {args.top_p}")
+  if args.question is not None and not all(q.strip() for q in args.question):
+    return _fail("--question must not be empty")
+  if not os.path.isdir(args.model):
+    return _fail(f"model directory {args.model!r} does not exist")
+
+  # jax comes in here, after the arguments are checked.
+  import hico_jax
+  from hico_jax.data import tokenizer as tokenizer_lib
+
+  # The video first: a missing or broken file is reported before minutes of checkpoint loading.
+  started = time.perf_counter()
+  try:
+    video = chat.read_video(args.video, max_num_frames=args.max_num_frames, min_num_frames=args.min_num_frames)
+  except ValueError as e:           # VideoDecodeError is a ValueError naming the file
+    return _fail(e)
+  print(f"{PROG}: {args.video}: {video.num_frames} frames of a {video.duration:.2f} s video "
+        f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+
+  started = time.perf_counter()
+  try:
+    tokenizer = tokenizer_lib.load_tokenizer(args.model)
+    model = hico_jax.from_pretrained(args.model)
+    conversation = chat.VideoChat(model, tokenizer, video)
+  except (OSError, ValueError, KeyError) as e:
+    return _fail(f"cannot use {args.model!r} as a VideoChat-Flash checkpoint: {e}")
+  print(f"{PROG}: loaded {args.model} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+
+  for k, question in enumerate(_questions(args)):
+    try:
+      turn = conversation.ask(question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed + k, keep_history=not args.no_history)
+    except ValueError as e:
+      if args.question is not None:
+        return _fail(e)
+      _fail(e)                      # reading stdin: report the bad question and take the next one
+      continue
+    if args.json:
+      print(json.dumps({"question": turn.question, "answer": turn.answer,
+                        "prompt_ids": turn.prompt_ids.tolist(), "answer_ids": turn.answer_ids.tolist()}),
+            flush=True)
+    else:
+      print(turn.answer, flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
