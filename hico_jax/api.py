@@ -1,9 +1,9 @@
 """The Hugging Face-like Python API: from_pretrained, __call__, generate, save_pretrained.
 
-  model = hico_jax.from_pretrained(path)              # plain Qwen2, or the VideoChat-Flash layout
+  model = hico_jax.from_pretrained(path)              # HF dir (plain Qwen2 or VideoChat-Flash) or a run dir
   logits = model(input_ids, video=frames)             # numpy in, float32 numpy (B, T, V) out
   ids = model.generate(input_ids, video=frames, max_new_tokens=32)   # greedy unless temperature > 0
-  model.save_pretrained(out_dir)                      # the layout it came from, loadable by its owner
+  model.save_pretrained(out_dir)                      # the HF layout of the model, loadable by its owner
 
 `input_ids` mark where a sample's video goes with one `hico_jax.VIDEO_TOKEN_ID` (-200); the model expands it
 to the video's 16·T visual tokens, so logits cover the expanded sequence. `video` is the preprocessed float32
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hico_jax import VIDEO_TOKEN_ID
-from hico_jax.convert import qwen2_hf, videochat_flash
+from hico_jax.convert import qwen2_hf, run_dir, videochat_flash
 from hico_jax.infer import generate as generation
 from hico_jax.models import hico, qwen2
 from hico_jax.models.visual_dropout import VisualDropoutConfig
@@ -69,13 +69,11 @@ class CausalLM:
         pad_id=self.pad_id if pad_id is None else pad_id, temperature=temperature, top_p=top_p, seed=seed)
 
   def save_pretrained(self, out_dir: str, dtype: str | None = None):
-    """The layout this model came from (config.json + safetensors), in the dtype it was loaded in unless
-    told otherwise."""
+    """The HF layout (config.json + safetensors): VideoChat-Flash's for a video model, plain Qwen2's for a
+    decoder; in the dtype it was loaded in unless told otherwise (a run directory's: its params' dtype)."""
     dtype = dtype or self.checkpoint_dtype
     token_ids = {"eos_token_id": list(self.eos_ids) or None, "pad_token_id": self.pad_id}
-    params = jax.tree.map(np.asarray, self.params)
-    writer = videochat_flash if self.is_video_model else qwen2_hf
-    writer.save(out_dir, self.config, params, dtype=dtype, extra_fields=token_ids)
+    run_dir.save_hf(out_dir, self.config, self.params, dtype=dtype, extra_fields=token_ids)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(token_ids, f, indent=2)
 
@@ -132,21 +130,26 @@ def _expand_placeholders(ids, mask, count):
 
 def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str = "float32",
                     visual_dropout="config") -> CausalLM:
-  """Loads a Hugging Face model directory: plain Qwen2, or the official VideoChat-Flash layout.
+  """Loads a Hugging Face model directory (plain Qwen2, or the official VideoChat-Flash layout) or a training
+  run directory (its latest step's params, with the model config saved with them; tools/convert_checkpoint.py
+  hf-to-orbax writes one too).
 
   dtype is the compute dtype: float32 on CPU and bfloat16 on accelerators unless given. visual_dropout:
-  "config" follows config.json (mm_llm_compress and its fields), None turns it off, and a dict or
-  VisualDropoutConfig sets it (the model card's option: {"type": "uniform0_attention", "layers": [4, 18],
+  "config" follows config.json (mm_llm_compress and its fields) or a run's saved config, None turns it off,
+  and a dict or VisualDropoutConfig sets it (the model card's option: {"type": "uniform0_attention", "layers": [4, 18],
   "ratios": [1, 0.75, 0.25]}).
   """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"model directory {path!r} does not exist")
+  kind = run_dir.layout(path)
   if dtype is None:
     dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
-  hf_config = qwen2_hf.read_config(path)
   compute = dict(dtype=dtype, param_dtype=param_dtype, remat_policy="none")
-  loader = videochat_flash if videochat_flash.is_videochat_flash(hf_config) else qwen2_hf
-  config, params, file_dtype = loader.load(path, params_dtype=np.dtype(param_dtype), **compute)
+  if kind == "run":
+    run = run_dir.read(path, params_dtype=np.dtype(param_dtype), **compute)
+    config, params, hf_config, file_dtype = run.config, run.params, run.token_ids, run.saved_dtype
+  else:
+    hf_config = qwen2_hf.read_config(path)
+    loader = videochat_flash if kind == "videochat_flash" else qwen2_hf
+    config, params, file_dtype = loader.load(path, params_dtype=np.dtype(param_dtype), **compute)
   if isinstance(config, hico.HiCoConfig) and not (isinstance(visual_dropout, str) and visual_dropout == "config"):
     if isinstance(visual_dropout, dict):
       visual_dropout = VisualDropoutConfig.from_dict(visual_dropout)

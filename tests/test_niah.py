@@ -189,8 +189,8 @@ def test_tool_writes_the_references_records_over_its_frame_and_depth_grid(saved_
     assert r["Score"] == (r["Caption Score"] + r["QA Score"]) / 2
 
 
-def test_tool_names_a_missing_needle_image_a_bad_record_a_bad_yarn_factor_and_a_text_only_model(saved_model, niah_files, capsys,
-                                                                              tmp_path):
+def test_tool_names_a_missing_needle_image_a_bad_record_a_bad_yarn_factor_and_a_text_only_model(
+    saved_model, niah_files, capsys, tmp_path):
   path = saved_model[0]
   common = ["--model", str(path), "--haystack", str(niah_files / "haystack.mp4"), "--out", str(tmp_path / "o.json"),
             "--min_frame_num", "4", "--max_frame_num", "4"]

@@ -1,8 +1,9 @@
 """Where a stage's weights come from, and where they go: a previous stage's run directory, the official
 VideoChat-Flash layout, or a plain Qwen2 checkpoint for the LLM alone; and the HF export at the end.
 
-config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A checkpoint whose tensors do not
-match the configured model's fails with one line naming the first tensor and both shapes; one saved with
+config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A run directory may also be one
+that tools/convert_checkpoint.py hf-to-orbax wrote (all params, or the LLM's alone from a plain Qwen2). A
+checkpoint whose tensors do not match the configured model's fails with one line naming the first tensor and both shapes; one saved with
 other decoder settings that no tensor's shape carries (RoPE θ, the norm epsilon, the head split) fails naming
 them (`check_settings`, before anything compiles).
 """
@@ -15,7 +16,7 @@ import os
 import jax
 import numpy as np
 
-from hico_jax.convert import qwen2_hf, videochat_flash
+from hico_jax.convert import qwen2_hf, run_dir, videochat_flash
 from hico_jax.train import checkpoint as ckpt
 
 
@@ -82,7 +83,13 @@ def load_into_state(state, init, model_config, param_shardings):
         raise FileNotFoundError(f"init.path {path!r} holds no finished checkpoint")
       # The saved shapes first, from the metadata alone: orbax's own mismatch error names no parameter.
       saved = ckpt.ocp.StandardCheckpointHandler().metadata(checkpointer.manager.directory / str(step) / "state")
-      _check_same_shapes(saved.get("params", {}), params, f"init.path {path!r} (step {step})")
+      saved_params = saved.get("params", {})
+      # A decoder-only run (a plain Qwen2 checkpoint imported by tools/convert_checkpoint.py) initialises the
+      # LLM alone, as init.kind = "qwen2" does; the vision tower and projector keep their fresh values.
+      keep = {} if set(saved_params) != {"llm"} else {k: v for k, v in params.items() if k != "llm"}
+      params, param_shardings = ({k: v for k, v in tree.items() if k not in keep}
+                                 for tree in (params, param_shardings))
+      _check_same_shapes(saved_params, params, f"init.path {path!r} (step {step})")
       abstract = ckpt.abstract_like(params, param_shardings)
       try:
         # Only the params: the previous stage's optimizer groups (and so its state) differ from this one's.
@@ -94,7 +101,7 @@ def load_into_state(state, init, model_config, param_shardings):
         raise ValueError(f"init.path {path!r} (step {step}) does not match the configured model: {e}") from None
     finally:
       checkpointer.close()
-    return {**state, "params": restored}
+    return {**state, "params": {**keep, **restored}}
   if kind == "videochat_flash":
     _, loaded, _ = videochat_flash.load(path)
   elif kind == "qwen2":
@@ -108,5 +115,5 @@ def load_into_state(state, init, model_config, param_shardings):
 
 def export_hf(out_dir: str, model_config, params, dtype: str = "bfloat16"):
   """The official VideoChat-Flash layout (loads back with hico_jax.from_pretrained; its LLM keys load in
-  transformers' Qwen2ForCausalLM)."""
-  videochat_flash.save(out_dir, model_config, jax.tree.map(np.asarray, jax.device_get(params)), dtype=dtype)
+  transformers' Qwen2ForCausalLM). The same writer as tools/convert_checkpoint.py orbax-to-hf."""
+  run_dir.save_hf(out_dir, model_config, params, dtype=dtype)

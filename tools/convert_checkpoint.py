@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Converts checkpoints between the Hugging Face layouts and training run directories (orbax), both ways.
+
+  python tools/convert_checkpoint.py hf-to-orbax path/to/VideoChat-Flash-Qwen2_5-2B_res448 runs/imported
+  python tools/convert_checkpoint.py orbax-to-hf runs/tiny/stage2 out/hf --dtype bfloat16 [--step 700]
+
+hf-to-orbax reads the official VideoChat-Flash layout or a plain Qwen2 directory (config.json + safetensors)
+and writes a run directory as the trainer writes one (checkpoints/0/{state,config}, float32 params): give it
+to a training run as --config.init.path (init.kind "run"; a plain Qwen2 one initialises the LLM alone), or
+to hico_jax.from_pretrained. It holds no optimizer state, so it is a starting point, not a --workdir to resume.
+orbax-to-hf writes a run's latest step (or --step N) as the official VideoChat-Flash layout (a HiCo model) or
+the plain Qwen2 layout (a decoder alone), as the trainer's own export does; transformers loads the Qwen2 part.
+The output is written beside OUT under a temporary name and renamed when complete; an existing, non-empty OUT
+is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from hico_jax.convert import qwen2_hf, run_dir, videochat_flash  # noqa: E402
+
+LAYOUT_NAMES = {"videochat_flash": "the VideoChat-Flash layout", "qwen2": "the plain Qwen2 layout"}
+
+
+def hf_to_orbax(src: str, out: str) -> str:
+  kind = run_dir.layout(src)
+  if kind == "run":
+    raise ValueError(f"{src!r} is already a training run directory (it has {run_dir.CHECKPOINTS}/); "
+                     "hf-to-orbax reads a Hugging Face directory")
+  hf = qwen2_hf.read_config(src)
+  # float32: the trainer's master weights. Every HF dtype (bfloat16, float16, float32) widens exactly, so the
+  # way back reproduces the file bit for bit.
+  if kind == "videochat_flash":
+    config, params, file_dtype = videochat_flash.load(src, params_dtype=np.float32)
+  else:
+    config, llm, file_dtype = qwen2_hf.load(src, params_dtype=np.float32)
+    params = {"llm": llm}
+  token_ids = {k: hf[k] for k in ("eos_token_id", "pad_token_id") if hf.get(k) is not None}
+  generation = os.path.join(src, "generation_config.json")
+  if os.path.exists(generation):
+    with open(generation) as f:
+      eos = json.load(f).get("eos_token_id")
+    if eos is not None:
+      token_ids["eos_token_id"] = eos
+  saved = {"model": run_dir.config_to_dict(config), run_dir.TOKEN_IDS_FIELD: token_ids,
+           "converted_from": {"path": os.path.abspath(src), "layout": kind, "dtype": file_dtype}}
+
+  def write(tmp):
+    from hico_jax.train import checkpoint as ckpt   # the trainer's own writer (it needs grain: here only)
+    checkpointer = ckpt.Checkpointer(tmp, async_save=False)
+    checkpointer.save(0, {"params": params}, config=saved, force=True)
+    checkpointer.close()
+    with open(os.path.join(tmp, "config.json"), "w") as f:     # as the trainer leaves one in its workdir
+      json.dump(saved, f, indent=2)
+
+  _write_atomically(out, write)
+  return f"{LAYOUT_NAMES[kind]} ({file_dtype}) -> run directory {out} (step 0, float32)"
+
+
+def orbax_to_hf(src: str, out: str, step: int | None, dtype: str) -> str:
+  kind = run_dir.layout(src)
+  if kind != "run":
+    raise ValueError(f"{src!r} is a Hugging Face directory ({LAYOUT_NAMES[kind]}), not a training run "
+                     f"directory (no {run_dir.CHECKPOINTS}/); orbax-to-hf reads a run")
+  run = run_dir.read(src, step)
+  token_ids = run.token_ids
+
+  def write(tmp):
+    run_dir.save_hf(tmp, run.config, run.params, dtype=dtype, extra_fields=token_ids or None)
+    if token_ids:
+      with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump(token_ids, f, indent=2)
+
+  _write_atomically(out, write)
+  layout = "videochat_flash" if "visual" in run.params else "qwen2"
+  return f"run directory {src} step {run.step} -> {LAYOUT_NAMES[layout]} ({dtype}) in {out}"
+
+
+def check_output(out: str, overwrite: bool, src: str):
+  """Refuses, before any work, an output that would clobber something."""
+  if os.path.abspath(out) == os.path.abspath(src):
+    raise ValueError(f"output {out!r} is the input directory")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"output {out!r} exists and is not a directory")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise ValueError(f"output directory {out!r} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _write_atomically(out: str, write):
+  """write(tmp) into a sibling of `out`, renamed to `out` once complete: an interrupted conversion leaves a
+  `.NAME.partial-PID` directory, never an `out` that looks finished."""
+  out = os.path.abspath(out)
+  parent, name = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    write(tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.isdir(out):
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+    os.rename(out, old)          # --overwrite (checked before), or an empty directory
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+  else:
+    os.rename(tmp, out)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n".join(__doc__.split("\n")[1:]))
+  commands = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}")
+  to_orbax = commands.add_parser("hf-to-orbax", help="an HF directory -> a run directory (orbax)")
+  to_orbax.add_argument("src", help="HF directory: VideoChat-Flash layout or plain Qwen2 (config.json + safetensors)")
+  to_orbax.add_argument("out", help="run directory to write (must not exist, or be empty, unless --overwrite)")
+  to_hf = commands.add_parser("orbax-to-hf", help="a run directory (orbax) -> an HF directory")
+  to_hf.add_argument("src", help="training run directory (the trainer's --workdir, or hf-to-orbax's output)")
+  to_hf.add_argument("out", help="HF directory to write (must not exist, or be empty, unless --overwrite)")
+  to_hf.add_argument("--step", type=int, default=None, help="the step to export (default: the latest)")
+  to_hf.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                     help="dtype of the written tensors (default bfloat16, as the released weights and the "
+                          "trainer's export)")
+  for sub in (to_orbax, to_hf):
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+  args = parser.parse_args(argv)
+
+  started = time.perf_counter()
+  try:
+    run_dir.layout(args.src)        # a missing or unreadable input is named before the output
+    check_output(args.out, args.overwrite, args.src)
+    if args.command == "hf-to-orbax":
+      what = hf_to_orbax(args.src, args.out)
+    else:
+      what = orbax_to_hf(args.src, args.out, args.step, args.dtype)
+  except (ValueError, OSError) as e:
+    parser.exit(2, f"convert_checkpoint.py: error: {e}\n")
+  print(f"{what} in {time.perf_counter() - started:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
