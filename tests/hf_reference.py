@@ -1,9 +1,13 @@
-"""Builds independent references with transformers: random tiny Qwen2 checkpoints on disk."""
+"""Builds independent references with transformers and torch: random tiny Qwen2 checkpoints on disk, the
+torch + transformers pair for a saved VideoChat-Flash checkpoint, and its LLM as a plain Qwen2 directory."""
 
+import glob
+import json
 import os
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 
 def make_hf_qwen2(out_dir, *, vocab=320, hidden=64, inter=112, layers=2, heads=4, kv_heads=2,
@@ -38,10 +42,10 @@ def videochat_flash_reference(path, config):
   """The independent pair for a VideoChat-Flash checkpoint our save wrote to `path` (official layout, one
   model.safetensors): the torch clip encoder and a transformers Qwen2ForCausalLM, each loaded from the saved
   tensors by key name. `config`: the hico.HiCoConfig it was saved from (sizes only)."""
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load_file as load_numpy_file
   from tests.torch_reference.videochat_flash import ClipEncoder, load_official
 
-  tensors = load_file(os.path.join(path, "model.safetensors"))
+  tensors = load_numpy_file(os.path.join(path, "model.safetensors"))
   vit, lm = config.vit, config.llm
   encoder = ClipEncoder(image_size=vit.image_size, width=vit.width, depth=vit.depth, heads=vit.num_heads,
                         mlp_dim=vit.mlp_dim, hidden=lm.hidden_size).eval()
@@ -56,3 +60,18 @@ def videochat_flash_reference(path, config):
   llm.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items() if not k.startswith(VISION_KEY_PREFIXES)},
                       strict=not lm.tie_word_embeddings)
   return encoder, llm
+
+
+def qwen2_dir_from_videochat_flash(export, out):
+  """The export's LLM tensors and Qwen2 fields as a plain transformers Qwen2 directory."""
+  tensors = {}
+  for path in glob.glob(str(export / "*.safetensors")):
+    tensors.update(load_file(path))
+  llm = {k: v for k, v in tensors.items() if not k.startswith(VISION_KEY_PREFIXES)}
+  assert llm and len(llm) < len(tensors)
+  hf = json.loads((export / "config.json").read_text())
+  hf = {k: v for k, v in hf.items() if not k.startswith(("mm_", "hico_"))}
+  hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+  out.mkdir()
+  save_file(llm, str(out / "model.safetensors"), metadata={"format": "pt"})
+  (out / "config.json").write_text(json.dumps(hf))

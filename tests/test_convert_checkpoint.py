@@ -10,7 +10,6 @@ saved through the trainer's Checkpointer, as the trainer saves it (sharded array
 training config as JSON), which takes a second where a trainer run takes minutes.
 """
 
-import dataclasses
 import functools
 import importlib.util
 import json
@@ -33,8 +32,7 @@ from hico_jax.data import video as video_lib
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.models.qwen2 import Qwen2ForCausalLM
 from hico_jax.train import checkpoint as ckpt, init_weights
-from tests.hf_reference import make_hf_qwen2
-from tests.test_train import _qwen2_dir_from_export
+from tests.hf_reference import make_hf_qwen2, qwen2_dir_from_videochat_flash
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, SIZE = 320, 64
@@ -209,7 +207,7 @@ def test_run_exports_what_transformers_and_hico_jax_compute_with_the_runs_params
   run, step_params = trained_run
   params, config = step_params[3], _tiny_hico(tied=True)
   assert convert("orbax-to-hf", run, tmp_path / "hf", "--dtype", "float32") == 0
-  _qwen2_dir_from_export(tmp_path / "hf", tmp_path / "qwen2")
+  qwen2_dir_from_videochat_flash(tmp_path / "hf", tmp_path / "qwen2")
   reference = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "qwen2", dtype=torch.float32,
                                                             attn_implementation="eager").eval()
   rng = np.random.default_rng(0)

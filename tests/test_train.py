@@ -12,7 +12,6 @@ patches x 4 frames = 64 tokens a clip, which the merge keeps as they are.
 
 import dataclasses
 import functools
-import glob
 import importlib.util
 import json
 import os
@@ -29,15 +28,15 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
 import hico_jax
 from hico_jax import VIDEO_TOKEN_ID, presets, sharding
 from hico_jax.convert import qwen2_hf, videochat_flash
 from hico_jax.data import pipeline, shards, synthetic, tokenizer, video as video_lib
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
-from hico_jax.train import checkpoint as ckpt, init_weights, optimizer as optim, recipe, step as step_lib, trainer
+from hico_jax.train import checkpoint as ckpt, init_weights, recipe, step as step_lib, trainer
 from hico_jax.validate import ConfigError
+from tests.hf_reference import qwen2_dir_from_videochat_flash
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, SIZE, FRAMES = 320, 64, 4
@@ -407,21 +406,6 @@ def test_logged_tokens_are_the_real_tokens_of_every_step_since_the_last_log_line
   assert runs.resumed[0]["tokens_since_last_log"] == real_tokens
 
 
-def _qwen2_dir_from_export(export, out):
-  """The export's LLM tensors and Qwen2 fields as a plain transformers Qwen2 directory."""
-  tensors = {}
-  for path in glob.glob(str(export / "*.safetensors")):
-    tensors.update(load_file(path))
-  llm = {k: v for k, v in tensors.items() if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
-  assert llm and len(llm) < len(tensors)
-  hf = json.loads((export / "config.json").read_text())
-  hf = {k: v for k, v in hf.items() if not k.startswith(("mm_", "hico_"))}
-  hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
-  out.mkdir()
-  save_file(llm, str(out / "model.safetensors"), metadata={"format": "pt"})
-  (out / "config.json").write_text(json.dumps(hf))
-
-
 def test_export_is_the_trained_model_for_transformers_qwen2_and_from_pretrained(runs, tmp_path):
   export = runs.root / "straight" / "hf"
   trained, _ = _saved(runs.root / "straight", 4)
@@ -435,7 +419,7 @@ def test_export_is_the_trained_model_for_transformers_qwen2_and_from_pretrained(
   config = HiCoConfig.from_dict(dict(runs.config.model))
   vocab = config.llm.vocab_size
   # The LLM alone, in transformers.
-  _qwen2_dir_from_export(export, tmp_path / "qwen2")
+  qwen2_dir_from_videochat_flash(export, tmp_path / "qwen2")
   reference = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "qwen2"), dtype=torch.float32,
                                                             attn_implementation="eager").eval()
   ids = rng.integers(0, vocab, (2, 24))
