@@ -10,7 +10,6 @@ from absl import app
 from absl import logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 

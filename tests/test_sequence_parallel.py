@@ -9,14 +9,12 @@ import re
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hico_jax import VIDEO_TOKEN_ID, presets, sharding
 from hico_jax.data import order
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
-from hico_jax.train import step as step_lib
 
 VOCAB, SIZE, LENGTH = 320, 64, 192
 DROPOUT = dict(type="uniform0_attention", layers=[1], ratios=[1.0, 0.5])

@@ -300,7 +300,6 @@ def run_torch_ceilings(case: dict) -> dict:
 def run_data(case: dict) -> dict:
   """Decode + sample (dynamic ~1 fps, 64-256 frames) + resize, one process on one core, from a shard of
   synthetic mp4s: the work a data worker does per sample."""
-  import numpy as np
   from hico_jax.data import records, shards, synthetic, video
   root = case["workdir"]
   dataset = synthetic.make_dataset(os.path.join(root, "videos"), num_videos=case["videos"], seed=0,

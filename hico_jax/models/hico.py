@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from hico_jax import VIDEO_TOKEN_ID
