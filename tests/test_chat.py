@@ -24,9 +24,11 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+import hico_jax
 from hico_jax import api, presets
 from hico_jax.data import tokenizer as tk
 from hico_jax.infer import chat
+from hico_jax.infer import generate as generation
 from hico_jax.models import hico
 from tests.hf_reference import make_hf_qwen2
 from tests.torch_reference.videochat_flash import ClipEncoder, load_official
@@ -197,6 +199,24 @@ def test_stdin_questions_without_history_each_get_the_single_question_answer(che
                                             f"<|im_start|>assistant\n")
   _, answer = _greedy(reference, prompt)
   assert out == f"{answer}\n{answer}\n"
+
+
+def test_a_follow_up_question_reuses_the_first_turns_compiled_generation(checkpoint, video_file):
+  """Prompts padded to a bucket: the second, longer turn compiles nothing. Unbucketed, each turn compiles."""
+  model, tokenizer = hico_jax.from_pretrained(checkpoint), tk.load_tokenizer(checkpoint)
+  video = chat.read_video(video_file)
+  compiled = lambda: generation._generate._cache_size()
+
+  conversation = chat.VideoChat(model, tokenizer, video)
+  first = conversation.ask(Q1, max_new_tokens=NEW_TOKENS)
+  before = compiled()
+  second = conversation.ask(Q2, max_new_tokens=NEW_TOKENS)
+  assert len(second.prompt_ids) > len(first.prompt_ids) and compiled() == before
+
+  unbucketed = chat.VideoChat(model, tokenizer, video, prompt_bucket=1)
+  assert unbucketed.ask(Q1, max_new_tokens=NEW_TOKENS).answer == first.answer
+  assert unbucketed.ask(Q2, max_new_tokens=NEW_TOKENS).answer == second.answer
+  assert compiled() == before + 2
 
 
 def test_answer_stops_at_the_first_stop_id_and_decodes_without_special_tokens(tokenizer_dir):
