@@ -16,8 +16,6 @@ import shutil
 import sys
 
 import cv2
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 import torch
@@ -31,6 +29,7 @@ from hico_jax.infer import chat
 from hico_jax.infer import generate as generation
 from hico_jax.models import hico
 from tests.hf_reference import make_hf_qwen2
+from tests.random_params import random_hico_params
 from tests.torch_reference.videochat_flash import ClipEncoder, load_official
 
 _spec = importlib.util.spec_from_file_location(
@@ -63,20 +62,6 @@ def _with_tokenizer(model_dir, tokenizer_dir):
     shutil.copy(os.path.join(tokenizer_dir, name), model_dir)
 
 
-def _random_params(config, seed):
-  """Random params of every leaf from the shapes alone: test_hico's init-then-noise compiles the whole model at
-  224 px (half a minute on 2 cores) for values a random checkpoint does not need. Norm scales around 1, every
-  other leaf (biases included, so a dropped one shows) N(0, 0.05)."""
-  shapes = nn.unbox(jax.eval_shape(hico.HiCo(config).init, jax.random.key(0), *hico.init_inputs(config)))["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    if jax.tree_util.keystr(path).endswith("['scale']"):
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    return rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer_dir):
   """A tiny untied HiCo at 224 px with the real 151,936-token vocabulary, saved in the official layout with
@@ -85,7 +70,7 @@ def checkpoint(tmp_path_factory, tokenizer_dir):
       "vit": dict(image_size=SIZE, width=128, depth=2, num_heads=2, mlp_dim=256, dtype="float32"),
       "llm": dict(presets.llm("tiny", dtype="float32", tie_word_embeddings=False))})
   path = tmp_path_factory.mktemp("videochat_flash_tiny")
-  api.CausalLM(config, _random_params(config, seed=7), eos_ids=[IM_END], pad_id=ENDOFTEXT).save_pretrained(str(path))
+  api.CausalLM(config, random_hico_params(config, seed=7), eos_ids=[IM_END], pad_id=ENDOFTEXT).save_pretrained(str(path))
   _with_tokenizer(path, tokenizer_dir)
   return str(path)
 

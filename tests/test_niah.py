@@ -6,7 +6,6 @@ import json
 import os
 
 import cv2
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from hico_jax.data import video as video_lib
 from hico_jax.eval import niah
 from hico_jax.models import hico
 from tests.hf_reference import make_hf_qwen2, videochat_flash_reference
+from tests.random_params import random_hico_params
 
 _spec = importlib.util.spec_from_file_location(
     "niah_tool", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "niah.py"))
@@ -76,9 +76,7 @@ def saved_model(tmp_path_factory):
       "vit": dict(image_size=224, width=128, depth=2, num_heads=2, mlp_dim=256, dtype="float32"),
       "llm": dict(presets.llm("tiny", dtype="float32", num_layers=2, tie_word_embeddings=False)),
       "encode_chunk": 4})
-  params = nn.unbox(hico.HiCo(config).init(jax.random.key(3), *hico.init_inputs(config)))["params"]
-  rng = np.random.default_rng(3)
-  params = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0.0, 0.05, x.shape).astype(np.float32), params)
+  params = random_hico_params(config, seed=3)
   path = tmp_path_factory.mktemp("niah_model")
   api.CausalLM(config, params).save_pretrained(str(path))
   tokenizer = tk.load_tokenizer(tk.build_qwen2_tokenizer_json(path).parent)
