@@ -15,6 +15,7 @@ import pytest
 from hico_jax import VIDEO_TOKEN_ID, presets, sharding
 from hico_jax.data import order
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+from tests.random_params import random_hico_params
 
 VOCAB, SIZE, LENGTH = 320, 64, 192
 DROPOUT = dict(type="uniform0_attention", layers=[1], ratios=[1.0, 0.5])
@@ -31,7 +32,7 @@ def _config(attention_impl="xla", dropout=None):
 @functools.lru_cache(maxsize=None)
 def _params():
   config = _config()
-  return jax.tree.map(np.asarray, nn.unbox(HiCo(config).init(jax.random.key(0), *init_inputs(config)))["params"])
+  return random_hico_params(config, seed=0)
 
 
 def _batch(length=LENGTH):

@@ -37,6 +37,7 @@ from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.train import checkpoint as ckpt, init_weights, recipe, step as step_lib, trainer
 from hico_jax.validate import ConfigError
 from tests.hf_reference import qwen2_dir_from_videochat_flash
+from tests.random_params import random_hico_params
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, SIZE, FRAMES = 320, 64, 4
@@ -633,7 +634,7 @@ def test_held_out_scores_equal_a_full_logits_recount(synthetic_data, template):
   data_config = pipeline.DataConfig.from_dict(dict(config.data))
   model_config = HiCoConfig.from_dict(dict(config.model))
   model = HiCo(model_config)
-  params = nn.unbox(model.init(jax.random.key(3), *init_inputs(model_config)))["params"]
+  params = random_hico_params(model_config, seed=3)
   ours = evaluate.evaluate_qa(model, params, config.eval, data_config)
 
   tok = tokenizer.load_tokenizer(data_config.tokenizer_dir)
