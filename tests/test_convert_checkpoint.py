@@ -294,6 +294,9 @@ def test_bad_input_is_refused_with_one_line_naming_it(qwen2_dir, trained_run, tm
   assert "is a Hugging Face directory (the plain Qwen2 layout), not a training run" in _refused(
       capsys, "orbax-to-hf", root / "hf", tmp_path / "out")
   assert "is already a training run directory" in _refused(capsys, "hf-to-orbax", root / "run", tmp_path / "out")
+  # --overwrite of a directory that holds the input would delete the input with it.
+  assert "lie one inside the other" in _refused(capsys, "orbax-to-hf", run, Path(run).parent, "--overwrite")
+  assert os.path.isdir(run)
   assert "invalid choice: 'float16'" in _refused(capsys, "orbax-to-hf", run, tmp_path / "out", "--dtype", "float16")
   assert not (tmp_path / "out").exists()
   with pytest.raises(SystemExit) as exit_info:

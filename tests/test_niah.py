@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
+from PIL import Image
 
 from hico_jax import api, presets
 from hico_jax.data import tokenizer as tk
-from hico_jax.data import video as video_lib
 from hico_jax.eval import niah
 from hico_jax.models import hico
 from tests.hf_reference import make_hf_qwen2, videochat_flash_reference
@@ -83,58 +84,83 @@ def saved_model(tmp_path_factory):
   return path, config, params, tokenizer
 
 
-def _reference_prediction(encoder, llm, tokenizer, size, haystack_frames, images, placement, question, answer):
+# The reference's prompt pieces ("qwen2" template of its vision_niah scripts), written out here.
+PRE = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+POST = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _reference_pixels(frames, size):
+  """process_images with image_aspect_ratio "pad": expand2square with the mean colour int(mean * 255), then
+  UMTImageProcessor's bicubic resize, rescale and ImageNet normalisation."""
+  out = []
+  for frame in frames:
+    image = Image.fromarray(frame)
+    width, height = image.size
+    if width != height:
+      side = max(width, height)
+      canvas = Image.new("RGB", (side, side), (123, 116, 103))
+      canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+      image = canvas
+    x = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+    out.append((x - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225]))
+  return np.stack(out).astype(np.float32)
+
+
+def _reference_answer_ids(encoder, llm, hf_tok, size, haystack_frames, images, placement, question, answer):
   """The reference's eval_forward on the reference's inputs: the haystack torch-encoded clip by clip and read
   as 16 tokens a frame, needles (an image repeated 4x, one clip), text embedded piece by piece, and the
   argmax over the answer span. placement: ("haystack", first, end) frame ranges and ("needle", i) images."""
   with torch.no_grad():
     def visual(frames):
-      return encoder(torch.from_numpy(video_lib.preprocess(frames, size)).permute(0, 3, 1, 2)[None])[0]
-    embed = lambda text: llm.model.embed_tokens(torch.tensor([tokenizer.encode(text)]))[0]
+      return encoder(torch.from_numpy(_reference_pixels(frames, size)).permute(0, 3, 1, 2)[None])[0]
+    embed = lambda text: llm.model.embed_tokens(torch.tensor([hf_tok.encode(text, add_special_tokens=False)]))[0]
     haystack = visual(haystack_frames)
-    pieces = [embed(niah.PREPROMPT)]
+    pieces = [embed(PRE)]
     for kind, *where in placement:
       if kind == "haystack":
         pieces.append(haystack[where[0] * 16:where[1] * 16])
       else:
         pieces.append(visual(np.repeat(images[where[0]][None], 4, axis=0)))
-    answer_ids = tokenizer.encode(answer)
-    pieces += [embed(question), embed(niah.POSTPROMPT), embed(answer)]
+    answer_ids = hf_tok.encode(answer, add_special_tokens=False)
+    pieces += [embed(question), embed(POST), embed(answer)]
     sequence = torch.cat(pieces)[None]
     prompt = sequence.shape[1] - len(answer_ids)
-    predicted = llm(inputs_embeds=sequence).logits[0, prompt - 1:prompt - 1 + len(answer_ids)].argmax(-1)
-  return tokenizer.decode(predicted.tolist()).lower()
+    return llm(inputs_embeds=sequence).logits[0, prompt - 1:prompt - 1 + len(answer_ids)].argmax(-1).tolist()
 
 
 def test_single_and_multi_hop_answers_are_the_references_argmax_over_the_answer_span(saved_model):
   path, config, params, tokenizer = saved_model
   encoder, llm = videochat_flash_reference(path, config)
+  hf_tok = transformers.Qwen2TokenizerFast.from_pretrained(str(path))
   evaluator = niah.Evaluator(config, jax.tree.map(np.asarray, params), tokenizer, length_multiple=256)
   rng = np.random.default_rng(0)
-  haystack_frames = rng.integers(0, 256, (12, 64, 80, 3), dtype=np.uint8)    # resized to 224 on the way in
+  haystack_frames = rng.integers(0, 256, (12, 64, 80, 3), dtype=np.uint8)    # not square: padded, then resized
   images = rng.integers(0, 256, (3, 50, 40, 3), dtype=np.uint8)
   haystack = evaluator.encode_haystack([haystack_frames[:8], haystack_frames[8:]], max_frames=12)
   needles = [evaluator.encode_needle(image) for image in images]
   question = "Find the frame of a red square. What colour is it?\nOptions: (A) red\n(B) blue\nBest option: ("
-  reference = lambda placement, answer: _reference_prediction(
-      encoder, llm, tokenizer, config.vit.image_size, haystack_frames, images, placement, question, answer)
+  reference = lambda placement, answer: _reference_answer_ids(
+      encoder, llm, hf_tok, config.vit.image_size, haystack_frames, images, placement, question, answer)
+  # The reference's rule: the decoded argmax, lowercased, without ( and ), against the decoded answer.
+  rule = lambda predicted, answer: (hf_tok.decode(predicted).lower().replace("(", "").replace(")", "")
+                                    == hf_tok.decode(hf_tok.encode(answer, add_special_tokens=False)).lower())
 
   # Single hop, 12 frames, depth 0.5: the needle after frame 6, in the middle of the second clip's tokens.
   single = niah.single_hop_frames(haystack, needles[0], 12, 0.5)
-  expected = reference([("haystack", 0, 6), ("needle", 0), ("haystack", 6, 12)], "A")
-  correct, predicted = evaluator.answer_correct(single, question, "A")
-  assert predicted == expected
-  assert correct == (expected.replace("(", "").replace(")", "") == "a")
-  # The rule's other branch: the reference's own prediction, given as the answer, is scored correct.
-  stripped = expected.replace("(", "").replace(")", "")
-  assert evaluator.answer_correct(single, question, stripped)[0] == (
-      tokenizer.decode(tokenizer.encode(stripped)).lower() == stripped
-      and reference([("haystack", 0, 6), ("needle", 0), ("haystack", 6, 12)], stripped) == expected)
+  at_6 = [("haystack", 0, 6), ("needle", 0), ("haystack", 6, 12)]
+  expected = reference(at_6, "A")
+  assert evaluator.answer_correct(single, question, "A") == (rule(expected, "A"), hf_tok.decode(expected).lower())
+
+  # A correct answer, so the rule's other outcome is reached too: the reference's own one-token prediction,
+  # as the answer (the position that predicts a one-token answer sees none of it).
+  answer = hf_tok.decode(expected[:1])
+  assert hf_tok.encode(answer, add_special_tokens=False) == expected[:1] and rule(reference(at_6, answer), answer)
+  assert evaluator.answer_correct(single, question, answer)[0]
 
   # Multi hop, a chain of 3 over 8 frames: needle 0, frames [0, 4), needle 1, frames [4, 8), needle 2.
   chain = niah.multi_hop_frames(haystack, needles, 8)
   expected = reference([("needle", 0), ("haystack", 0, 4), ("needle", 1), ("haystack", 4, 8), ("needle", 2)], "B")
-  assert evaluator.answer_correct(chain, question, "B")[1] == expected
+  assert evaluator.answer_correct(chain, question, "B") == (rule(expected, "B"), hf_tok.decode(expected).lower())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,7 +195,7 @@ def test_tool_writes_the_references_records_over_its_frame_and_depth_grid(saved_
   out = niah_files / "single_out.json"
   assert niah_tool.main(["single", *common, "--needles", str(niah_files / "single.json"), "--depth_interval", "0.5",
                          "--out", str(out)]) == 0
-  assert "the haystack has 12 frames at 1 fps; repeating it to 16" in capsys.readouterr().out
+  assert "the haystack video gives 12 frames at 1 fps; repeating them to 16" in capsys.readouterr().out
   records = json.loads(out.read_text())
   assert [(r["Num. Frame"], r["Frame Depth"]) for r in records] == [
       (8, 0.0), (8, 50.0), (8, 100.0), (16, 0.0), (16, 50.0), (16, 100.0)]
@@ -208,11 +234,19 @@ def test_tool_names_a_missing_needle_image_a_bad_record_a_bad_yarn_factor_and_a_
   assert not (tmp_path / "o.json").exists()
 
 
-def test_haystack_takes_the_frame_nearest_each_second_in_chunks(tmp_path):
-  """Frame i is flat grey 8·i, so each decoded frame says which it was despite the codec."""
+def test_haystack_takes_every_round_fps_th_frame_in_chunks(tmp_path):
+  """Frame i is flat grey 8·i, so each decoded frame says which it was despite the codec. At 2.5 fps the
+  reference's step is round(2.5) = 2 (Python rounds half to even)."""
   frames = np.repeat((8 * np.arange(30, dtype=np.uint8))[:, None, None, None], 32 * 32 * 3).reshape(30, 32, 32, 3)
-  _write_video(tmp_path / "coded.mp4", frames, fps=2.5)         # 12 s: seconds 0..11 -> frames 0, 3, 5, 8, ...
+  _write_video(tmp_path / "coded.mp4", frames, fps=2.5)
   chunks = list(niah.haystack_chunks(str(tmp_path / "coded.mp4"), chunk_frames=8))
-  assert [len(c) for c in chunks] == [8, 4]
+  assert [len(c) for c in chunks] == [8, 7]
   decoded = [int(round(frame.mean() / 8)) for frame in np.concatenate(chunks)]
-  assert decoded == [int(k * 2.5 + 0.5) for k in range(12)] == [0, 3, 5, 8, 10, 13, 15, 18, 20, 23, 25, 28]
+  assert decoded == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28]
+
+
+def test_frames_are_padded_to_a_square_of_the_mean_colour_before_the_resize():
+  frames = np.full((1, 2, 4, 3), 7, np.uint8)
+  square = niah.expand_to_square(frames)
+  assert square.shape == (1, 4, 4, 3)
+  assert (square[0, 1:3] == 7).all() and (square[0, [0, 3]] == [123, 116, 103]).all()

@@ -5,6 +5,7 @@ same model, and the RoPE kinds we do not implement are refused by name."""
 
 import dataclasses
 import json
+import logging
 import os
 
 import jax
@@ -167,20 +168,28 @@ def test_plain_rope_checkpoint_still_saves_without_rope_scaling(tmp_path):
   assert qwen2_hf.hf_config_to_dict(hf).get("rope_scaling") is None
 
 
-def test_videochat_flash_config_carries_yarn_both_ways():
-  """The official layout's config.json reuses the Qwen2 fields: the NIAH setting reaches the decoder, and is
-  written back."""
+def test_videochat_flash_layout_writes_yarn_and_loads_like_the_references_model_which_ignores_it(
+    tmp_path, caplog):
+  """The official layout's config.json reuses the Qwen2 fields. VideoChat-Flash's own decoder (Qwen2_Flash)
+  has no rope scaling, so its chat() ignores the field, and so does our load of that layout, saying so; the
+  reference's NIAH loads the same file as a stock Qwen2 that applies it (rope_scaling_in_file)."""
   config = hico.HiCoConfig.from_dict(dict(presets.hico("tiny")))
   config = dataclasses.replace(config, llm=dataclasses.replace(
       config.llm, rope_scaling=YarnScaling(4.0, 32768)))
   hf = videochat_flash.hico_to_hf_config(config, "bfloat16")
   assert hf["rope_scaling"] == {"type": "yarn", "rope_type": "yarn", "factor": 4.0,
                                 "original_max_position_embeddings": 32768}
-  assert videochat_flash.hf_config_to_hico(hf).llm.rope_scaling == YarnScaling(4.0, 32768)
+  with caplog.at_level(logging.WARNING):
+    assert videochat_flash.hf_config_to_hico(hf).llm.rope_scaling is None
+  assert "rope_scaling is ignored" in caplog.text
   # As the released checkpoints are edited for the evaluation: the bare legacy dict, no rope_parameters.
   hf.pop("rope_parameters")
   hf["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-  assert videochat_flash.hf_config_to_hico(hf).llm.rope_scaling == YarnScaling(4.0, 32768)
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  assert videochat_flash.rope_scaling_in_file(str(tmp_path)) == YarnScaling(4.0, 32768)
+  hf.pop("rope_scaling")
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  assert videochat_flash.rope_scaling_in_file(str(tmp_path)) is None
 
 
 # -------------------------------------------------------------------------------------------- the config

@@ -38,8 +38,8 @@ def hf_to_orbax(src: str, out: str) -> str:
     raise ValueError(f"{src!r} is already a training run directory (it has {run_dir.CHECKPOINTS}/); "
                      "hf-to-orbax reads a Hugging Face directory")
   hf = qwen2_hf.read_config(src)
-  # float32: the trainer's master weights. Every HF dtype (bfloat16, float16, float32) widens exactly, so the
-  # way back reproduces the file bit for bit.
+  # float32: the trainer's master weights. Every HF dtype (bfloat16, float16, float32) widens exactly, so
+  # orbax-to-hf --dtype of the file's own dtype (bfloat16 or float32) reproduces the file bit for bit.
   if kind == "videochat_flash":
     config, params, file_dtype = videochat_flash.load(src, params_dtype=np.float32)
   else:
@@ -88,8 +88,12 @@ def orbax_to_hf(src: str, out: str, step: int | None, dtype: str) -> str:
 
 def check_output(out: str, overwrite: bool, src: str):
   """Refuses, before any work, an output that would clobber something."""
-  if os.path.abspath(out) == os.path.abspath(src):
+  out_path, src_path = os.path.abspath(out), os.path.abspath(src)
+  if out_path == src_path:
     raise ValueError(f"output {out!r} is the input directory")
+  if os.path.commonpath([out_path, src_path]) in (out_path, src_path):
+    # --overwrite replaces the whole output directory: one inside the other would lose the input.
+    raise ValueError(f"output {out!r} and input {src!r} lie one inside the other")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"output {out!r} exists and is not a directory")
   if os.path.isdir(out) and os.listdir(out) and not overwrite:

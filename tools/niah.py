@@ -9,10 +9,12 @@
 
 --model: a VideoChat-Flash checkpoint (official layout, with tokenizer.json). The needle files are the
 reference's: single-hop records {"question", "answer", "image"}, multi-hop {"images", "question1", "answer1",
-"question2", "answer2"}, image paths relative to --image_root. The haystack is sampled at one frame a second;
-a video shorter than --max_frame_num frames is repeated, as the reference repeats its 5,000 frames to reach
-10,000. For the reference's 160k-token prompts use its rope scaling (--yarn_factor 4, or rope_scaling in
-config.json) and --attention_impl cudnn on a GPU. Writes the reference's result records (per frame count, and per depth
+"question2", "answer2"}, image paths relative to --image_root. The haystack is sampled as the reference
+samples it (every round(fps)-th frame); above 7,500 frames, as there, its first half is encoded and repeated.
+A video shorter than the frames needed is repeated too (the reference stops there instead). The decoder
+applies config.json's rope_scaling, as the reference's stock Qwen2ForCausalLM does (--yarn_factor sets it
+without editing the file); for the reference's 160k-token prompts use YaRN x4 and --attention_impl cudnn on a
+GPU. Writes the reference's result records (per frame count, and per depth
 for single-hop) to --out as JSON, and prints them and their mean.
 """
 
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
   import hico_jax
   from hico_jax.data import tokenizer as tokenizer_lib
   from hico_jax.data import video as video_lib
+  from hico_jax.convert import videochat_flash
   from hico_jax.eval import niah
 
   try:
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
     model = hico_jax.from_pretrained(args.model, visual_dropout=None)
     if not model.is_video_model:
       return _fail(f"{args.model} is a plain Qwen2 language model; NIAH needs a VideoChat-Flash checkpoint")
-    llm_config = model.config.llm
+    llm_config = dataclasses.replace(model.config.llm,
+                                     rope_scaling=videochat_flash.rope_scaling_in_file(args.model))
     if args.attention_impl:
       llm_config = dataclasses.replace(llm_config, attention_impl=args.attention_impl)
       llm_config.check()
@@ -102,11 +106,15 @@ def main(argv=None) -> int:
       needles = [evaluator.encode_needle(image(item["image"])) for item in items]
     else:
       needles = [[evaluator.encode_needle(image(p)) for p in item["images"]] for item in items]
-    haystack = evaluator.encode_haystack(niah.haystack_chunks(args.haystack), args.max_frame_num)
+    # Above 7,500 frames the reference encodes half and repeats it (its 10,000 frames are 5,000 twice).
+    wanted = args.max_frame_num // 2 if args.max_frame_num > 7500 else args.max_frame_num
+    haystack = evaluator.encode_haystack(niah.haystack_chunks(args.haystack), -(-wanted // 4) * 4)[:wanted]
   except (ValueError, FileNotFoundError) as e:     # VideoDecodeError is a ValueError
     return _fail(str(e))
   if len(haystack) < args.max_frame_num:
-    print(f"niah: the haystack has {len(haystack)} frames at 1 fps; repeating it to {args.max_frame_num}")
+    if len(haystack) < wanted:
+      print(f"niah: the haystack video gives {len(haystack)} frames at 1 fps; repeating them to "
+            f"{args.max_frame_num}")
     haystack = np.concatenate([haystack] * -(-args.max_frame_num // len(haystack)))[:args.max_frame_num]
 
   frame_counts = range(args.min_frame_num, args.max_frame_num + 1, args.frame_interval)
@@ -116,7 +124,7 @@ def main(argv=None) -> int:
   else:
     results = niah.multi_hop(evaluator, haystack, needles, items, frame_counts, log=print)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out + ".tmp", "w") as f:
+  with open(args.out + ".tmp", "w") as f:      # written whole, then renamed: never a truncated result file
     json.dump(results, f, indent=2)
   os.replace(args.out + ".tmp", args.out)
   print(f"mean score {np.mean([r['Score'] for r in results]):.4f} over {len(results)} records -> {args.out}")

@@ -109,20 +109,40 @@ _REQUIRED_VALUES = {"hidden_act": "silu", "use_sliding_window": False, "use_mrop
 _ROPE_TYPES = ("default", "yarn")
 
 
-def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str = "config.json") -> dict:
-  """The Qwen2 fields of a config.json as Qwen2Config keyword arguments. Fails naming the field if the
-  file asks for something this decoder does not implement, or holds a field we do not know."""
-  for field, value in _REQUIRED_VALUES.items():
-    if field in hf and hf[field] != value and not (value is False and hf[field] is None):
-      raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
-  # transformers takes rope_scaling (4.x's name) over rope_parameters (5.x's), and the legacy key "type" where
-  # "rope_type" is absent.
+def rope_settings(hf: dict, where: str = "config.json") -> tuple[float, YarnScaling | None]:
+  """(rope_theta, YaRN scaling or None) as transformers reads them from a config.json: rope_scaling (4.x's
+  name) over rope_parameters (5.x's), the legacy key "type" where "rope_type" is absent, theta in
+  rope_parameters (5.x) or at the top level (4.x). Other rope types are refused by name."""
   source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
   rope = dict(hf.get(source) or {})
   rope_type = rope.pop("rope_type", rope.get("type", "default"))
   rope.pop("type", None)
   if rope_type not in _ROPE_TYPES:
     raise ValueError(f"{where}: {source}.rope_type = {rope_type!r} is not supported (only {_ROPE_TYPES})")
+  theta = rope.pop("rope_theta", hf.get("rope_theta"))
+  if theta is None:
+    raise ValueError(f"{where}: no rope_theta (neither {source}.rope_theta nor rope_theta)")
+  if rope_type != "yarn":
+    return float(theta), None
+  # transformers' YaRN would rotate only part of the head, which its Qwen2 attention cannot apply.
+  if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"{where}: {source}.partial_rotary_factor = {hf[source]['partial_rotary_factor']!r} is "
+                     "not supported (Qwen2 rotates the whole head: only 1.0)")
+  try:
+    # Built here, where max_position_embeddings is the file's (the default for a missing original one).
+    return float(theta), YarnScaling.from_dict(rope, hf.get("max_position_embeddings",
+                                                            Qwen2Config.max_position_embeddings))
+  except ValueError as e:
+    raise ValueError(f"{where}: {source}: {e}") from None
+
+
+def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str = "config.json") -> dict:
+  """The Qwen2 fields of a config.json as Qwen2Config keyword arguments. Fails naming the field if the
+  file asks for something this decoder does not implement, or holds a field we do not know."""
+  for field, value in _REQUIRED_VALUES.items():
+    if field in hf and hf[field] != value and not (value is False and hf[field] is None):
+      raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
+  theta, scaling = rope_settings(hf, where)
   layer_types = hf.get("layer_types") or []
   if any(t != "full_attention" for t in layer_types):
     raise ValueError(f"{where}: layer_types {sorted(set(layer_types))} is not supported (only 'full_attention')")
@@ -142,22 +162,9 @@ def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str
       raise ValueError(f"{where}: required field {required!r} is missing")
   fields.setdefault("num_kv_heads", hf["num_attention_heads"])
   fields.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
-  # transformers 5 keeps theta in rope_parameters; 4.x files have it at the top level.
-  theta = rope.pop("rope_theta", hf.get("rope_theta"))
-  if theta is None:
-    raise ValueError(f"{where}: no rope_theta (neither {source}.rope_theta nor rope_theta)")
-  fields["rope_theta"] = float(theta)
-  if rope_type == "yarn":
-    # transformers' YaRN would rotate only part of the head, which its Qwen2 attention cannot apply.
-    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
-      raise ValueError(f"{where}: {source}.partial_rotary_factor = {hf[source]['partial_rotary_factor']!r} is "
-                       "not supported (Qwen2 rotates the whole head: only 1.0)")
-    try:
-      # Built here, where max_position_embeddings is the file's (the default for a missing original one).
-      fields["rope_scaling"] = YarnScaling.from_dict(
-          rope, hf.get("max_position_embeddings", Qwen2Config.max_position_embeddings))
-    except ValueError as e:
-      raise ValueError(f"{where}: {source}: {e}") from None
+  fields["rope_theta"] = theta
+  if scaling is not None:
+    fields["rope_scaling"] = scaling
   fields.setdefault("tie_word_embeddings", False)
   return fields
 

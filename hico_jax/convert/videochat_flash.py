@@ -9,6 +9,7 @@ tower is named in config.json as the released checkpoints name it: `mm_vision_to
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -105,6 +106,12 @@ _REQUIRED = {"mm_projector_type": "tome16_mlp_hd64", "mm_local_num_frames": 4, "
 VISION_CONFIG_FIELD = "hico_vision_config"
 
 
+def rope_scaling_in_file(path: str):
+  """The YaRN scaling a checkpoint's config.json asks for (a rope.YarnScaling), or None: what a stock
+  transformers Qwen2ForCausalLM loading the directory applies, and VideoChat-Flash's own model does not."""
+  return qwen2_hf.rope_settings(qwen2_hf.read_config(path), os.path.join(path, "config.json"))[1]
+
+
 def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoConfig:
   """HiCoConfig from a VideoChat-Flash config.json; `compute` sets dtype, remat and attention options."""
   tower = str(hf.get("mm_vision_tower", ""))
@@ -133,6 +140,11 @@ def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoCo
   known = _INERT_FIELDS | set(_REQUIRED) | {"mm_vision_tower", "mm_llm_compress", "mm_hidden_size",
                                             VISION_CONFIG_FIELD}
   llm = qwen2_hf.hf_config_to_dict(hf, extra_known=known, where=where)
+  if llm.pop("rope_scaling", None) is not None:
+    # The reference's own decoder (Qwen2_Flash) has no rope scaling: its chat() ignores the field. Only its
+    # NIAH scripts, which load the LLM as a stock Qwen2ForCausalLM, apply it; tools/niah.py does the same.
+    logging.warning("%s: rope_scaling is ignored, as VideoChat-Flash's own model ignores it (tools/niah.py "
+                    "applies it, as the reference's NIAH evaluation does)", where)
   vit_compute = {k: v for k, v in compute.items() if k in ("dtype", "param_dtype", "remat_policy", "attention_impl")}
   config = HiCoConfig.from_dict({"vit": {**vit_fields, **vit_compute}, "llm": {**llm, **compute},
                                  "visual_dropout": dropout})

@@ -1,8 +1,9 @@
 """Needle in a video haystack, single- and multi-hop: the reference's `xtuner-eval_niah/vision_niah`.
 
-The haystack is a long video at one frame a second, encoded once: each 4-frame clip's 64 merged, projected
-tokens, read as 16 tokens per frame, so a depth can fall between any two frames. A needle is an image
-repeated 4x and encoded as one clip: 64 tokens. A question's input is the reference's, embedding by embedding:
+The haystack is a long video at one frame a second (every round(fps)-th frame), encoded once: each 4-frame
+clip's 64 merged, projected tokens, read as 16 tokens per frame, so a depth can fall between any two frames.
+A needle is an image repeated 4x and encoded as one clip: 64 tokens. Frames and needles are padded to a
+square of the mean colour before the resize (the reference's `image_aspect_ratio = "pad"`). A question's input is the reference's, embedding by embedding:
 
   preprompt + frames (the haystack with the needles placed in it) + question + postprompt + answer
 
@@ -29,6 +30,23 @@ from hico_jax.models import hico, qwen2
 PREPROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 POSTPROMPT = "<|im_end|>\n<|im_start|>assistant\n"
 TOKENS_PER_FRAME = 16     # 64 tokens a 4-frame clip
+# The reference's process_images with image_aspect_ratio "pad" fills with the processor's mean, int(x * 255).
+PAD_COLOUR = tuple(int(x * 255) for x in video_lib.IMAGENET_MEAN)
+
+
+def expand_to_square(frames_uint8: np.ndarray) -> np.ndarray:
+  """(T, H, W, 3) -> (T, S, S, 3), S = max(H, W): each frame centred on a square of PAD_COLOUR (LLaVA's
+  expand2square, which offsets the short side by (S - side) // 2)."""
+  frames = np.asarray(frames_uint8)
+  height, width = frames.shape[1:3]
+  if height == width:
+    return frames
+  side = max(height, width)
+  out = np.empty((len(frames), side, side, 3), np.uint8)
+  out[:] = np.asarray(PAD_COLOUR, np.uint8)
+  top, left = (side - height) // 2, (side - width) // 2
+  out[:, top:top + height, left:left + width] = frames
+  return out
 
 
 def _bucket(length: int, multiple: int) -> int:
@@ -65,7 +83,10 @@ class Evaluator:
 
   def encode_frames(self, frames_uint8: np.ndarray) -> np.ndarray:
     """(T, H, W, 3) uint8 frames, T a multiple of 4 -> (T, 16, D) visual tokens, clip by clip."""
-    frames = video_lib.preprocess(frames_uint8, self.config.vit.image_size)
+    if self.config.tokens_per_clip != 4 * TOKENS_PER_FRAME:
+      raise ValueError(f"NIAH reads a clip's tokens as {TOKENS_PER_FRAME} a frame; this model merges a clip to "
+                       f"{self.config.tokens_per_clip}")
+    frames = video_lib.preprocess(expand_to_square(frames_uint8), self.config.vit.image_size)
     tokens = self._encode(self.params, jnp.asarray(frames)[None, None])
     return np.asarray(tokens).reshape(len(frames), TOKENS_PER_FRAME, -1)
 
@@ -148,22 +169,22 @@ def multi_hop_frames(haystack: np.ndarray, needles: Sequence[np.ndarray], num_fr
 
 
 def haystack_chunks(path: str, chunk_frames: int = 64) -> Iterator[np.ndarray]:
-  """A long video at one frame a second (the frame nearest k·fps for k = 0, 1, ...), `chunk_frames` uint8 RGB
-  frames at a time: a 10,000-second video at full resolution would not fit in memory whole. Read straight
-  through (grab skips a frame without decoding its pixels); seeking would cost more on long GOPs."""
+  """A long video at one frame a second as the reference samples its haystack (frames 0, r, 2r, ... with
+  r = round(fps)), `chunk_frames` uint8 RGB frames at a time: a 10,000-second video at full resolution would
+  not fit in memory whole. Read straight through (grab skips a frame without decoding its pixels)."""
   capture = cv2.VideoCapture(path)
   try:
     fps = capture.get(cv2.CAP_PROP_FPS)
     if not capture.isOpened() or not fps > 0:
       raise video_lib.VideoDecodeError(f"haystack video {path}: cannot be opened or has no frame rate")
-    frames, index, second = [], 0, 0
+    step = max(round(fps), 1)
+    frames, index = [], 0
     while capture.grab():
-      if index == int(second * fps + 0.5):     # the nearest frame (round() would round half to even)
+      if index % step == 0:
         ok, frame = capture.retrieve()
         if not ok:
           raise video_lib.VideoDecodeError(f"haystack video {path}: frame {index} does not decode")
         frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        second += 1
         if len(frames) == chunk_frames:
           yield np.stack(frames)
           frames = []

@@ -162,7 +162,7 @@ class VideoChat:
     without it it starts afresh (chat_history=None). Either way the turn is added to the history."""
     ids, user_turn = self.prompt_ids(question, keep_history=keep_history)
     padding = -len(ids) % self.prompt_bucket
-    padded = np.concatenate([np.full(padding, self.tokenizer.pad_id, np.int32), ids])
+    padded = np.concatenate([np.full(padding, self.model.pad_id, np.int32), ids])   # masked: any id does
     mask = (np.arange(len(padded)) >= padding).astype(np.int32)
     new_ids = self.model.generate(padded[None], video=self.pixels, attention_mask=mask[None],
                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
