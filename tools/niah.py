@@ -67,9 +67,9 @@ def main(argv=None) -> int:
   import numpy as np
 
   import hico_jax
+  from hico_jax.convert import videochat_flash
   from hico_jax.data import tokenizer as tokenizer_lib
   from hico_jax.data import video as video_lib
-  from hico_jax.convert import videochat_flash
   from hico_jax.eval import niah
 
   try:
