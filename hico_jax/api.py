@@ -145,9 +145,9 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str = "
   compute = dict(dtype=dtype, param_dtype=param_dtype, remat_policy="none")
   if kind == "run":
     run = run_dir.read(path, params_dtype=np.dtype(param_dtype), **compute)
-    config, params, hf_config, file_dtype = run.config, run.params, run.token_ids, run.saved_dtype
+    config, params, token_ids, file_dtype = run.config, run.params, run.token_ids, run.saved_dtype
   else:
-    hf_config = qwen2_hf.read_config(path)
+    token_ids = qwen2_hf.read_token_ids(path)
     loader = videochat_flash if kind == "videochat_flash" else qwen2_hf
     config, params, file_dtype = loader.load(path, params_dtype=np.dtype(param_dtype), **compute)
   if isinstance(config, hico.HiCoConfig) and not (isinstance(visual_dropout, str) and visual_dropout == "config"):
@@ -159,12 +159,8 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str = "
     if visual_dropout is not None:
       visual_dropout.check(config.llm.num_layers)
     config = dataclasses.replace(config, visual_dropout=visual_dropout)
-  eos = hf_config.get("eos_token_id")
-  generation_path = os.path.join(path, "generation_config.json")
-  if os.path.exists(generation_path):
-    with open(generation_path) as f:
-      eos = json.load(f).get("eos_token_id", eos)
+  eos = token_ids.get("eos_token_id")
   eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-  pad = hf_config.get("pad_token_id")
+  pad = token_ids.get("pad_token_id")
   return CausalLM(config, params, eos_ids=eos_ids, pad_id=eos_ids[0] if pad is None and eos_ids else pad or 0,
                   checkpoint_dtype=file_dtype)

@@ -11,16 +11,19 @@ from safetensors.torch import load_file, save_file
 
 
 def make_hf_qwen2(out_dir, *, vocab=320, hidden=64, inter=112, layers=2, heads=4, kv_heads=2,
-                  theta=10000.0, tied=False, eps=1e-6, seed=0, bias_std=0.1):
+                  theta=10000.0, tied=False, eps=1e-6, seed=0, bias_std=0.1, max_positions=4096,
+                  rope_parameters=None, init_std=0.02):
   """A random transformers Qwen2ForCausalLM saved to `out_dir`; returns the torch model (eval, fp32).
 
   Biases and norm scales are randomised too (transformers initialises them to 0 and 1), so a converter that
-  dropped or transposed one of them would fail parity.
+  dropped or transposed one of them would fail parity. `rope_parameters` (transformers 5's field, theta
+  included) replaces `theta` when given.
   """
+  rope = {"rope_parameters": rope_parameters} if rope_parameters else {"rope_theta": theta}
   config = transformers.Qwen2Config(
       vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-      rope_theta=theta, rms_norm_eps=eps, tie_word_embeddings=tied)
+      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+      rms_norm_eps=eps, tie_word_embeddings=tied, initializer_range=init_std, **rope)
   config._attn_implementation = "eager"
   torch.manual_seed(seed)
   model = transformers.Qwen2ForCausalLM(config).eval()
@@ -33,6 +36,16 @@ def make_hf_qwen2(out_dir, *, vocab=320, hidden=64, inter=112, layers=2, heads=4
   os.makedirs(out_dir, exist_ok=True)
   model.save_pretrained(out_dir)
   return model
+
+
+def rewrite_config(model_dir, edit):
+  """config.json of `model_dir` passed through `edit` (a function that changes the dict in place)."""
+  path = os.path.join(model_dir, "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  edit(config)
+  with open(path, "w") as f:
+    json.dump(config, f)
 
 
 VISION_KEY_PREFIXES = ("model.vision_tower.", "model.mm_projector.")

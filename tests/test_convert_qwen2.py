@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from hico_jax.convert import qwen2_hf, safetensors_io
 from hico_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE
 from hico_jax.models import qwen2
-from tests.hf_reference import make_hf_qwen2
+from tests.hf_reference import make_hf_qwen2, rewrite_config
 
 HEADS, KV_HEADS, HIDDEN = 4, 2, 64
 HEAD_DIM = HIDDEN // HEADS
@@ -56,15 +56,6 @@ def _rewrite_tensors(model_dir, edit):
   tensors = load_file(path)
   edit(tensors)
   save_file(tensors, path, metadata={"format": "pt"})
-
-
-def _rewrite_config(model_dir, edit):
-  path = os.path.join(model_dir, "config.json")
-  with open(path) as f:
-    config = json.load(f)
-  edit(config)
-  with open(path, "w") as f:
-    json.dump(config, f)
 
 
 def _write_sharded(src_dir, out_dir):
@@ -276,7 +267,7 @@ def test_all_tensor_problems_come_in_one_error(bad):
 
 
 def test_unknown_config_field_is_named(bad):
-  _rewrite_config(bad, lambda c: c.update(foo_bar=1))
+  rewrite_config(bad, lambda c: c.update(foo_bar=1))
   assert "foo_bar" in _load_error(bad)
 
 
@@ -295,7 +286,7 @@ SCALED = {"factor": 4.0}
 ], ids=["hidden_act", "sliding_window", "rope_scaling", "rope_type", "legacy_type_key",
         "layer_types"])
 def test_unsupported_architecture_field_is_named(bad, fields, named):
-  _rewrite_config(bad, lambda c: c.update(fields))
+  rewrite_config(bad, lambda c: c.update(fields))
   message = _load_error(bad)
   assert all(word in message for word in named), message
 

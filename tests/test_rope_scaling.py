@@ -20,6 +20,7 @@ from hico_jax import presets
 from hico_jax.convert import qwen2_hf, videochat_flash
 from hico_jax.models import hico, qwen2
 from hico_jax.ops.rope import YarnScaling
+from tests.hf_reference import make_hf_qwen2, rewrite_config
 
 THETA = 10000.0
 ORIGINAL = 64          # the "pretrained" context: the 300-token input runs well past it
@@ -42,35 +43,14 @@ def _make_hf_yarn(out_dir, rope, *, legacy=False, seed=0):
 
   Weights at std 0.1 (not 0.02) make attention peaked enough that a wrong rotation moves the logits by O(1),
   far beyond the 1e-4 parity tolerance; biases and norm scales are random so nothing passes by being zero."""
-  config = transformers.Qwen2Config(
-      vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=int(rope["factor"] * rope["original_max_position_embeddings"]),
-      rope_parameters={"rope_theta": THETA, **rope}, initializer_range=0.1, tie_word_embeddings=False)
-  config._attn_implementation = "eager"
-  torch.manual_seed(seed)
-  model = transformers.Qwen2ForCausalLM(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith(".bias"):
-        p.normal_(0.0, 0.1)
-      elif "norm" in name:
-        p.uniform_(0.5, 1.5)
-  model.save_pretrained(out_dir)
+  model = make_hf_qwen2(out_dir, seed=seed, max_positions=int(rope["factor"] * rope["original_max_position_embeddings"]),
+                        rope_parameters={"rope_theta": THETA, **rope}, init_std=0.1)
   if legacy:
     def to_legacy(hf):
       hf.pop("rope_parameters")
       hf.update(rope_theta=THETA, rope_scaling={"type": "yarn", **{k: v for k, v in rope.items() if k != "rope_type"}})
-    _rewrite_config(out_dir, to_legacy)
+    rewrite_config(out_dir, to_legacy)
   return model
-
-
-def _rewrite_config(model_dir, edit):
-  path = os.path.join(model_dir, "config.json")
-  with open(path) as f:
-    hf = json.load(f)
-  edit(hf)
-  with open(path, "w") as f:
-    json.dump(hf, f)
 
 
 def _read_config(model_dir):
@@ -227,7 +207,7 @@ def test_unsupported_rope_type_is_refused_naming_it(field, rope_type):
 
 def test_unsupported_rope_type_in_a_checkpoint_is_refused_by_from_pretrained(tmp_path):
   _make_hf_yarn(tmp_path, BARE)
-  _rewrite_config(tmp_path, lambda hf: hf.update(rope_parameters={"rope_theta": THETA, "rope_type": "dynamic",
+  rewrite_config(tmp_path, lambda hf: hf.update(rope_parameters={"rope_theta": THETA, "rope_type": "dynamic",
                                                                    "factor": 4.0}))
   with pytest.raises(ValueError, match=r"config\.json: rope_parameters\.rope_type = 'dynamic' is not supported"):
     hico_jax.from_pretrained(str(tmp_path), dtype="float32")

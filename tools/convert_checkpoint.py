@@ -37,7 +37,6 @@ def hf_to_orbax(src: str, out: str) -> str:
   if kind == "run":
     raise ValueError(f"{src!r} is already a training run directory (it has {run_dir.CHECKPOINTS}/); "
                      "hf-to-orbax reads a Hugging Face directory")
-  hf = qwen2_hf.read_config(src)
   # float32: the trainer's master weights. Every HF dtype (bfloat16, float16, float32) widens exactly, so
   # orbax-to-hf --dtype of the file's own dtype (bfloat16 or float32) reproduces the file bit for bit.
   if kind == "videochat_flash":
@@ -45,13 +44,7 @@ def hf_to_orbax(src: str, out: str) -> str:
   else:
     config, llm, file_dtype = qwen2_hf.load(src, params_dtype=np.float32)
     params = {"llm": llm}
-  token_ids = {k: hf[k] for k in ("eos_token_id", "pad_token_id") if hf.get(k) is not None}
-  generation = os.path.join(src, "generation_config.json")
-  if os.path.exists(generation):
-    with open(generation) as f:
-      eos = json.load(f).get("eos_token_id")
-    if eos is not None:
-      token_ids["eos_token_id"] = eos
+  token_ids = qwen2_hf.read_token_ids(src)
   saved = {"model": run_dir.config_to_dict(config), run_dir.TOKEN_IDS_FIELD: token_ids,
            "converted_from": {"path": os.path.abspath(src), "layout": kind, "dtype": file_dtype}}
 

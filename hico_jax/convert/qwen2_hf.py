@@ -195,6 +195,20 @@ def read_config(model_dir: str) -> dict:
     return json.load(f)
 
 
+def read_token_ids(model_dir: str) -> dict:
+  """{"eos_token_id", "pad_token_id"} as far as an HF directory sets them: eos from generation_config.json
+  over config.json's (where generation stops), pad from config.json."""
+  hf = read_config(model_dir)
+  token_ids = {k: hf[k] for k in ("eos_token_id", "pad_token_id") if hf.get(k) is not None}
+  generation = os.path.join(model_dir, "generation_config.json")
+  if os.path.exists(generation):
+    with open(generation) as f:
+      eos = json.load(f).get("eos_token_id")
+    if eos is not None:
+      token_ids["eos_token_id"] = eos
+  return token_ids
+
+
 def load(model_dir: str, *, params_dtype=None, **config_overrides) -> tuple[Qwen2Config, dict, str]:
   """(config, params as numpy, the checkpoint's dtype name) from a plain HF Qwen2 directory.
 

@@ -142,6 +142,12 @@ def inference_prompt(question: str, tokenizer, *, num_frames: int | None = None,
     user += question
   prompt = (f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
             f"<|im_start|>assistant\n")
+  return tokenize_image_prompt(prompt, tokenizer)
+
+
+def tokenize_image_prompt(prompt: str, tokenizer) -> np.ndarray:
+  """The reference's tokenizer_image_token: each piece between `<image>` tags tokenized alone, each tag one
+  VIDEO_TOKEN_ID."""
   ids = []
   for j, chunk in enumerate(prompt.split(IMAGE_TAG)):
     if j:

@@ -62,6 +62,7 @@ class Evaluator:
                length_multiple: int = 1024):
     self.config, self.tokenizer, self.length_multiple = config, tokenizer, length_multiple
     self.params = params
+    self._text = {}      # text -> embeddings: the prompt pieces and each question come back at every grid point
     llm = qwen2.Qwen2ForCausalLM(llm_config or config.llm)     # no dropout: the reference's stock decoder
     model = hico.HiCo(config)
     self._encode = jax.jit(lambda p, clips: model.apply({"params": p}, clips, method=hico.HiCo.encode_video))
@@ -119,8 +120,10 @@ class Evaluator:
   # ---------------------------------------------------------------------------------------------------------
 
   def text_embeddings(self, text: str) -> np.ndarray:
-    ids = self.tokenizer.encode(text)
-    return np.asarray(self._embed(self.params["llm"], jnp.asarray([ids], jnp.int32)))[0]
+    if text not in self._text:
+      ids = self.tokenizer.encode(text)
+      self._text[text] = np.asarray(self._embed(self.params["llm"], jnp.asarray([ids], jnp.int32)))[0]
+    return self._text[text]
 
   def answer_correct(self, frames: np.ndarray, question: str, answer: str) -> tuple[bool, str]:
     """(correct, predicted text) for one question over `frames` (F, D) of visual tokens."""

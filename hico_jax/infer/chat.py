@@ -11,8 +11,8 @@ The reference (`modeling_videochat_flash.py`, `VideoChatFlashQwenForCausalLM.cha
    assistant header `<|im_start|>assistant\\n`. The first user turn is `<image>\\n{time_msg.strip()} {question}`;
    with a non-empty `chat_history` the history turns come first, verbatim, and the new user turn is the bare
    question (the video placeholder stays in the first turn only).
-3. `tokenizer_image_token`: the text around `<image>` is tokenized piece by piece and the placeholder becomes
-   IMAGE_TOKEN_INDEX (-200, our `VIDEO_TOKEN_ID`).
+3. `tokenizer_image_token` (`text.tokenize_image_prompt`): the text around `<image>` is tokenized piece by
+   piece and the placeholder becomes IMAGE_TOKEN_INDEX (-200, our `VIDEO_TOKEN_ID`).
 4. `generate(...)` until `<|im_end|>` (a stopping keyword) or the model's eos; the answer is the generated text
    decoded with `skip_special_tokens=True`, stripped, a trailing `<|im_end|>` cut off.
 5. The history gets `{"role": "<|im_start|>user", "content": user_turn}` and the assistant's answer *text*: a
@@ -104,16 +104,6 @@ def prompt_text(history: Sequence[dict], user_turn: str, system_prompt: str = te
   return "".join(parts)
 
 
-def tokenize_prompt(prompt: str, tokenizer) -> np.ndarray:
-  """tokenizer_image_token: each piece between `<image>` tags tokenized alone, each tag one VIDEO_TOKEN_ID."""
-  ids = []
-  for j, chunk in enumerate(prompt.split(text.IMAGE_TAG)):
-    if j:
-      ids.append(VIDEO_TOKEN_ID)
-    ids += tokenizer.encode(chunk) if chunk else []
-  return np.asarray(ids, np.int32)
-
-
 def decode_answer(new_ids, tokenizer, stop_ids: Sequence[int]) -> tuple[np.ndarray, str]:
   """(ids before the first stop id, the reference's answer text)."""
   new_ids = np.asarray(new_ids, np.int32).reshape(-1)
@@ -150,7 +140,7 @@ class VideoChat:
                        "in the first turn")
     history = self.history if keep_history else []
     user_turn = question if history else first_user_turn(question, self.video.time_message())
-    ids = tokenize_prompt(prompt_text(history, user_turn, self.system_prompt), self.tokenizer)
+    ids = text.tokenize_image_prompt(prompt_text(history, user_turn, self.system_prompt), self.tokenizer)
     if np.sum(ids == VIDEO_TOKEN_ID) != 1:
       raise ValueError(f"the conversation holds {int(np.sum(ids == VIDEO_TOKEN_ID))} {text.IMAGE_TAG!r} tags (an "
                        "earlier answer wrote one); a prompt takes the video once: start a new conversation")
