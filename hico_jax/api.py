@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Sequence
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 
 from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.convert import qwen2_hf, run_dir, videochat_flash
-from hico_jax.infer import generate as generation
+from hico_jax.infer import generate as generation, memory
 from hico_jax.models import hico, qwen2
 from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.ops import xla_options
@@ -61,7 +62,9 @@ class CausalLM:
   def generate(self, input_ids, video=None, attention_mask=None, *, max_new_tokens: int = 32,
                temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] | None = None,
                pad_id: int | None = None, seed: int = 0) -> np.ndarray:
-    """New token ids (B, max_new_tokens); a row that produced an eos id is pad_id after it."""
+    """New token ids (B, max_new_tokens); a row that produced an eos id is pad_id after it. A request the
+    device cannot hold fails first, with the estimate and the frame count that would fit."""
+    self._check_memory(input_ids, video, max_new_tokens)
     ids, mask, embeddings = self._prepare(input_ids, video, attention_mask)
     return generation.generate(
         self.llm, {"params": self.llm_params}, np.maximum(ids, 0), mask, embeddings=embeddings,
@@ -76,6 +79,16 @@ class CausalLM:
     run_dir.save_hf(out_dir, self.config, self.params, dtype=dtype, extra_fields=token_ids)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(token_ids, f, indent=2)
+
+  def _check_memory(self, input_ids, video, max_new_tokens):
+    shape = np.shape(input_ids)
+    if len(shape) != 2:
+      return                    # _prepare names the problem
+    frames = np.shape(video)[1] if video is not None and np.ndim(video) == 5 else 0
+    per_frame = self.config.tokens_per_clip / self.config.clip_frames if self.is_video_model else 0
+    clip = self.config.clip_frames if self.is_video_model else 1
+    memory.check_fits(self.llm_config, self.dropout, batch=shape[0], text_len=shape[1], frames=frames,
+                      tokens_per_frame=per_frame, clip_frames=clip, max_new_tokens=max_new_tokens)
 
   def _visual_mask(self, ids):
     return None if self.dropout is None else jnp.asarray(ids == VIDEO_TOKEN_ID)
@@ -128,28 +141,52 @@ def _expand_placeholders(ids, mask, count):
   return np.stack(rows_ids), np.stack(rows_mask).astype(np.int32)
 
 
-def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str = "float32",
-                    visual_dropout="config") -> CausalLM:
+def device_defaults(platform: str) -> dict[str, str]:
+  """What from_pretrained picks on `platform` (jax's: "gpu", "tpu", "cpu"): the device's fast kernels and
+  dtypes. bf16 weights halve a 7B model's 30 GB; the decoder's kernel is what makes a 160,000-token prefill
+  possible (none of them forms an (L x L) matrix); the vision tower's clips are 784-3,136 tokens, where
+  cuDNN's kernel is the fast one on GPUs and XLA's is fine elsewhere."""
+  if platform == "gpu":
+    return dict(dtype="bfloat16", param_dtype="bfloat16", attention_impl="cudnn", vision_attention_impl="cudnn")
+  if platform == "tpu":
+    return dict(dtype="bfloat16", param_dtype="bfloat16", attention_impl="splash", vision_attention_impl="xla")
+  return dict(dtype="float32", param_dtype="float32", attention_impl="chunked", vision_attention_impl="xla")
+
+
+def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
+                    attention_impl: str | None = None, vision_attention_impl: str | None = None,
+                    visual_dropout="config", verbose: bool = True) -> CausalLM:
   """Loads a Hugging Face model directory (plain Qwen2, or the official VideoChat-Flash layout) or a training
   run directory (its latest step's params, with the model config saved with them; tools/convert_checkpoint.py
   hf-to-orbax writes one too).
 
-  dtype is the compute dtype: float32 on CPU and bfloat16 on accelerators unless given. visual_dropout:
-  "config" follows config.json (mm_llm_compress and its fields) or a run's saved config, None turns it off,
-  and a dict or VisualDropoutConfig sets it (the model card's option: {"type": "uniform0_attention", "layers": [4, 18],
-  "ratios": [1, 0.75, 0.25]}).
+  The device decides the defaults (`device_defaults`): bf16 compute and weights with cuDNN attention on GPUs
+  (splash on TPUs), float32 with the chunked kernel on CPUs; each keyword overrides its choice, and the
+  choices are printed once (verbose=False: not). Tensors go to the device as they are read, cast on the way,
+  so the host never holds the model in float32. visual_dropout: "config" follows config.json (mm_llm_compress
+  and its fields) or a run's saved config, None turns it off, and a dict or VisualDropoutConfig sets it (the
+  model card's option: {"type": "uniform0_attention", "layers": [4, 18], "ratios": [1, 0.75, 0.25]}).
   """
   kind = run_dir.layout(path)
-  if dtype is None:
-    dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
-  compute = dict(dtype=dtype, param_dtype=param_dtype, remat_policy="none")
+  platform = jax.devices()[0].platform
+  given = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+               vision_attention_impl=vision_attention_impl)
+  chosen = {k: v if given[k] is None else given[k] for k, v in device_defaults(platform).items()}
+  if verbose:
+    print(f"hico_jax.from_pretrained: {platform}: {chosen['dtype']} compute, {chosen['param_dtype']} weights, "
+          f"{chosen['attention_impl']} attention (decoder), {chosen['vision_attention_impl']} (vision tower); "
+          f"keywords override each", file=sys.stderr)
+  compute = dict(chosen, remat_policy="none")
+  params_dtype = np.dtype(qwen2.DTYPES[chosen["param_dtype"]])
   if kind == "run":
-    run = run_dir.read(path, params_dtype=np.dtype(param_dtype), **compute)
+    run = run_dir.read(path, params_dtype=params_dtype, **compute)
     config, params, token_ids, file_dtype = run.config, run.params, run.token_ids, run.saved_dtype
   else:
     token_ids = qwen2_hf.read_token_ids(path)
+    if kind == "qwen2":
+      compute.pop("vision_attention_impl")
     loader = videochat_flash if kind == "videochat_flash" else qwen2_hf
-    config, params, file_dtype = loader.load(path, params_dtype=np.dtype(param_dtype), **compute)
+    config, params, file_dtype = loader.load(path, params_dtype=params_dtype, put=jax.device_put, **compute)
   if isinstance(config, hico.HiCoConfig) and not (isinstance(visual_dropout, str) and visual_dropout == "config"):
     if isinstance(visual_dropout, dict):
       visual_dropout = VisualDropoutConfig.from_dict(visual_dropout)

@@ -77,6 +77,11 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
   for field, gpu_kernel in (("attention_impl", "cudnn"), ("norm_impl", "pallas")):
     if getattr(vit, field) == gpu_kernel and platforms != ["gpu"]:
       problems.append(f"model.vit.{field}={gpu_kernel!r} runs on GPUs only; this mesh has {platforms} devices")
+  if llm.attention_impl == "chunked":
+    problems.append("model.llm.attention_impl='chunked' runs forward only (the prefill of generation); train "
+                    "with 'xla', 'cudnn' (GPU), 'splash' (TPU), 'ring' or 'all_gather'")
+  if llm.attention_impl == "splash" and platforms != ["tpu"]:
+    problems.append(f"model.llm.attention_impl='splash' is a TPU kernel; this mesh has {platforms} devices")
   if vit.width % (size.get("fsdp", 1) * seq):
     problems.append(f"model.vit.width={vit.width} is not divisible by mesh fsdp*seq={size.get('fsdp', 1) * seq}")
   # The tower's steps take min(encode_chunk, the micro-batch's clips) clips: rows carry data.frame_budget

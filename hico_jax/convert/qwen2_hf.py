@@ -77,9 +77,10 @@ def check_tensors(reader, expected: dict[str, tuple[int, ...]], where: str, igno
     raise ValueError(f"checkpoint {where!r} does not match its config.json: " + "; ".join(problems))
 
 
-def tensors_to_params(reader, config: Qwen2Config, prefix: str = "model.", dtype=None) -> dict:
-  """HF tensors -> nested params dict of numpy arrays (layers stacked). `dtype` None keeps the file's."""
-  return table.to_params(reader, rules(config, prefix), dtype)
+def tensors_to_params(reader, config: Qwen2Config, prefix: str = "model.", dtype=None, put=None) -> dict:
+  """HF tensors -> nested params dict of numpy arrays (layers stacked). `dtype` None keeps the file's; `put`
+  as table.to_params."""
+  return table.to_params(reader, rules(config, prefix), dtype, put)
 
 
 def params_to_tensors(params, config: Qwen2Config, prefix: str = "model.", dtype=None) -> dict[str, np.ndarray]:
@@ -209,10 +210,11 @@ def read_token_ids(model_dir: str) -> dict:
   return token_ids
 
 
-def load(model_dir: str, *, params_dtype=None, **config_overrides) -> tuple[Qwen2Config, dict, str]:
+def load(model_dir: str, *, params_dtype=None, put=None, **config_overrides) -> tuple[Qwen2Config, dict, str]:
   """(config, params as numpy, the checkpoint's dtype name) from a plain HF Qwen2 directory.
 
-  `params_dtype` None keeps the file's dtype; `config_overrides` set compute options (dtype, remat...)."""
+  `params_dtype` None keeps the file's dtype; `put` as table.to_params (device arrays as they are read);
+  `config_overrides` set compute options (dtype, remat...)."""
   fields = hf_config_to_dict(read_config(model_dir), where=os.path.join(model_dir, "config.json"))
   config = Qwen2Config.from_dict({**fields, **config_overrides})
   reader = CheckpointReader(model_dir)
@@ -220,7 +222,7 @@ def load(model_dir: str, *, params_dtype=None, **config_overrides) -> tuple[Qwen
   check_tensors(reader, expected_hf_shapes(config), model_dir,
                 ignored={"lm_head.weight"} if config.tie_word_embeddings else ())
   file_dtype = reader.dtype(reader.keys()[0])
-  return config, tensors_to_params(reader, config, dtype=params_dtype), file_dtype
+  return config, tensors_to_params(reader, config, dtype=params_dtype, put=put), file_dtype
 
 
 def save(model_dir: str, config: Qwen2Config, params, dtype: str = "float32", extra_fields: dict | None = None):

@@ -123,6 +123,8 @@ def model_config(saved_config: dict | None, params, *, where: str, **compute) ->
   if not model or "llm" not in model:
     raise ValueError(f"{where} was saved without its model config (no model.llm in the step's config), so "
                      "the params cannot be read as a model")
+  compute = dict(compute)
+  vision_kernels = {k[len("vision_"):]: compute.pop(k) for k in list(compute) if k.startswith("vision_")}
   llm = {**model["llm"], **_LLM_KERNELS, **compute}
   if "visual" not in params:
     if set(params) != {"llm"}:
@@ -131,7 +133,8 @@ def model_config(saved_config: dict | None, params, *, where: str, **compute) ->
   if "vit" not in model:
     raise ValueError(f"{where}: params hold a vision tower but the saved model config has no vit")
   vit_compute = {k: v for k, v in compute.items() if k in ("dtype", "param_dtype", "remat_policy")}
-  return HiCoConfig.from_dict({**model, "vit": {**model["vit"], **_VIT_KERNELS, **vit_compute}, "llm": llm})
+  return HiCoConfig.from_dict({**model, "vit": {**model["vit"], **_VIT_KERNELS, **vit_compute, **vision_kernels},
+                               "llm": llm})
 
 
 def config_to_dict(config: HiCoConfig | Qwen2Config) -> dict:

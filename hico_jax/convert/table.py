@@ -66,14 +66,18 @@ def heads_to_out_linear(w):          # (heads, head_dim, D) -> (D, heads*head_di
   return w.reshape(-1, w.shape[-1]).T
 
 
-def to_params(reader, rules: list[Rule], dtype=None) -> dict:
-  """HF tensors (a mapping from key to numpy array) -> nested params dict of numpy arrays."""
+def to_params(reader, rules: list[Rule], dtype=None, put=None) -> dict:
+  """HF tensors (a mapping from key to numpy array) -> nested params dict of numpy arrays, or of whatever
+  `put` makes of each finished param (jax.device_put: the host then holds one stacked param at a time, not
+  the model). Each tensor is cast to `dtype` as it is read, so a bf16 load never stacks float32 copies."""
   params: dict[str, Any] = {}
+  cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
   for rule in rules:
-    per_key = [rule.to_jax(reader[key]) for key in rule.hf_keys()]
+    per_key = [tuple(cast(part) for part in rule.to_jax(reader[key])) for key in rule.hf_keys()]
     for j, path in enumerate(rule.paths):
       value = np.stack([parts[j] for parts in per_key]) if rule.layers else per_key[0][j]
-      _set(params, path, value if dtype is None else value.astype(dtype))
+      _set(params, path, value if put is None else put(value))
+    del per_key
   return params
 
 

@@ -145,7 +145,10 @@ def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoCo
     # NIAH scripts, which load the LLM as a stock Qwen2ForCausalLM, apply it; tools/niah.py does the same.
     logging.warning("%s: rope_scaling is ignored, as VideoChat-Flash's own model ignores it (tools/niah.py "
                     "applies it, as the reference's NIAH evaluation does)", where)
-  vit_compute = {k: v for k, v in compute.items() if k in ("dtype", "param_dtype", "remat_policy", "attention_impl")}
+  # The towers share dtypes and remat; kernels are each tower's own (the LLM's "chunked" or "splash" have no
+  # vision counterpart): `vision_` keys set the tower's.
+  vit_compute = {k: v for k, v in compute.items() if k in ("dtype", "param_dtype", "remat_policy")}
+  vit_compute.update({k[len("vision_"):]: compute.pop(k) for k in list(compute) if k.startswith("vision_")})
   config = HiCoConfig.from_dict({"vit": {**vit_fields, **vit_compute}, "llm": {**llm, **compute},
                                  "visual_dropout": dropout})
   if dropout is not None:
@@ -182,14 +185,15 @@ def is_videochat_flash(hf: dict) -> bool:
   return "mm_vision_tower" in hf
 
 
-def load(model_dir: str, *, params_dtype=None, **compute) -> tuple[HiCoConfig, dict, str]:
-  """(config, params as numpy, the checkpoint's dtype name) from an official-layout directory."""
+def load(model_dir: str, *, params_dtype=None, put=None, **compute) -> tuple[HiCoConfig, dict, str]:
+  """(config, params as numpy, the checkpoint's dtype name) from an official-layout directory; `put` as
+  table.to_params (device arrays as they are read)."""
   where = os.path.join(model_dir, "config.json")
   config = hf_config_to_hico(qwen2_hf.read_config(model_dir), where, **compute)
   reader = CheckpointReader(model_dir)
   qwen2_hf.check_tensors(reader, expected_hf_shapes(config), model_dir,
                          ignored={"lm_head.weight"} if config.llm.tie_word_embeddings else ())
-  return config, table.to_params(reader, rules(config), params_dtype), reader.dtype(reader.keys()[0])
+  return config, table.to_params(reader, rules(config), params_dtype, put), reader.dtype(reader.keys()[0])
 
 
 def save(model_dir: str, config: HiCoConfig, params, dtype: str = "float32", extra_fields: dict | None = None):

@@ -4,6 +4,11 @@ Everything has static shapes under one jit: the cache holds prompt + max_new_tok
 `lax.while_loop` stops early once every row has produced an eos id. Prompts may be left- or right-padded
 (attention_mask 0 on padding): padding gets segment id 0, so no real token ever attends to it, and each
 row's positions count only its real tokens, so a padded row decodes exactly as it would alone.
+
+The prefill never forms an (L x L) matrix: rows are moved to right padding first (real tokens, then
+padding), so causality alone keeps real tokens off the padding, and the prompt attends to itself through the
+model's kernel without a mask (cuDNN's flash attention on GPUs, splash on TPUs, the chunked online softmax
+elsewhere) while its keys and values go into the cache. Decoding reads the cache one query at a time.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def _generate(model, params, input_ids, attention_mask, embeddings, visual_mask,
   stage_lengths = [prompt_len, *(compact_lengths or [prompt_len] * num_drops)]
   cache = qwen2.init_cache(model.config, batch, [n + max_new_tokens for n in stage_lengths], model.dropout)
   _, aux = model.apply(params, input_ids, embeddings=embeddings, segment_ids=mask, positions=positions,
-                       cache=cache, return_logits=False, visual_mask=visual_mask, compact_lengths=compact_lengths)
+                       cache=cache, return_logits=False, visual_mask=visual_mask, compact_lengths=compact_lengths,
+                       prefill=True, right_padded=True)
   live = aux.get("segment_ids", mask) > 0                             # after dropout, in its (compacted) rows
   last_real = live.shape[1] - 1 - jnp.argmax(live[:, ::-1], axis=1)  # works for left and right padding
   last_hidden = jnp.take_along_axis(aux["hidden"], last_real[:, None, None], axis=1)   # (B, 1, D)
@@ -98,6 +104,8 @@ def generate(model: qwen2.Qwen2ForCausalLM, params, input_ids, attention_mask=No
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+  input_ids, attention_mask, embeddings, visual_mask = right_pad(
+      input_ids, attention_mask, embeddings, visual_mask, multiple=_prefill_multiple(model.config))
   compact_lengths = None
   if visual_mask is not None and model.dropout is not None and compact:
     # One prompt per row: its visual count, read on the host, fixes the compacted lengths statically.
@@ -108,3 +116,25 @@ def generate(model: qwen2.Qwen2ForCausalLM, params, input_ids, attention_mask=No
                   max_new_tokens=int(max_new_tokens), eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
                   temperature=float(temperature), top_p=float(top_p), compact_lengths=compact_lengths)
   return np.asarray(out)
+
+
+def right_pad(input_ids, attention_mask, embeddings=None, visual_mask=None, *, multiple: int = 1):
+  """Each row's real tokens moved to its front, in order, padding after them; the length then padded up to
+  a multiple of `multiple` (a kernel's block size). Generation is the same for either padding; right
+  padding lets the prefill run causal kernels without a mask."""
+  order = jnp.argsort(attention_mask == 0, axis=1, stable=True)
+  take = lambda x: None if x is None else jnp.take_along_axis(
+      x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+  input_ids, attention_mask, embeddings, visual_mask = map(take, (input_ids, attention_mask, embeddings,
+                                                                  visual_mask))
+  extra = -input_ids.shape[1] % multiple
+  if extra:
+    pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+    input_ids, attention_mask, embeddings, visual_mask = map(pad, (input_ids, attention_mask, embeddings,
+                                                                   visual_mask))
+  return input_ids, attention_mask, embeddings, visual_mask
+
+
+def _prefill_multiple(config: qwen2.Qwen2Config) -> int:
+  # Splash's blocks are 128 tokens, 512 past 512 (ops/attention_blocks.py): the prompt is padded to them.
+  return 512 if config.attention_impl == "splash" else 1

@@ -180,9 +180,10 @@ class Attention(nn.Module):
       keys = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, index, 0, 0))
       values = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, index, 0, 0))
       kv_cache = {"k": keys, "v": values}
-      sequence_parallel_prefill = self.config.attention_impl in ("ring", "all_gather") and q.shape[1] > 1
-      if sequence_parallel_prefill:
-        # Generation prefills an empty cache, so the prompt attends to its own keys: the ring can run them.
+      if meta["prefill"]:
+        # The prompt fills an empty cache, so it attends to its own keys alone, through the configured kernel
+        # (cuDNN's, splash's, the chunked or the ring): never scores against the whole cache, whose (L x L)
+        # float32 matrix is what a long prompt cannot hold.
         keys, values = k, v
       else:
         q_slots, kv_slots, kv_segment_ids = meta["q_slots"], None, meta["kv_segment_ids"]
@@ -225,10 +226,18 @@ class DecoderLayer(nn.Module):
     return self.self_attn.query_key(self.input_layernorm(x), cos, sin)
 
   def __call__(self, x, meta, kv_cache):
+    x, kv_cache = self.attend(x, meta, kv_cache)
+    return self.feed_forward(x), kv_cache
+
+  def attend(self, x, meta, kv_cache):
+    """The attention half: x + attention(norm(x)), and the updated KV cache."""
     h, kv_cache = self.self_attn(self.input_layernorm(x), meta, kv_cache)
-    x = x + h
+    return x + h, kv_cache
+
+  def feed_forward(self, x):
+    """The MLP half: x + mlp(norm(x)). Token-wise, so it may run on any slice of the sequence."""
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return constrain(x, ("act_batch", "act_len", "act_emb")), kv_cache
+    return constrain(x, ("act_batch", "act_len", "act_emb"))
 
 
 def positions_from_segments(segment_ids):
@@ -239,6 +248,12 @@ def positions_from_segments(segment_ids):
                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
   return index - start_index
+
+
+# A prefill longer than this runs each layer's MLP this many tokens at a time: its (L, intermediate) gate, up
+# and product are 18 GB at 160,000 tokens for a 7B model (Qwen2-7B: 18,944 wide), the largest transient of a
+# long prefill, and the MLP is token-wise, so the chunks change nothing but the peak.
+PREFILL_MLP_CHUNK = 8192
 
 
 def init_cache(config: Qwen2Config, batch: int, lengths: int | Sequence[int],
@@ -312,12 +327,16 @@ class Qwen2ForCausalLM(nn.Module):
     return constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
   def __call__(self, input_ids=None, *, embeddings=None, segment_ids=None, positions=None, cache=None,
-               return_logits=True, visual_mask=None, targets=None, slots=None, compact_lengths=None):
+               return_logits=True, visual_mask=None, targets=None, slots=None, compact_lengths=None,
+               prefill=False, right_padded=False):
     """input_ids (B, L) or embeddings (B, L, D); segment_ids (B, L), 0 = padding; positions (B, L).
 
     Without a cache, positions default to restarting at every segment. With a cache (`init_cache`) the
     caller passes positions (generation knows each row's prompt length); new tokens are written at each
-    stage's index. `slots` (B, L): each token's index in the original row when the data pipeline reordered
+    stage's index. `prefill`: the cache is empty and these tokens are whole prompts, which then attend to
+    themselves through the configured kernel (nothing of size L x L); `right_padded`: every row's real tokens
+    come first (segment ids > 0, then padding), so causality alone keeps them off the padding and the
+    kernels run without a mask. `slots` (B, L): each token's index in the original row when the data pipeline reordered
     the sequence (zig-zag for sequence parallelism); causality follows slots.
 
     Visual dropout runs when the model has a dropout config and `visual_mask` (B, L) marks visual tokens:
@@ -339,6 +358,10 @@ class Qwen2ForCausalLM(nn.Module):
     # padding compaction leaves sits at the end of a row, where causal attention already hides it. Passing
     # no segment ids keeps fused kernels off an (L, L) mask, which long prompts could not hold.
     unmasked = segment_ids is None and cache is None and (not dropping or compact_lengths is not None)
+    if cache is not None and prefill and right_padded and (not dropping or compact_lengths is not None):
+      # Compaction keeps the survivors first, so compacted rows stay right-padded (the masked form does not:
+      # its dropped tokens keep their places with negative segment ids).
+      unmasked = True
     if dropping:
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
@@ -364,7 +387,8 @@ class Qwen2ForCausalLM(nn.Module):
         index, step_length = stage_cache["index"], hidden.shape[1]
         meta.update(
             kv_segment_ids=jax.lax.dynamic_update_slice(stage_cache["segment_ids"], segment_ids, (0, index)),
-            cache_index=index, q_slots=jnp.broadcast_to(index + jnp.arange(step_length), (batch, step_length)))
+            cache_index=index, q_slots=jnp.broadcast_to(index + jnp.arange(step_length), (batch, step_length)),
+            prefill=prefill)
       hidden, layer_cache = self._run_layers(hidden, meta, None if stage_cache is None else stage_cache["layers"],
                                              start, stop)
       if cache is not None:
@@ -393,9 +417,16 @@ class Qwen2ForCausalLM(nn.Module):
     """Layers [start, stop) as one scan over their stacked parameters (and KV cache)."""
     cfg = self.config
 
+    chunk = PREFILL_MLP_CHUNK if layer_cache is not None and hidden.shape[1] > PREFILL_MLP_CHUNK else 0
+
     def layer(x, params_and_cache):
       params, kv_cache = params_and_cache
-      return DecoderLayer(cfg, parent=None).apply({"params": params}, x, meta, kv_cache)
+      block = DecoderLayer(cfg, parent=None)
+      if not chunk:
+        return block.apply({"params": params}, x, meta, kv_cache)
+      x, kv_cache = block.apply({"params": params}, x, meta, kv_cache, method=DecoderLayer.attend)
+      return _in_token_chunks(lambda part: block.apply({"params": params}, part, method=DecoderLayer.feed_forward),
+                              x, chunk), kv_cache
 
     policy = REMAT_POLICIES[cfg.remat_policy]
     if policy is not None:
@@ -421,3 +452,13 @@ class Qwen2ForCausalLM(nn.Module):
     if compact_lengths is not None:
       hidden, state = visual_dropout.compact(hidden, state, compact_lengths[drop_stage])
     return hidden, state, dropped
+
+
+def _in_token_chunks(fn, x, chunk):
+  """fn (token-wise) over x (B, L, D) `chunk` tokens at a time, one chunk live at once (lax.map)."""
+  batch, length = x.shape[:2]
+  chunks = -(-length // chunk)
+  padded = jnp.pad(x, ((0, 0), (0, chunks * chunk - length), (0, 0)))
+  parts = jnp.moveaxis(padded.reshape(batch, chunks, chunk, -1), 1, 0)
+  out = jax.lax.map(fn, parts)
+  return jnp.moveaxis(out, 0, 1).reshape(batch, chunks * chunk, -1)[:, :length]

@@ -2,6 +2,10 @@
 
   xla         reference: explicit boolean causal + segment mask, fp32 softmax, runs everywhere (and decode).
   cudnn       `jax.nn.dot_product_attention(implementation="cudnn")`: fused flash attention on NVIDIA GPUs.
+  chunked     flash attention's online softmax in plain JAX (ops/chunked_attention.py): memory linear in the
+              sequence on every backend; forward only, for the prefill of long prompts (CPU, or a GPU/TPU
+              without its fused kernel).
+  splash      TPU splash attention (Pallas; interpret mode on CPU, for tests).
   ring        sequence parallelism over the mesh's sequence axis: K/V blocks travel around a ring of
               devices, fp32 online-softmax merge, custom VJP (ops/ring_attention.py; per-block kernels in
               ops/attention_blocks.py).
@@ -26,7 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-IMPLEMENTATIONS = ("xla", "cudnn", "ring", "all_gather")
+from hico_jax.ops.chunked_attention import chunked_attention
+
+IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "splash", "ring", "all_gather")
 BLOCK_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 
 # The name remat policies save the attention output by (models/qwen2.py REMAT_POLICIES). The cuDNN kernel
@@ -66,6 +72,14 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_slots=None,
     return checkpoint_name(ring_attention.sharded_attention(
         q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_slots=q_slots,
         kv_slots=kv_slots, causal=causal, impl=impl, block_impl=block_impl), OUTPUT_NAME)
+  if impl == "chunked" and q_slots is None and kv_slots is None:
+    return checkpoint_name(chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal), OUTPUT_NAME)
+  if impl == "splash" and q_slots is None and kv_slots is None and q.shape[1] == k.shape[1]:
+    from hico_jax.ops import attention_blocks  # pylint: disable=import-outside-toplevel  # it imports us
+    if q_segment_ids is None:
+      q_segment_ids = kv_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    return checkpoint_name(attention_blocks.splash_attention(
+        q, k, v, q_segment_ids, kv_segment_ids, causal, q.shape[-1] ** -0.5), OUTPUT_NAME)
   if impl == "cudnn" and q_slots is None and kv_slots is None and q.shape[1] == k.shape[1]:
     return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal)
   if impl == "cudnn" and kv_slots is not None:
