@@ -155,3 +155,66 @@ def test_attention_entry_point_dispatches_chunked_without_a_mask_matrix():
   v = rng.normal(size=(1, 24, 2, 8)).astype(np.float32)
   ours = attention_ops.attention(q, k, v, impl="chunked")
   np.testing.assert_allclose(np.asarray(ours), _dense_reference(q, k, v, None, None, True), atol=2e-5)
+
+
+def test_splash_prefill_generates_what_the_dense_path_does_in_interpret_mode():
+  # TPUs prefill with splash (interpret mode here): the prompt is padded to its 512-token blocks.
+  rng = np.random.default_rng(8)
+  ids = rng.integers(1, VOCAB, (2, 30)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[0, :5] = 0
+  params = _params()
+  ours = gen.generate(qwen2.Qwen2ForCausalLM(_llm_config("splash")), params, ids, mask, max_new_tokens=4)
+  dense = gen.generate(qwen2.Qwen2ForCausalLM(_llm_config("xla")), params, ids, mask, max_new_tokens=4)
+  np.testing.assert_array_equal(ours, dense)
+
+
+def test_request_too_large_for_the_device_fails_before_compiling_with_the_frames_that_fit(monkeypatch):
+  from hico_jax.infer import memory
+  config = qwen2.Qwen2Config.from_dict(dict(presets.llm("qwen2_7b", dtype="bfloat16", param_dtype="bfloat16")))
+  # Independent arithmetic for Qwen2-7B at 10,000 frames: the KV cache alone is 28 layers x 160,016 tokens x
+  # 4 KV heads x 128 x (K and V) x 2 bytes = 9.2 GB, so 8 GiB free cannot hold it.
+  kv_cache = 28 * (16 * 10000 + 100 + 16) * 4 * 128 * 2 * 2
+  assert kv_cache > 8 * memory.GIB
+  with pytest.raises(ValueError) as error:
+    memory.check_fits(config, None, batch=1, text_len=100, frames=10000, tokens_per_frame=16, clip_frames=4,
+                      max_new_tokens=16, available=8 * memory.GIB)
+  message = str(error.value)
+  assert "10000 frames" in message and "160,000 visual tokens" in message and "8.0 GiB free" in message
+  fit = int(message.split("at most about ")[1].split(" frames")[0])
+  assert fit % 4 == 0 and 0 < fit < 10000
+  # The frames it names do fit by its own estimate, and a clip more does not.
+  memory.check_fits(config, None, batch=1, text_len=100, frames=fit, tokens_per_frame=16, clip_frames=4,
+                    max_new_tokens=16, available=8 * memory.GIB)
+  with pytest.raises(ValueError):
+    memory.check_fits(config, None, batch=1, text_len=100, frames=fit + 4, tokens_per_frame=16, clip_frames=4,
+                      max_new_tokens=16, available=8 * memory.GIB)
+  # Dropout shortens the later stages' caches, so more frames fit.
+  card = vd.VisualDropoutConfig(type="uniform0_attention", layers=(4, 18), ratios=(1.0, 0.75, 0.25))
+  assert memory.generation_bytes(config, card, 1, 160100, [160000], 16) < \
+      0.85 * memory.generation_bytes(config, None, 1, 160100, [160000], 16)
+
+
+def test_the_estimate_covers_what_xla_allocates_for_a_cpu_prefill():
+  """The estimate against the compiler's own count of the prefill's buffers (cache + temporaries) for a
+  small decoder, at two prompt lengths: never below it, and not wildly above it."""
+  from hico_jax.infer import memory
+  for length in (2048, 8192):
+    config = qwen2.Qwen2Config.from_dict(dict(presets.llm("tiny", vocab_size=VOCAB, dtype="float32",
+                                                          remat_policy="none"), num_layers=2,
+                                              attention_impl="chunked"))
+    model = qwen2.Qwen2ForCausalLM(config)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+
+    def prefill(params, embeddings):
+      cache = qwen2.init_cache(config, 1, length + 16)
+      mask = jnp.ones(embeddings.shape[:2], jnp.int32)
+      _, aux = model.apply(params, embeddings=embeddings, segment_ids=mask, positions=jnp.cumsum(mask, 1) - 1,
+                           cache=cache, return_logits=False, prefill=True, right_padded=True)
+      return aux["cache"], aux["hidden"][:, -1]
+    embeddings = jax.ShapeDtypeStruct((1, length, config.hidden_size), jnp.float32)
+    analysis = jax.jit(prefill).lower(params, embeddings).compile().memory_analysis()
+    actual = analysis.temp_size_in_bytes + analysis.output_size_in_bytes + analysis.argument_size_in_bytes
+    weights = sum(np.prod(x.shape) * 4 for x in jax.tree.leaves(params))
+    estimate = memory.generation_bytes(config, None, 1, length, [0], 16) + weights
+    assert actual <= estimate <= 4 * actual, (length, actual, estimate)

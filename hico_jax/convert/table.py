@@ -73,11 +73,18 @@ def to_params(reader, rules: list[Rule], dtype=None, put=None) -> dict:
   params: dict[str, Any] = {}
   cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
   for rule in rules:
-    per_key = [tuple(cast(part) for part in rule.to_jax(reader[key])) for key in rule.hf_keys()]
-    for j, path in enumerate(rule.paths):
-      value = np.stack([parts[j] for parts in per_key]) if rule.layers else per_key[0][j]
+    values = None
+    for i, key in enumerate(rule.hf_keys()):
+      parts = [cast(part) for part in rule.to_jax(reader[key])]
+      if not rule.layers:
+        values = parts
+        break
+      if values is None:      # layers go straight into their stack: no list of them beside it
+        values = [np.empty((rule.layers,) + part.shape, part.dtype) for part in parts]
+      for stack, part in zip(values, parts):
+        stack[i] = part
+    for path, value in zip(rule.paths, values):
       _set(params, path, value if put is None else put(value))
-    del per_key
   return params
 
 

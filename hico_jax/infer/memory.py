@@ -8,7 +8,8 @@ prefill of the last layer:
   hold only the surviving tokens);
 * the prefill's activations, linear in the prompt since the prefill forms no (L x L) matrix: the hidden state
   and its residual copy, RMSNorm's float32 input, q / k / v and the attention output, the output projection,
-  and one MLP chunk (models/qwen2.py PREFILL_MLP_CHUNK);
+  one MLP chunk (models/qwen2.py PREFILL_MLP_CHUNK), and the attention kernel's scores (a block for the
+  chunked kernel, none for the fused ones, L x L for XLA's dense kernel);
 * the visual tokens being spliced in (their embeddings and the prompt's).
 
 Weights are already on the device when the check runs (bytes_in_use); a margin covers XLA's own buffers and
@@ -18,7 +19,6 @@ against.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
@@ -26,6 +26,7 @@ import numpy as np
 
 from hico_jax.models import qwen2
 from hico_jax.models.visual_dropout import VisualDropoutConfig, stage_counts
+from hico_jax.ops import chunked_attention
 
 GIB = 2**30
 # XLA's scratch, the compiled programs and allocator fragmentation, over the counted buffers.
@@ -57,6 +58,14 @@ def generation_bytes(config: qwen2.Qwen2Config, dropout: VisualDropoutConfig | N
                + d * item)           # the attention's output projection
   mlp_chunk = min(prompt_len, qwen2.PREFILL_MLP_CHUNK)
   activations = batch * (prompt_len * per_token + 3 * mlp_chunk * config.intermediate_size * item)
+  # The attention's own scores: none kept by the fused kernels (cuDNN, splash), one (heads x chunk x chunk)
+  # block and its weights for the chunked one, and the whole (heads x L x L) for XLA's dense kernel, which
+  # is why long prompts must not use it.
+  if config.attention_impl == "chunked":
+    block = min(prompt_len, chunked_attention.DEFAULT_CHUNK)
+    activations += batch * 2 * heads * block * block * 4
+  elif config.attention_impl == "xla":
+    activations += batch * 2 * heads * prompt_len * prompt_len * 4
   return int(MARGIN * (cache + activations))
 
 
@@ -87,9 +96,12 @@ def check_fits(config: qwen2.Qwen2Config, dropout: VisualDropoutConfig | None, *
   estimate = needed(frames)
   if estimate <= available:
     return
-  # The estimate grows linearly in the frames: solve for the largest whole number of clips that fits.
-  base, slope = needed(0), (needed(frames) - needed(0)) / max(frames, 1)
-  fit = max(0, math.floor((available - base) / slope / clip_frames) * clip_frames) if slope > 0 else 0
+  # The largest whole number of clips that fits (the estimate grows with the frames: bisect).
+  low, high = 0, frames // clip_frames
+  while low < high:
+    middle = (low + high + 1) // 2
+    low, high = (middle, high) if needed(middle * clip_frames) <= available else (low, middle - 1)
+  fit = low * clip_frames
   where = jax.devices()[0].device_kind
   raise ValueError(
       f"{frames} frames ({int(frames * tokens_per_frame):,} visual tokens, batch {batch}) need about "
