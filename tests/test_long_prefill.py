@@ -171,7 +171,8 @@ def test_splash_prefill_generates_what_the_dense_path_does_in_interpret_mode():
 
 def test_request_too_large_for_the_device_fails_before_compiling_with_the_frames_that_fit(monkeypatch):
   from hico_jax.infer import memory
-  config = qwen2.Qwen2Config.from_dict(dict(presets.llm("qwen2_7b", dtype="bfloat16", param_dtype="bfloat16")))
+  config = qwen2.Qwen2Config.from_dict(dict(presets.llm("qwen2_7b", dtype="bfloat16", param_dtype="bfloat16",
+                                                        attention_impl="cudnn")))
   # Independent arithmetic for Qwen2-7B at 10,000 frames: the KV cache alone is 28 layers x 160,016 tokens x
   # 4 KV heads x 128 x (K and V) x 2 bytes = 9.2 GB, so 8 GiB free cannot hold it.
   kv_cache = 28 * (16 * 10000 + 100 + 16) * 4 * 128 * 2 * 2
@@ -193,6 +194,9 @@ def test_request_too_large_for_the_device_fails_before_compiling_with_the_frames
   card = vd.VisualDropoutConfig(type="uniform0_attention", layers=(4, 18), ratios=(1.0, 0.75, 0.25))
   assert memory.generation_bytes(config, card, 1, 160100, [160000], 16) < \
       0.85 * memory.generation_bytes(config, None, 1, 160100, [160000], 16)
+  # XLA's dense kernel would hold (heads x L x L) scores: the estimate says so, and refuses long prompts.
+  dense = qwen2.Qwen2Config.from_dict({**config.__dict__, "attention_impl": "xla"})
+  assert memory.generation_bytes(dense, None, 1, 32100, [32000], 16) > 28 * 32100**2 * 4
 
 
 def test_the_estimate_covers_what_xla_allocates_for_a_cpu_prefill():
