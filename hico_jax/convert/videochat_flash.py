@@ -68,17 +68,24 @@ def rules(config: HiCoConfig) -> list[table.Rule]:
           + table.prefixed(qwen2_hf.rules(config.llm), ("llm",)))
 
 
-def expected_hf_shapes(config: HiCoConfig) -> dict[str, tuple[int, ...]]:
-  vit, hidden, v = config.vit, config.llm.hidden_size, VISION_PREFIX
+def umt_encoder_shapes(vit: ViTConfig, stored_depth: int | None = None) -> dict[str, tuple[int, ...]]:
+  """The encoder's tensors and shapes, named below the `encoder.` segment (`patch_embed.proj.weight`,
+  `blocks.{i}.attn.qkv.weight`, `vision_layernorm.weight`, ...); `stored_depth` blocks (default: those run)."""
   w, p = vit.width, vit.patch_size
   per_block = {"norm1.weight": (w,), "norm1.bias": (w,), "attn.qkv.weight": (3 * w, w), "attn.q_bias": (w,),
                "attn.v_bias": (w,), "attn.proj.weight": (w, w), "attn.proj.bias": (w,), "norm2.weight": (w,),
                "norm2.bias": (w,), "mlp.fc1.weight": (vit.mlp_dim, w), "mlp.fc1.bias": (vit.mlp_dim,),
                "mlp.fc2.weight": (w, vit.mlp_dim), "mlp.fc2.bias": (w,)}
-  shapes = {f"{v}blocks.{i}.{name}": s for i in range(vit.depth) for name, s in per_block.items()}
-  shapes.update({f"{v}patch_embed.proj.weight": (w, 3, 1, p, p), f"{v}patch_embed.proj.bias": (w,),
-                 f"{v}vision_layernorm.weight": (w,), f"{v}vision_layernorm.bias": (w,),
-                 f"{PROJECTOR_PREFIX}0.weight": (hidden, w), f"{PROJECTOR_PREFIX}0.bias": (hidden,),
+  shapes = {"patch_embed.proj.weight": (w, 3, 1, p, p), "patch_embed.proj.bias": (w,)}
+  shapes.update({f"blocks.{i}.{name}": s for i in range(stored_depth or vit.depth) for name, s in per_block.items()})
+  shapes.update({"vision_layernorm.weight": (w,), "vision_layernorm.bias": (w,)})
+  return shapes
+
+
+def expected_hf_shapes(config: HiCoConfig) -> dict[str, tuple[int, ...]]:
+  hidden, w = config.llm.hidden_size, config.vit.width
+  shapes = {VISION_PREFIX + name: s for name, s in umt_encoder_shapes(config.vit).items()}
+  shapes.update({f"{PROJECTOR_PREFIX}0.weight": (hidden, w), f"{PROJECTOR_PREFIX}0.bias": (hidden,),
                  f"{PROJECTOR_PREFIX}2.weight": (hidden, hidden), f"{PROJECTOR_PREFIX}2.bias": (hidden,)})
   shapes.update(qwen2_hf.expected_hf_shapes(config.llm))
   return shapes
