@@ -158,6 +158,9 @@ def hico_to_hf_config(config: HiCoConfig, dtype: str) -> dict:
             mm_vision_tower=TOWER_NAMES.get(vit.image_size, "umt-large"),
             mm_projector_type="tome16_mlp_hd64", mm_hidden_size=vit.width, mm_local_num_frames=vit.clip_frames,
             mm_vision_select_layer=-2, mm_llm_compress=config.visual_dropout is not None,
+            # Unused, but the official ToMe16_mlp_hd64.__init__ reads it as an attribute: without it the
+            # official code cannot build the model. 8: ModelArguments' default, what stages 2-4 leave.
+            mm_pos_num_frames=8,
             mm_newline_position="nothing", mm_patch_merge_type="spatial_nopad", frame_aspect_ratio="square",
             image_aspect_ratio="anyres_nopad")
   if config.visual_dropout is not None:
