@@ -178,3 +178,25 @@ def test_newline_position_is_free_when_the_merge_type_is_flat():
   released, _ = RELEASED["7b_res224"]
   fields = {**released, "mm_patch_merge_type": "flat", "mm_newline_position": "one_token"}
   videochat_flash.hf_config_to_hico(fields)
+
+
+# What the official code reads from the config as a plain attribute (no getattr default), so a config.json
+# without it cannot build the official model: LlavaMetaModel / ToMe16_mlp_hd64.__init__ (mm_hidden_size,
+# hidden_size, mm_pos_num_frames), UMTVisionTower (mm_local_num_frames, mm_vision_select_layer),
+# build_vision_tower (mm_vision_tower), Qwen2 (the sizes); and what its forward reads with a default that
+# would take another path (vision_encode_type defaults to "image", which raises; mm_patch_merge_type to "flat").
+OFFICIAL_READS = ("mm_hidden_size", "hidden_size", "mm_pos_num_frames", "mm_local_num_frames",
+                  "mm_vision_select_layer", "mm_vision_tower", "mm_projector_type", "vision_encode_type",
+                  "vocab_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "auto_map")
+
+
+@pytest.mark.parametrize("preset", ["hico_2b", "hico_7b"])
+def test_our_export_config_holds_what_the_official_code_reads_with_the_released_values(preset, caplog):
+  config = hico.HiCoConfig.from_dict(dict(presets.hico(preset)))
+  ours = videochat_flash.hico_to_hf_config(config, "bfloat16")
+  released = RELEASED["2b_res448" if preset == "hico_2b" else "7b_res224"][0]
+  for field in OFFICIAL_READS:
+    assert field in ours and ours[field] == released[field], (field, ours.get(field), released[field])
+  videochat_flash.hf_config_to_hico(ours)
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
