@@ -2,7 +2,8 @@
 VideoChat-Flash layout, or a plain Qwen2 checkpoint for the LLM alone; and the HF export at the end.
 
 config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A run directory may also be one
-that tools/convert_checkpoint.py hf-to-orbax wrote (all params, or the LLM's alone from a plain Qwen2). A
+that tools/convert_checkpoint.py wrote: hf-to-orbax (all params, or the LLM's alone from a plain Qwen2), or
+parts-to-orbax (stage 1's start: the released UMT-L encoder, a Qwen2 LLM, a fresh projector). A
 checkpoint whose tensors do not match the configured model's fails with one line naming the first tensor and both shapes; one saved with
 other decoder settings that no tensor's shape carries (RoPE θ, the norm epsilon, the head split) fails naming
 them (`check_settings`, before anything compiles).
