@@ -92,8 +92,9 @@ def umt_encoder_params(state: dict[str, np.ndarray], path: str, vit: ViTConfig) 
   extra = sorted(set(state) - set(expected))
   if extra:
     raise ValueError(f"{path}: unexpected tensor(s) {[in_file(n) for n in extra[:5]]} (not part of {what})")
-  # The kept tensors under the released layout's names, then the same table the HF import uses.
-  kept = {videochat_flash.VISION_PREFIX + name: state[ENCODER + name] for name in videochat_flash.umt_encoder_shapes(vit)}
+  # The blocks that run, under the released model's names, through the same table the HF import uses.
+  kept = {videochat_flash.VISION_PREFIX + name: state[ENCODER + name]
+          for name in videochat_flash.umt_encoder_shapes(vit)}
   return table.to_params(kept, videochat_flash.vision_rules(vit, path_prefix=()))
 
 
