@@ -1,15 +1,18 @@
 """VideoChat-Flash-Qwen2_5-2B_res448: UMT-L@448 + Qwen2.5-1.5B, every stage at 448 px (as the reference's
 2B scripts; it has no stage 4). Global batch 512 (stage 1) / 256, bf16 compute, fp32 master weights.
 
+  python tools/convert_checkpoint.py parts-to-orbax --vision /models/UMT-L_f4_vision.pt \
+      --llm /models/Qwen2.5-1.5B-Instruct runs/2b/init --image_size 448
   python -m hico_jax.train --config configs/hico_2b.py:stage1 --workdir runs/2b/stage1 \
       --config.data.shards=/data/stage1_shards --config.data.tokenizer_dir=/models/Qwen2.5-1.5B-Instruct \
-      --config.init.path=/models/videochat_flash_2b_init --config.init.kind=videochat_flash
+      --config.init.path=runs/2b/init
   python -m hico_jax.train --config configs/hico_2b.py:stage2 --workdir runs/2b/stage2 \
       --config.data.shards=/data/stage2_shards --config.init.path=runs/2b/stage1
   ... stage3 likewise from runs/2b/stage2.
 
-init for stage 1: an official-layout directory holding the Qwen2.5-1.5B-Instruct weights and the UMT-L vision
-weights (projector fresh), or `--config.init.kind=qwen2` to start the LLM alone from a plain Qwen2 directory.
+init for stage 1: the run directory parts-to-orbax makes of the released parts, as the reference's stage 1
+starts: UMT-L_f4_vision.pt (OpenGVLab/Video_Encoders_for_Training_VideoChat-Flash), the Qwen2.5-1.5B-Instruct
+directory, and a fresh projector.
 Expected: the reference's stages take <1 h / ~2 d / 2-3 d on 32 A100s (videochat_flash.md §6).
 """
 

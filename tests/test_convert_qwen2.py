@@ -266,9 +266,12 @@ def test_all_tensor_problems_come_in_one_error(bad):
   assert "model.layers.1.self_attn.k_proj.bias" in message and "(5,)" in message and "(32,)" in message
 
 
-def test_unknown_config_field_is_named(bad):
-  rewrite_config(bad, lambda c: c.update(foo_bar=1))
-  assert "foo_bar" in _load_error(bad)
+def test_unknown_config_fields_are_named_in_one_warning_and_the_checkpoint_loads(bad, caplog):
+  rewrite_config(bad, lambda c: c.update(foo_bar=1, baz=[2]))
+  _, params, _ = qwen2_hf.load(bad)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "['baz', 'foo_bar']" in warnings[0], warnings
+  assert params["embed_tokens"]["embedding"].shape == (320, 64)
 
 
 # YaRN is implemented (tests/test_rope_scaling.py); these RoPE kinds are not.

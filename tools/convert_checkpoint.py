@@ -1,8 +1,15 @@
 #!/usr/bin/env python
-"""Converts checkpoints between the Hugging Face layouts and training run directories (orbax), both ways.
+"""Converts checkpoints: Hugging Face layouts <-> training run directories (orbax), released parts -> a run.
 
   python tools/convert_checkpoint.py hf-to-orbax path/to/VideoChat-Flash-Qwen2_5-2B_res448 runs/imported
   python tools/convert_checkpoint.py orbax-to-hf runs/tiny/stage2 out/hf --dtype bfloat16 [--step 700]
+  python tools/convert_checkpoint.py parts-to-orbax --vision UMT-L_f4_vision.pt \\
+      --llm Qwen2.5-1.5B-Instruct runs/2b/init --image_size 448
+
+parts-to-orbax reads the UMT-L encoder checkpoint (torch.load with weights_only=True: no pickled code runs)
+as the official build_vit loads it (encoder.norm -> vision_layernorm, 23 of its 24 blocks) and a plain Qwen2
+directory, adds a projector drawn as the reference's fresh one (torch's nn.Linear default), and writes a run
+directory for the stage-1 config's --config.init.path.
 
 hf-to-orbax reads the official VideoChat-Flash layout or a plain Qwen2 directory (config.json + safetensors)
 and writes a run directory as the trainer writes one (checkpoints/0/{state,config}, float32 params): give it
@@ -27,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from hico_jax.convert import qwen2_hf, run_dir, videochat_flash  # noqa: E402
+from hico_jax.convert import qwen2_hf, released_parts, run_dir, videochat_flash  # noqa: E402
 
 LAYOUT_NAMES = {"videochat_flash": "the VideoChat-Flash layout", "qwen2": "the plain Qwen2 layout"}
 
@@ -48,16 +55,23 @@ def hf_to_orbax(src: str, out: str) -> str:
   saved = {"model": run_dir.config_to_dict(config), run_dir.TOKEN_IDS_FIELD: token_ids,
            "converted_from": {"path": os.path.abspath(src), "layout": kind, "dtype": file_dtype}}
 
-  def write(tmp):
-    from hico_jax.train import checkpoint as ckpt   # the trainer's own writer (it needs grain: here only)
-    checkpointer = ckpt.Checkpointer(tmp, async_save=False)
-    checkpointer.save(0, {"params": params}, config=saved, force=True)
-    checkpointer.close()
-    with open(os.path.join(tmp, "config.json"), "w") as f:     # as the trainer leaves one in its workdir
-      json.dump(saved, f, indent=2)
-
-  _write_atomically(out, write)
+  _write_atomically(out, lambda tmp: _save_run(tmp, params, saved))
   return f"{LAYOUT_NAMES[kind]} ({file_dtype}) -> run directory {out} (step 0, float32)"
+
+
+def parts_to_orbax(vision: str, llm: str, out: str, image_size: int, seed: int) -> str:
+  config, params, token_ids = released_parts.load(vision, llm, image_size=image_size, seed=seed)
+  saved = {"model": run_dir.config_to_dict(config), run_dir.TOKEN_IDS_FIELD: token_ids,
+           "converted_from": {"vision": os.path.abspath(vision), "llm": os.path.abspath(llm),
+                              "layout": "released parts", "projector_seed": seed}}
+  _write_atomically(out, lambda tmp: _save_run(tmp, params, saved))
+  return (f"UMT-L@{image_size} + {config.llm.num_layers}-layer Qwen2 + fresh projector -> run directory {out} "
+          "(step 0, float32)")
+
+
+def _save_run(directory, params, saved):
+  from hico_jax.train import init_weights   # the trainer's own writer (it needs grain: here only)
+  init_weights.save_run(directory, params, saved)
 
 
 def orbax_to_hf(src: str, out: str, step: int | None, dtype: str) -> str:
@@ -120,7 +134,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.split("\n")[1:]))
-  commands = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}")
+  commands = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf,parts-to-orbax}")
   to_orbax = commands.add_parser("hf-to-orbax", help="an HF directory -> a run directory (orbax)")
   to_orbax.add_argument("src", help="HF directory: VideoChat-Flash layout or plain Qwen2 (config.json + safetensors)")
   to_orbax.add_argument("out", help="run directory to write (must not exist, or be empty, unless --overwrite)")
@@ -131,19 +145,39 @@ def main(argv=None) -> int:
   to_hf.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                      help="dtype of the written tensors (default bfloat16, as the released weights and the "
                           "trainer's export)")
-  for sub in (to_orbax, to_hf):
+  parts = commands.add_parser("parts-to-orbax", help="the released UMT-L encoder + a Qwen2 LLM directory -> "
+                                                     "a run directory stage 1 starts from")
+  parts.add_argument("--vision", required=True, help="UMT-L_f4_vision.pt (OpenGVLab/Video_Encoders_for_"
+                                                     "Training_VideoChat-Flash): torch state dict, encoder.*")
+  parts.add_argument("--llm", required=True, help="plain Qwen2 / Qwen2.5 Instruct directory (config.json + "
+                                                  "safetensors), e.g. Qwen2.5-1.5B-Instruct")
+  parts.add_argument("out", help="run directory to write (must not exist, or be empty, unless --overwrite)")
+  parts.add_argument("--image_size", type=int, choices=(224, 448), default=224,
+                     help="the tower's resolution: 224 (umt-large, the 7B's stages 1-3) or 448 (umt-hd-large, "
+                          "the 2B); only the position table differs")
+  parts.add_argument("--seed", type=int, default=0, help="seed of the fresh projector")
+  for sub in (to_orbax, to_hf, parts):
     sub.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
   args = parser.parse_args(argv)
 
   started = time.perf_counter()
   try:
-    run_dir.layout(args.src)        # a missing or unreadable input is named before the output
-    check_output(args.out, args.overwrite, args.src)
-    if args.command == "hf-to-orbax":
-      what = hf_to_orbax(args.src, args.out)
+    if args.command == "parts-to-orbax":
+      if not os.path.isfile(args.vision):
+        raise FileNotFoundError(f"vision checkpoint {args.vision!r} does not exist")
+      if (kind := run_dir.layout(args.llm)) != "qwen2":
+        raise ValueError(f"--llm {args.llm!r} is not a plain Qwen2 directory ({LAYOUT_NAMES.get(kind, 'a run')})")
+      for src in (args.vision, args.llm):
+        check_output(args.out, args.overwrite, src)
+      what = parts_to_orbax(args.vision, args.llm, args.out, args.image_size, args.seed)
     else:
-      what = orbax_to_hf(args.src, args.out, args.step, args.dtype)
-  except (ValueError, OSError) as e:
+      run_dir.layout(args.src)        # a missing or unreadable input is named before the output
+      check_output(args.out, args.overwrite, args.src)
+      if args.command == "hf-to-orbax":
+        what = hf_to_orbax(args.src, args.out)
+      else:
+        what = orbax_to_hf(args.src, args.out, args.step, args.dtype)
+  except (ValueError, OSError, ImportError) as e:
     parser.exit(2, f"convert_checkpoint.py: error: {e}\n")
   print(f"{what} in {time.perf_counter() - started:.1f} s")
   return 0

@@ -7,7 +7,7 @@ import json
 import os
 import numpy as np
 
-from hico_jax.convert import table
+from hico_jax.convert import config_fields, table
 from hico_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
 from hico_jax.models.qwen2 import Qwen2Config
 from hico_jax.ops.rope import YarnScaling
@@ -90,22 +90,14 @@ def params_to_tensors(params, config: Qwen2Config, prefix: str = "model.", dtype
 
 # ---------------------------------------------------------------------------------------------- config.json
 
-# Fields that size the model, as (config.json name, our name).
+# Fields that size the model, as (config.json name, our name). What every other field means, and which values
+# are implemented: config_fields.FIELDS.
 _SIZE_FIELDS = (
     ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
     ("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"),
     ("num_key_value_heads", "num_kv_heads"), ("head_dim", "head_dim"), ("rms_norm_eps", "rms_norm_eps"),
     ("tie_word_embeddings", "tie_word_embeddings"), ("max_position_embeddings", "max_position_embeddings"),
 )
-# Fields that do not change the computation of a forward pass (bookkeeping, training-only, generation).
-_INERT_FIELDS = {
-    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
-    "transformers_version", "use_cache", "initializer_range", "max_window_layers", "sliding_window",
-    "attention_dropout", "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
-    "tokenizer_class", "generation_config", "is_decoder", "use_return_dict",
-}
-# Fields that change the architecture, with the only value we implement.
-_REQUIRED_VALUES = {"hidden_act": "silu", "use_sliding_window": False, "use_mrope": False}
 # The RoPE kinds (rope_type) the decoder computes; linear, dynamic, llama3, longrope... are refused.
 _ROPE_TYPES = ("default", "yarn")
 
@@ -137,25 +129,12 @@ def rope_settings(hf: dict, where: str = "config.json") -> tuple[float, YarnScal
     raise ValueError(f"{where}: {source}: {e}") from None
 
 
-def hf_config_to_dict(hf: dict, extra_known: frozenset = frozenset(), where: str = "config.json") -> dict:
+def hf_config_to_dict(hf: dict, where: str = "config.json", scope: str = config_fields.QWEN2) -> dict:
   """The Qwen2 fields of a config.json as Qwen2Config keyword arguments. Fails naming the field if the
-  file asks for something this decoder does not implement, or holds a field we do not know."""
-  for field, value in _REQUIRED_VALUES.items():
-    if field in hf and hf[field] != value and not (value is False and hf[field] is None):
-      raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
+  file asks for something this decoder does not implement; warns once naming the fields no table holds.
+  `scope`: the kind of file (config_fields.QWEN2, or VIDEOCHAT_FLASH for the whole VideoChat-Flash config)."""
+  config_fields.check(hf, where, scope)
   theta, scaling = rope_settings(hf, where)
-  layer_types = hf.get("layer_types") or []
-  if any(t != "full_attention" for t in layer_types):
-    raise ValueError(f"{where}: layer_types {sorted(set(layer_types))} is not supported (only 'full_attention')")
-  if hf.get("attention_dropout", 0.0):
-    raise ValueError(f"{where}: attention_dropout = {hf['attention_dropout']} is not supported (only 0)")
-
-  known = {name for name, _ in _SIZE_FIELDS} | _INERT_FIELDS | set(_REQUIRED_VALUES) | {
-      "rope_theta", "rope_parameters", "rope_scaling", "layer_types"} | set(extra_known)
-  unknown = sorted(set(hf) - known)
-  if unknown:
-    raise ValueError(f"{where}: unknown field(s) {unknown}: hico_jax cannot tell whether they change the "
-                     "architecture, so it refuses to guess")
 
   fields = {ours: hf[theirs] for theirs, ours in _SIZE_FIELDS if theirs in hf}
   for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):

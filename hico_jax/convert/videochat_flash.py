@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from hico_jax.convert import qwen2_hf, table
+from hico_jax.convert import config_fields, qwen2_hf, table
 from hico_jax.convert.safetensors_io import CheckpointReader, write_checkpoint
 from hico_jax.models.hico import HiCoConfig
 from hico_jax.models.visual_dropout import VisualDropoutConfig
@@ -68,17 +68,24 @@ def rules(config: HiCoConfig) -> list[table.Rule]:
           + table.prefixed(qwen2_hf.rules(config.llm), ("llm",)))
 
 
-def expected_hf_shapes(config: HiCoConfig) -> dict[str, tuple[int, ...]]:
-  vit, hidden, v = config.vit, config.llm.hidden_size, VISION_PREFIX
+def umt_encoder_shapes(vit: ViTConfig, stored_depth: int | None = None) -> dict[str, tuple[int, ...]]:
+  """The encoder's tensors and shapes, named below the `encoder.` segment (`patch_embed.proj.weight`,
+  `blocks.{i}.attn.qkv.weight`, `vision_layernorm.weight`, ...); `stored_depth` blocks (default: those run)."""
   w, p = vit.width, vit.patch_size
   per_block = {"norm1.weight": (w,), "norm1.bias": (w,), "attn.qkv.weight": (3 * w, w), "attn.q_bias": (w,),
                "attn.v_bias": (w,), "attn.proj.weight": (w, w), "attn.proj.bias": (w,), "norm2.weight": (w,),
                "norm2.bias": (w,), "mlp.fc1.weight": (vit.mlp_dim, w), "mlp.fc1.bias": (vit.mlp_dim,),
                "mlp.fc2.weight": (w, vit.mlp_dim), "mlp.fc2.bias": (w,)}
-  shapes = {f"{v}blocks.{i}.{name}": s for i in range(vit.depth) for name, s in per_block.items()}
-  shapes.update({f"{v}patch_embed.proj.weight": (w, 3, 1, p, p), f"{v}patch_embed.proj.bias": (w,),
-                 f"{v}vision_layernorm.weight": (w,), f"{v}vision_layernorm.bias": (w,),
-                 f"{PROJECTOR_PREFIX}0.weight": (hidden, w), f"{PROJECTOR_PREFIX}0.bias": (hidden,),
+  shapes = {"patch_embed.proj.weight": (w, 3, 1, p, p), "patch_embed.proj.bias": (w,)}
+  shapes.update({f"blocks.{i}.{name}": s for i in range(stored_depth or vit.depth) for name, s in per_block.items()})
+  shapes.update({"vision_layernorm.weight": (w,), "vision_layernorm.bias": (w,)})
+  return shapes
+
+
+def expected_hf_shapes(config: HiCoConfig) -> dict[str, tuple[int, ...]]:
+  hidden, w = config.llm.hidden_size, config.vit.width
+  shapes = {VISION_PREFIX + name: s for name, s in umt_encoder_shapes(config.vit).items()}
+  shapes.update({f"{PROJECTOR_PREFIX}0.weight": (hidden, w), f"{PROJECTOR_PREFIX}0.bias": (hidden,),
                  f"{PROJECTOR_PREFIX}2.weight": (hidden, hidden), f"{PROJECTOR_PREFIX}2.bias": (hidden,)})
   shapes.update(qwen2_hf.expected_hf_shapes(config.llm))
   return shapes
@@ -86,22 +93,6 @@ def expected_hf_shapes(config: HiCoConfig) -> dict[str, tuple[int, ...]]:
 
 # ---------------------------------------------------------------------------------------------- config.json
 
-# Fields of the released configs that do not change the video path's computation: LLaVA bookkeeping,
-# training settings and the image (anyres) path, which this model does not run.
-_INERT_FIELDS = frozenset({
-    "auto_map", "frame_aspect_ratio", "frame_grid_pinpoints", "image_aspect_ratio", "image_crop_resolution",
-    "image_grid_pinpoints", "image_split_resolution", "max_num_pixels", "min_slow_num_frames", "mm_close_init",
-    "mm_num_compress_latents", "mm_num_compress_query_type", "mm_pos_num_frames", "mm_projector_lr",
-    "mm_vision_tower_lr", "mm_spatial_pool_mode", "mm_spatial_pool_stride", "mm_resampler_type",
-    "mm_tunable_parts", "mm_use_im_patch_token", "mm_use_im_start_end", "mm_vision_select_feature",
-    "mm_patch_merge_type", "tokenizer_model_max_length", "tokenizer_padding_side", "tune_mm_mlp_adapter",
-    "unfreeze_mm_vision_tower", "use_mm_proj", "vision_tower_pretrained", "num_frame_patches_per_side",
-    "num_image_patches_per_side", "add_faster_video", "add_time_instruction", "faster_token_stride",
-    "force_sample", "pos_skipping_range", "llm_compress_type", "llm_compress_layer_list",
-    "llm_image_token_ratio_list", "mm_newline_position", "vision_config",
-})
-# Fields that decide the architecture, with the values this implementation computes.
-_REQUIRED = {"mm_projector_type": "tome16_mlp_hd64", "mm_local_num_frames": 4, "mm_vision_select_layer": -2}
 # Not a released field: our own record of a vision tower other than UMT-L (tiny test models).
 VISION_CONFIG_FIELD = "hico_vision_config"
 
@@ -122,9 +113,9 @@ def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoCo
   else:
     raise ValueError(f"{where}: mm_vision_tower = {tower!r} is not supported (only UMT-L: 'umt-large', "
                      "'umt-hd-large')")
-  for field, value in _REQUIRED.items():
-    if field in hf and hf[field] != value:
-      raise ValueError(f"{where}: field {field!r} = {hf[field]!r} is not supported (only {value!r})")
+  # Every other field: checked against what this implementation computes, accepted, or named in one warning
+  # (config_fields.FIELDS says which, and why).
+  llm = qwen2_hf.hf_config_to_dict(hf, where, scope=config_fields.VIDEOCHAT_FLASH)
   dropout = None
   if hf.get("mm_llm_compress"):
     # The reference's fields, as the HF model card sets them to switch progressive visual dropout on.
@@ -137,9 +128,6 @@ def hf_config_to_hico(hf: dict, where: str = "config.json", **compute) -> HiCoCo
   if hf.get("mm_hidden_size", vit_fields["width"]) != vit_fields["width"]:
     raise ValueError(f"{where}: mm_hidden_size = {hf['mm_hidden_size']} does not match the vision tower's "
                      f"width {vit_fields['width']}")
-  known = _INERT_FIELDS | set(_REQUIRED) | {"mm_vision_tower", "mm_llm_compress", "mm_hidden_size",
-                                            VISION_CONFIG_FIELD}
-  llm = qwen2_hf.hf_config_to_dict(hf, extra_known=known, where=where)
   if llm.pop("rope_scaling", None) is not None:
     # The reference's own decoder (Qwen2_Flash) has no rope scaling: its chat() ignores the field. Only its
     # NIAH scripts, which load the LLM as a stock Qwen2ForCausalLM, apply it; tools/niah.py does the same.
@@ -164,9 +152,18 @@ def hico_to_hf_config(config: HiCoConfig, dtype: str) -> dict:
   vit = config.vit
   hf = qwen2_hf.dict_to_hf_config(config.llm, dtype)
   hf.update(architectures=["VideoChatFlashQwenForCausalLM"], model_type="videochat_flash_qwen",
+            # The released repos' remote code: with their modeling_*.py files beside it, the export loads in
+            # AutoModel.from_pretrained(..., trust_remote_code=True).
+            auto_map={"AutoConfig": "modeling_videochat_flash.VideoChatFlashQwenConfig",
+                      "AutoModel": "modeling_videochat_flash.VideoChatFlashQwenForCausalLM"},
+            # The official forward reads it with the default "image" and raises for anything but this.
+            vision_encode_type="video_image",
             mm_vision_tower=TOWER_NAMES.get(vit.image_size, "umt-large"),
             mm_projector_type="tome16_mlp_hd64", mm_hidden_size=vit.width, mm_local_num_frames=vit.clip_frames,
             mm_vision_select_layer=-2, mm_llm_compress=config.visual_dropout is not None,
+            # Unused, but the official ToMe16_mlp_hd64.__init__ reads it as an attribute: without it the
+            # official code cannot build the model. 8: ModelArguments' default, what stages 2-4 leave.
+            mm_pos_num_frames=8,
             mm_newline_position="nothing", mm_patch_merge_type="spatial_nopad", frame_aspect_ratio="square",
             image_aspect_ratio="anyres_nopad")
   if config.visual_dropout is not None:

@@ -2,7 +2,8 @@
 VideoChat-Flash layout, or a plain Qwen2 checkpoint for the LLM alone; and the HF export at the end.
 
 config.init: {"path": DIR, "kind": "run" | "videochat_flash" | "qwen2"}. A run directory may also be one
-that tools/convert_checkpoint.py hf-to-orbax wrote (all params, or the LLM's alone from a plain Qwen2). A
+that tools/convert_checkpoint.py wrote: hf-to-orbax (all params, or the LLM's alone from a plain Qwen2), or
+parts-to-orbax (stage 1's start: the released UMT-L encoder, a Qwen2 LLM, a fresh projector). A
 checkpoint whose tensors do not match the configured model's fails with one line naming the first tensor and both shapes; one saved with
 other decoder settings that no tensor's shape carries (RoPE θ, the norm epsilon, the head split) fails naming
 them (`check_settings`, before anything compiles).
@@ -11,6 +12,7 @@ them (`check_settings`, before anything compiles).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -111,6 +113,17 @@ def load_into_state(state, init, model_config, param_shardings):
     raise ValueError(f"init.kind {kind!r} is not run, videochat_flash or qwen2")
   _check_same_shapes(loaded, params, path)
   return {**state, "params": _place(loaded, params)}
+
+
+def save_run(directory: str, params, saved: dict):
+  """A run directory a stage starts from (init.kind "run"): step 0 holding `params` (no optimizer state, so a
+  starting point, not a workdir to resume) with `saved` as the step's config (its `model` field: the model
+  config), and the same config.json the trainer leaves in its workdir."""
+  checkpointer = ckpt.Checkpointer(directory, async_save=False)
+  checkpointer.save(0, {"params": params}, config=saved, force=True)
+  checkpointer.close()
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(saved, f, indent=2)
 
 
 def export_hf(out_dir: str, model_config, params, dtype: str = "bfloat16"):

@@ -5,6 +5,10 @@
   stage3  everything, 64-512 frames, 32k tokens
   stage4  ViT + projector at 448 px, LLM frozen
 
+Every stage starts from `config.init.path`: stage 1 from the run directory `tools/convert_checkpoint.py
+parts-to-orbax` makes of the released parts (the UMT-L encoder file, a Qwen2 / Qwen2.5 Instruct directory, a
+fresh projector), each later stage from the previous stage's --workdir.
+
 AdamW (0.9, 0.999, 1e-8), no weight decay, warmup ratio 0.03 then cosine, grad-norm clip 1.0. The per-module
 rates are applied for real (the reference's DeepSpeed optimizer ignored them).
 """
