@@ -276,8 +276,9 @@ def _read_pass(
                 raise VideoDecodeError(f"video {name}: frame size changes within the video: {shape} at the "
                                        f"first sampled frame, {bgr.shape} at frame {index}")
             shape = bgr.shape
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: one full-size frame at a time
             kept[index] = rgb if size is None else _resize_frame(rgb, size)
+            del bgr, rgb
         if progress is not None and index % _PROGRESS_EVERY == 0:
             progress(index + 1, expected)
         if stop_at is not None and index >= stop_at:
