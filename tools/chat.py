@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="most frames sampled, a multiple of 4 (default: chat()'s %(default)s)")
   parser.add_argument("--min_num_frames", type=int, default=chat.REFERENCE_MIN_NUM_FRAMES,
                       help="fewest frames sampled where the video has that many (default: load_video's %(default)s)")
+  parser.add_argument("--chunk_clips", type=int, default=None,
+                      help="clips the vision tower encodes at a time (default: 64 at 224 px, 16 at 448); lower it "
+                      "if encoding runs out of memory")
   parser.add_argument("--max_new_tokens", type=int, default=1024, help="default: the model card's %(default)s")
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
   parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0")
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if args.max_new_tokens < 1:
     return _fail(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  if args.chunk_clips is not None and args.chunk_clips < 1:
+    return _fail(f"--chunk_clips must be >= 1, got {args.chunk_clips}")
   if args.temperature < 0 or not 0 < args.top_p <= 1:
     return _fail(f"need --temperature >= 0 and 0 < --top_p <= 1, got {args.temperature} and {args.top_p}")
   if args.question is not None and not all(q.strip() for q in args.question):
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
         f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
   started = time.perf_counter()
   try:
-    conversation = chat.VideoChat(model, tokenizer, video, progress=True)
+    conversation = chat.VideoChat(model, tokenizer, video, chunk_clips=args.chunk_clips, progress=True)
   except ValueError as e:
     return _fail(e)
   print(f"{PROG}: encoded {conversation.visual_tokens.shape[1]} visual tokens, once for every question "

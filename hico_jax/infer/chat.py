@@ -144,17 +144,18 @@ def check_video_model(model) -> None:
 
 class VideoChat:
   """One video and a conversation about it with a loaded VideoChat-Flash model (`hico_jax.from_pretrained`).
-  The video is encoded once, here; every question reuses its visual tokens."""
+  The video is encoded once, here (`chunk_clips` clips at a time: CausalLM.encode_video), and every question
+  reuses its visual tokens."""
 
   def __init__(self, model, tokenizer, video: Video, *, system_prompt: str = text.DEFAULT_SYSTEM_PROMPT,
-               prompt_bucket: int = PROMPT_BUCKET, progress: bool = False):
+               prompt_bucket: int = PROMPT_BUCKET, chunk_clips: int | None = None, progress: bool = False):
     check_video_model(model)
     self.model, self.tokenizer, self.video, self.system_prompt = model, tokenizer, video, system_prompt
     self.prompt_bucket = prompt_bucket
     size = model.config.vit.image_size
     frames = video.frames if video.frames.shape[1:3] == (size, size) else video_io.resize_frames(video.frames, size)
     # Encoded once: every turn of the reference reloads and re-encodes the same frames.
-    self.visual_tokens = model.encode_video(frames, progress=progress)[None]           # (1, 16·T, H)
+    self.visual_tokens = model.encode_video(frames, chunk_clips=chunk_clips, progress=progress)[None]  # (1, 16·T, H)
     # chat() stops on the keyword `<|im_end|>` besides whatever eos the checkpoint's generation config names.
     self.stop_ids = tuple(dict.fromkeys([*model.eos_ids, tokenizer.eos_id]))
     self.history: list[dict] = []

@@ -82,7 +82,8 @@ class VideoEncoder:
     return min(self.chunk_clips, 1 << (num_clips - 1).bit_length())
 
   def __call__(self, frames_uint8, *, progress: bool = True) -> jax.Array:
-    """(T, S, S, 3) uint8 -> (16·T, H); a progress bar on stderr if it takes over PROGRESS_DELAY_S."""
+    """(T, S, S, 3) uint8 -> (16·T, H); a progress bar on stderr if it takes over PROGRESS_DELAY_S and more
+    than one chunk (a single step, mostly compiling, has no progress to show)."""
     check_frames(self.config, frames_uint8)
     frames = np.asarray(frames_uint8)
     clip, size = self.config.clip_frames, self.config.vit.image_size
@@ -91,7 +92,7 @@ class VideoEncoder:
     out = jnp.zeros((num_clips, self.config.tokens_per_clip, self.config.llm.hidden_size), self.dtype)
     pending = None
     with tqdm(total=len(frames), unit="frame", desc="encoding video", delay=PROGRESS_DELAY_S, leave=False,
-              disable=not progress) as bar:
+              disable=not progress or num_clips <= chunk) as bar:
       for start in range(0, num_clips, chunk):
         batch = clips[start:start + chunk]
         valid = len(batch)
