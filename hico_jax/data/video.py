@@ -21,6 +21,7 @@ replaced by the decoded one and the frames chosen again. Every failure is a `Vid
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -402,10 +403,23 @@ def _decode(
             _check_count(name, eof_total, declared)
             total, exact = eof_total, True
             continue
-        frames = [kept[int(i)] for i in indices]
         info = dict(fps=float(fps), vlen=int(total), duration=float(duration), indices=indices)
-        return np.stack(frames), info
+        return _gather(kept, indices), info
     raise VideoDecodeError(f"video {name}: the number of decodable frames differs between passes")
+
+
+def _gather(kept: dict[int, np.ndarray], indices: np.ndarray) -> np.ndarray:
+    """kept[i] for i in indices, stacked; each kept frame is let go after its last use, so the host holds the
+    sampled frames about once, not twice, while they are gathered."""
+    uses = collections.Counter(int(i) for i in indices)
+    first = kept[int(indices[0])]
+    out = np.empty((len(indices),) + first.shape, first.dtype)
+    for k, i in enumerate(indices):
+        out[k] = kept[int(i)]
+        uses[int(i)] -= 1
+        if not uses[int(i)]:
+            del kept[int(i)]
+    return out
 
 
 def _check_count(name: str, decoded: int, declared: int | None) -> None:
