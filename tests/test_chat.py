@@ -27,10 +27,10 @@ from safetensors.numpy import load_file
 import hico_jax
 from hico_jax import api, presets
 from hico_jax.data import tokenizer as tk
+from hico_jax.data import video as video_io
 from hico_jax.infer import chat
 from hico_jax.infer import generate as generation
 from hico_jax.infer import visual
-from hico_jax.data import video as video_io
 from hico_jax.models import hico, vit
 from tests.hf_reference import make_hf_qwen2
 from tests.random_params import random_hico_params
