@@ -6,13 +6,19 @@
   model.save_pretrained(out_dir)                      # the HF layout of the model, loadable by its owner
 
 `input_ids` mark where a sample's video goes with one `hico_jax.VIDEO_TOKEN_ID` (-200); the model expands it
-to the video's 16·T visual tokens, so logits cover the expanded sequence. `video` is the preprocessed float32
-(B, T, S, S, 3) array that `hico_jax.data.video.preprocess` returns.
+to the video's 16·T visual tokens, so logits cover the expanded sequence. `video` is (B, T, S, S, 3): uint8
+frames at the tower's size (normalised on the device), or the float32 array `hico_jax.data.video.preprocess`
+returns; either way it is encoded a chunk of clips at a time. For long videos, and for several questions
+about one video, encode it once instead and pass its tokens:
+
+  tokens = model.encode_video(frames_uint8)          # (T, S, S, 3) uint8 -> (16·T, H), chunked on the device
+  ids = model.generate(input_ids, visual_tokens=tokens[None], max_new_tokens=32)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -24,10 +30,9 @@ import numpy as np
 
 from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.convert import qwen2_hf, run_dir, videochat_flash
-from hico_jax.infer import generate as generation, memory
+from hico_jax.infer import generate as generation, memory, visual
 from hico_jax.models import hico, qwen2
 from hico_jax.models.visual_dropout import VisualDropoutConfig
-from hico_jax.ops import xla_options
 
 class CausalLM:
   """A Qwen2 decoder (optionally with HiCo's video path) and its params, answering in numpy."""
@@ -44,16 +49,13 @@ class CausalLM:
     self.llm_params = self.params["llm"] if self.is_video_model else self.params
     self._forward = jax.jit(lambda p, ids, emb, seg, visual: self.llm.apply(
         {"params": p}, ids, embeddings=emb, segment_ids=seg, visual_mask=visual)[0])
-    if self.is_video_model:
-      module = hico.HiCo(config)
-      self._embed = jax.jit(lambda p, ids, video: module.apply({"params": p}, ids, video, method=hico.HiCo.embed),
-                            compiler_options=xla_options.vision_compiler_options())
 
-  def __call__(self, input_ids, video=None, attention_mask=None) -> np.ndarray:
+  def __call__(self, input_ids, video=None, attention_mask=None, *, visual_tokens=None) -> np.ndarray:
     """Logits (B, T', V) float32 over the sequence with each video placeholder expanded (T' = T − 1 + 16·frames
     with a video, T without). attention_mask (B, T): 0 marks padding. With visual dropout the rows keep their
-    length (the masked form): a dropped visual token's row is what it saw before it was dropped."""
-    ids, mask, embeddings = self._prepare(input_ids, video, attention_mask)
+    length (the masked form): a dropped visual token's row is what it saw before it was dropped.
+    visual_tokens (B, N, H), from encode_video, stand in for `video` (N = 16·frames)."""
+    ids, mask, embeddings = self._prepare(input_ids, video, attention_mask, visual_tokens)
     segment_ids = None if attention_mask is None and self.dropout is None else jnp.asarray(mask)
     logits = self._forward(self.llm_params, jnp.asarray(np.maximum(ids, 0)), embeddings, segment_ids,
                            self._visual_mask(ids))
@@ -61,15 +63,37 @@ class CausalLM:
 
   def generate(self, input_ids, video=None, attention_mask=None, *, max_new_tokens: int = 32,
                temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] | None = None,
-               pad_id: int | None = None, seed: int = 0) -> np.ndarray:
-    """New token ids (B, max_new_tokens); a row that produced an eos id is pad_id after it. A request the
-    device cannot hold fails first, with the estimate and the frame count that would fit."""
-    self._check_memory(input_ids, video, max_new_tokens)
-    ids, mask, embeddings = self._prepare(input_ids, video, attention_mask)
+               pad_id: int | None = None, seed: int = 0, visual_tokens=None) -> np.ndarray:
+    """New token ids (B, max_new_tokens); a row that produced an eos id is pad_id after it. visual_tokens as
+    in __call__. A request the device cannot hold fails first, with the estimate and the frames that fit."""
+    self._check_memory(input_ids, video, visual_tokens, max_new_tokens)
+    ids, mask, embeddings = self._prepare(input_ids, video, attention_mask, visual_tokens)
     return generation.generate(
         self.llm, {"params": self.llm_params}, np.maximum(ids, 0), mask, embeddings=embeddings,
         visual_mask=self._visual_mask(ids), max_new_tokens=max_new_tokens, eos_ids=self.eos_ids if eos_ids is None else eos_ids,
         pad_id=self.pad_id if pad_id is None else pad_id, temperature=temperature, top_p=top_p, seed=seed)
+
+  def encode_video(self, frames_uint8, *, chunk_clips: int | None = None, progress: bool = True):
+    """A video's visual tokens (16·T, H), a device array in the LLM's compute dtype, for `visual_tokens=`:
+    frames (T, S, S, 3) uint8 at the tower's size (`hico_jax.data.video.decode_frames(..., size=S)`), T whole
+    clips. Chunks of `chunk_clips` clips (default: hico_jax.infer.visual's) are normalised and encoded on the
+    device; a video that takes more than a few seconds shows a progress bar."""
+    if not self.is_video_model:
+      raise ValueError("this checkpoint is a plain Qwen2 language model and has no vision tower; load a "
+                       "VideoChat-Flash checkpoint to encode a video")
+    if chunk_clips not in self._video_encoders:
+      self._video_encoders[chunk_clips] = visual.VideoEncoder(self.config, self.params, chunk_clips=chunk_clips)
+    return self._video_encoders[chunk_clips](frames_uint8, progress=progress)
+
+  @functools.cached_property
+  def _video_encoders(self) -> dict:
+    return {}
+
+  @functools.cached_property
+  def _splice(self):
+    module = hico.HiCo(self.config)
+    return jax.jit(lambda p, ids, tokens: module.apply({"params": p}, ids, tokens,
+                                                       method=hico.HiCo.splice_visual_tokens))
 
   def save_pretrained(self, out_dir: str, dtype: str | None = None):
     """The HF layout (config.json + safetensors): VideoChat-Flash's for a video model, plain Qwen2's for a
@@ -80,12 +104,16 @@ class CausalLM:
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(token_ids, f, indent=2)
 
-  def _check_memory(self, input_ids, video, max_new_tokens):
+  def _check_memory(self, input_ids, video, visual_tokens, max_new_tokens):
     shape = np.shape(input_ids)
     if len(shape) != 2:
       return                    # _prepare names the problem
-    frames = np.shape(video)[1] if video is not None and np.ndim(video) == 5 else 0
     per_frame = self.config.tokens_per_clip / self.config.clip_frames if self.is_video_model else 0
+    frames = 0
+    if video is not None and np.ndim(video) == 5:
+      frames = np.shape(video)[1]
+    elif visual_tokens is not None and np.ndim(visual_tokens) == 3 and per_frame:
+      frames = int(np.shape(visual_tokens)[1] / per_frame)
     clip = self.config.clip_frames if self.is_video_model else 1
     memory.check_fits(self.llm_config, self.dropout, batch=shape[0], text_len=shape[1], frames=frames,
                       tokens_per_frame=per_frame, clip_frames=clip, max_new_tokens=max_new_tokens)
@@ -93,7 +121,7 @@ class CausalLM:
   def _visual_mask(self, ids):
     return None if self.dropout is None else jnp.asarray(ids == VIDEO_TOKEN_ID)
 
-  def _prepare(self, input_ids, video, attention_mask):
+  def _prepare(self, input_ids, video, attention_mask, visual_tokens=None):
     """Checked (ids, mask, embeddings or None), with each video placeholder expanded to 16·T slots."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -106,29 +134,53 @@ class CausalLM:
       raise ValueError(f"input_ids must lie in [0, {self.llm_config.vocab_size}) apart from the video "
                        f"placeholder {VIDEO_TOKEN_ID}, got min {text.min()}, max {text.max()}")
     placeholders = (ids == VIDEO_TOKEN_ID).sum(axis=1)
+    if video is not None and visual_tokens is not None:
+      raise ValueError("give a video either as video= (frames) or as visual_tokens= (encode_video's), not both")
     if not self.is_video_model:
-      if video is not None:
+      if video is not None or visual_tokens is not None:
         raise ValueError("this checkpoint is a plain Qwen2 language model and takes no video; load a "
                          "VideoChat-Flash checkpoint for video input")
       if placeholders.any():
         raise ValueError(f"input_ids hold the video placeholder {VIDEO_TOKEN_ID}, but this model has no "
                          "vision tower")
       return ids, mask, None
-    if video is None:
+    if video is None and visual_tokens is None:
       if placeholders.any():
         raise ValueError(f"input_ids row {int(np.argmax(placeholders > 0))} holds the video placeholder "
                          f"{VIDEO_TOKEN_ID}, but no video was given")
-      return ids, mask, self._embed(self.params, jnp.asarray(ids), None)
-    video = np.asarray(video, np.float32)
-    if video.ndim != 5 or video.shape[0] != ids.shape[0]:
-      raise ValueError(f"video must be (batch={ids.shape[0]}, frames, size, size, 3), got shape {video.shape}")
-    hico.check_video_shape(self.config, (video.shape[0], 1) + video.shape[1:])
+      return ids, mask, self._splice(self.params, jnp.asarray(ids), None)
+    if visual_tokens is not None:
+      visual_tokens = self._check_visual_tokens(visual_tokens, ids.shape[0])
+    else:
+      video = np.asarray(video)
+      if video.dtype != np.uint8:
+        video = video.astype(np.float32, copy=False)
+      if video.ndim != 5 or video.shape[0] != ids.shape[0]:
+        raise ValueError(f"video must be (batch={ids.shape[0]}, frames, size, size, 3), got shape {video.shape}")
+      hico.check_video_shape(self.config, (video.shape[0], 1) + video.shape[1:])
     for row, count in enumerate(placeholders):
       if count != 1:
         raise ValueError(f"input_ids row {row} holds {count} video placeholders ({VIDEO_TOKEN_ID}); a sample "
                          "with a video needs exactly one")
-    ids, mask = _expand_placeholders(ids, mask, self.config.visual_tokens(video.shape[1]))
-    return ids, mask, self._embed(self.params, jnp.asarray(ids), jnp.asarray(video)[:, None])
+    if visual_tokens is None:
+      # Chunk by chunk on the device (infer/visual.py): a long video never crosses to the device whole.
+      visual_tokens = jnp.stack([self.encode_video(row) for row in video])
+    ids, mask = _expand_placeholders(ids, mask, visual_tokens.shape[1])
+    return ids, mask, self._splice(self.params, jnp.asarray(ids), visual_tokens)
+
+  def _check_visual_tokens(self, tokens, batch):
+    """visual_tokens as a device array, or a one-line error naming the shape expected."""
+    tokens = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+    shape, hidden, per_clip = tuple(np.shape(tokens)), self.llm_config.hidden_size, self.config.tokens_per_clip
+    if len(shape) != 3 or shape[0] != batch or shape[2] != hidden:
+      raise ValueError(f"visual_tokens must be (batch={batch}, tokens, hidden={hidden}), got shape {shape}; "
+                       "encode_video gives one video's (tokens, hidden): stack or add [None]")
+    if shape[1] == 0 or shape[1] % per_clip:
+      raise ValueError(f"visual_tokens hold {shape[1]} tokens a row, not a whole number of clips of {per_clip} "
+                       f"tokens ({self.config.clip_frames} frames each)")
+    if not jnp.issubdtype(tokens.dtype, jnp.floating):
+      raise ValueError(f"visual_tokens must be floating point, got {tokens.dtype}")
+    return jnp.asarray(tokens)
 
 
 def _expand_placeholders(ids, mask, count):

@@ -12,10 +12,12 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import sys
 
 import cv2
+import jax
 import numpy as np
 import pytest
 import torch
@@ -25,11 +27,14 @@ from safetensors.numpy import load_file
 import hico_jax
 from hico_jax import api, presets
 from hico_jax.data import tokenizer as tk
+from hico_jax.data import video as video_io
 from hico_jax.infer import chat
 from hico_jax.infer import generate as generation
-from hico_jax.models import hico
+from hico_jax.infer import visual
+from hico_jax.models import hico, vit
 from tests.hf_reference import make_hf_qwen2
 from tests.random_params import random_hico_params
+from tests.test_video import faststart
 from tests.torch_reference.videochat_flash import ClipEncoder, load_official
 
 _spec = importlib.util.spec_from_file_location(
@@ -75,18 +80,21 @@ def checkpoint(tmp_path_factory, tokenizer_dir):
   return str(path)
 
 
-@pytest.fixture(scope="module")
-def video_file(tmp_path_factory):
-  """6 frames of smooth random colour fields, each frame its own, so taking a wrong frame changes the answer."""
-  path = str(tmp_path_factory.mktemp("chat_video") / "clip.mp4")
-  rng = np.random.default_rng(3)
-  writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIZE, SIZE))
+def _write_video(path, frames, seed=3):
+  """Smooth random colour fields, each frame its own, so taking a wrong frame changes the answer."""
+  rng = np.random.default_rng(seed)
+  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIZE, SIZE))
   assert writer.isOpened()
-  for _ in range(VLEN):
+  for _ in range(frames):
     coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     writer.write(cv2.resize(coarse, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
   writer.release()
-  return path
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory):
+  return _write_video(tmp_path_factory.mktemp("chat_video") / "clip.mp4", VLEN)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +180,7 @@ def test_two_questions_are_the_reference_chat_prompts_and_transformers_greedy_an
   assert turns[1]["answer_ids"] == ids2
   assert turns[1]["answer"] == answer2
   assert "4 frames of a 1.50 s video" in err
+  assert "decoding" not in err and "encoding video" not in err    # one clip, fast: no progress bar
 
 
 def test_stdin_questions_without_history_each_get_the_single_question_answer(checkpoint, video_file, reference,
@@ -204,6 +213,47 @@ def test_a_follow_up_question_reuses_the_first_turns_compiled_generation(checkpo
   assert compiled() == before + 2
 
 
+@pytest.fixture
+def vision_tower_runs(monkeypatch):
+  """A list that grows each time a compiled program runs the vision tower (a debug callback inside it), for
+  models built after this fixture."""
+  runs = []
+
+  class CountingViT(vit.UMTViT):
+    def __call__(self, frames):
+      jax.debug.callback(lambda: runs.append(1))
+      return super().__call__(frames)
+  monkeypatch.setattr(hico, "UMTViT", CountingViT)
+  return runs
+
+
+def test_a_follow_up_question_reuses_the_visual_tokens_and_answers_as_a_fresh_conversation_would(
+    checkpoint, video_file, vision_tower_runs):
+  model, tokenizer = hico_jax.from_pretrained(checkpoint), tk.load_tokenizer(checkpoint)
+  video = chat.read_video(video_file, size=model.config.vit.image_size)
+  conversation = chat.VideoChat(model, tokenizer, video)
+  encoded = len(vision_tower_runs)
+  assert encoded > 0                                          # the counter sees the tower
+  first = conversation.ask(Q1, max_new_tokens=NEW_TOKENS)
+  second = conversation.ask(Q2, max_new_tokens=NEW_TOKENS)
+  assert len(vision_tower_runs) == encoded                    # neither question ran it again
+
+  # A fresh conversation handed the same history asks the same prompt and gets the same answer.
+  fresh = chat.VideoChat(model, tokenizer, video)
+  fresh.history = conversation.history[:2]
+  again = fresh.ask(Q2, max_new_tokens=NEW_TOKENS)
+  np.testing.assert_array_equal(again.prompt_ids, second.prompt_ids)
+  assert again.answer == second.answer and again.answer_ids.tolist() == second.answer_ids.tolist()
+  # And both are what generation from the frames gives, re-encoding them (which the counter sees).
+  before = len(vision_tower_runs)
+  pixels = video_io.preprocess(video.frames, model.config.vit.image_size)[None]
+  for turn in (first, second):
+    ids = model.generate(turn.prompt_ids[None], video=pixels, max_new_tokens=NEW_TOKENS,
+                         eos_ids=conversation.stop_ids)
+    assert chat.decode_answer(ids[0], tokenizer, conversation.stop_ids)[1] == turn.answer
+  assert len(vision_tower_runs) > before
+
+
 def test_answer_stops_at_the_first_stop_id_and_decodes_without_special_tokens(tokenizer_dir):
   tok = tk.load_tokenizer(tokenizer_dir)
   hf_tok = transformers.Qwen2TokenizerFast.from_pretrained(tokenizer_dir)
@@ -234,22 +284,36 @@ def garbage_mp4(tmp_path_factory):
   return str(path)
 
 
+@pytest.fixture(scope="module")
+def truncated_mp4(tmp_path_factory, video_file):
+  """The chat video with its index first and its second half cut off: it opens and its first frame decodes,
+  so only decoding every frame, after the model has loaded, finds it broken."""
+  path = tmp_path_factory.mktemp("truncated_video") / "cut.mp4"
+  with open(video_file, "rb") as f:
+    whole = faststart(f.read())
+  path.write_bytes(whole[:len(whole) * 2 // 3])
+  return str(path)
+
+
 @pytest.mark.parametrize("case, expected", [
     ("missing_video", "no such file"),
     ("garbage_video", "broken.mp4"),
+    ("truncated_video", "cut.mp4'.*truncated"),
     ("plain_qwen2", "plain Qwen2"),
     ("missing_model", "does not exist"),
     ("frames_off_clips", "multiple of 4"),
     ("negative_temperature", "--temperature"),
 ])
 def test_bad_input_exits_nonzero_with_a_one_line_reason(case, expected, checkpoint, video_file, plain_qwen2,
-                                                        garbage_mp4, tmp_path, capsys):
+                                                        garbage_mp4, truncated_mp4, tmp_path, capsys):
   args = {"--model": checkpoint, "--video": video_file, "--question": Q1}
   extra = []
   if case == "missing_video":
     args["--video"] = str(tmp_path / "nope.mp4")
   elif case == "garbage_video":
     args["--video"] = garbage_mp4
+  elif case == "truncated_video":
+    args["--video"] = truncated_mp4
   elif case == "plain_qwen2":
     args["--model"] = plain_qwen2
   elif case == "missing_model":
@@ -263,7 +327,20 @@ def test_bad_input_exits_nonzero_with_a_one_line_reason(case, expected, checkpoi
   assert out == ""
   # Progress lines may come first; the reason is one line, the last, and it says what is wrong.
   errors = [line for line in err.splitlines() if "error:" in line]
-  assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and expected in errors[0], err
+  assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and re.search(expected, errors[0]), err
+
+
+def test_a_long_video_shows_decoding_and_encoding_progress_bars(checkpoint, tmp_path, capsys, monkeypatch):
+  # 12 frames (3 s at 4 fps: all of them, 3 clips), encoded a clip at a time: 3 steps. "Long" is whatever
+  # takes longer than the bars' delay: with none, this video is long. (A short one shows none: the tests
+  # above run the tool with the delay.)
+  path = _write_video(tmp_path / "three_clips.mp4", 12)
+  argv = ["--model", checkpoint, "--video", path, "--question", Q1, "--max_new_tokens", "2", "--chunk_clips", "1"]
+  monkeypatch.setattr(chat, "PROGRESS_DELAY_S", 0.0)
+  monkeypatch.setattr(visual, "PROGRESS_DELAY_S", 0.0)
+  rc, _, err = _run(argv, capsys)
+  # The bars clear themselves when done (leave=False); their first frames stay in the captured text.
+  assert rc == 0 and "decoding three_clips.mp4" in err and "encoding video:   0%" in err and "0/12" in err, err
 
 
 def test_help_exits_zero_and_names_the_options(capsys):

@@ -384,6 +384,92 @@ def test_span_without_frames_raises(videos):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Resizing as frames are decoded, progress, probe
+# ----------------------------------------------------------------------------------------------------------
+
+RESIZE_CASES = {
+    "whole_video": dict(),
+    "repeats_last_frame": dict(mode="middle", num_frames=500),
+    "span": dict(start=2.5, end=7.9, min_frames=8),
+    "late_span_seeks": dict(start=9.0, end=9.85, min_frames=8),     # frame 270 >= _SEEK_MIN_FRAMES
+}
+
+
+@pytest.mark.parametrize("as_bytes", (False, True), ids=("path", "bytes"))
+@pytest.mark.parametrize("case", RESIZE_CASES.values(), ids=RESIZE_CASES.keys())
+def test_resizing_each_frame_as_it_is_decoded_equals_decoding_then_resize_frames(videos, case, as_bytes):
+    src = videos["v30_bytes"] if as_bytes else videos["v30"]
+    full, full_info = decode_frames(src, **case)
+    for size in (32, 112):   # 48x80 frames: shrunk (antialiased) and enlarged, the aspect ratio not kept
+        frames, info = decode_frames(src, size=size, **case)
+        assert frames.dtype == np.uint8 and frames.shape == (len(full), size, size, 3)
+        np.testing.assert_array_equal(frames, video.resize_frames(full, size))
+        np.testing.assert_array_equal(info.pop("indices"), full_info["indices"])
+        assert info == {k: v for k, v in full_info.items() if k != "indices"}
+
+
+def test_decoding_with_a_size_holds_one_full_size_frame_at_a_time(tmp_path):
+    """16 frames of 640x360 kept from 64: decoded at full size they need 16 x 691 KB; resized as they come,
+    the decode's peak allocation (numpy's, OpenCV's frames included) stays near the one frame being resized."""
+    tracemalloc = pytest.importorskip("tracemalloc")
+    path, height, width = str(tmp_path / "wide.mp4"), 360, 640
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (width, height))
+    rng = np.random.default_rng(0)
+    for _ in range(64):
+        writer.write(cv2.resize(rng.integers(0, 256, (9, 16, 3), dtype=np.uint8), (width, height)))
+    writer.release()
+    frame_bytes = height * width * 3
+
+    def peak(**kwargs):
+        tracemalloc.start()
+        try:
+            decode_frames(path, mode="middle", num_frames=16, **kwargs)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak() > 16 * frame_bytes            # the measurement sees numpy's and OpenCV's frames
+    assert peak(size=64) < 1.5 * frame_bytes
+
+
+def test_progress_reports_every_few_frames_up_to_the_frames_each_pass_reads(videos, monkeypatch):
+    calls = []
+    decode_frames(videos["v30"], progress=lambda passed, expected: calls.append((passed, expected)))
+    assert calls[-1] == (300, 300) and len(calls) >= 300 // 32
+    assert all(a[0] < b[0] and a[1] == b[1] == 300 for a, b in zip(calls, calls[1:]))
+    # A span ending inside the video reads just past its last sampled frame: 2.5-7.9 s ends by frame 237.
+    calls.clear()
+    frames, info = decode_frames(videos["v30"], start=2.5, end=7.9, progress=lambda *c: calls.append(c))
+    assert calls[-1][0] == calls[-1][1] and info["indices"][-1] < calls[-1][0] <= 300
+    # No frame count in the container: a counting pass (total unknown until its end), then the sampling pass,
+    # which knows the count and stops at the last sampled frame (8 frames at 1 fps: middles up to 280).
+    monkeypatch.setattr(video, "_frame_count_hint", lambda cap: None)
+    calls.clear()
+    decode_frames(videos["v30"], progress=lambda *c: calls.append(c))
+    counted = calls.index((300, 300))
+    assert counted > 0 and all(expected is None for _, expected in calls[:counted])
+    assert calls[-1] == (281, 281) and all(expected == 281 for _, expected in calls[counted + 1:])
+
+
+def test_probe_reads_the_first_frame_only_and_refuses_what_decode_frames_refuses_to_open(videos):
+    assert video.probe(videos["ntsc"]) == dict(fps=pytest.approx(29.97), declared_frames=600, height=H, width=W)
+    assert video.probe(videos["v30_bytes"])["declared_frames"] == 300
+    cases = bad_inputs(videos)
+    for case in BAD:
+        source, pattern = cases[case]
+        if case == "faststart_cut_in_half":     # its first frames are intact: only a full decode finds the cut
+            assert video.probe(source)["declared_frames"] == 300
+            continue
+        with pytest.raises(VideoDecodeError, match=pattern.split(".*")[0]):
+            video.probe(source)
+
+
+def test_a_size_that_is_not_a_positive_integer_is_refused(videos):
+    for size in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="size must be a positive number of pixels"):
+            decode_frames(videos["v30"], size=size)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # preprocess
 # ----------------------------------------------------------------------------------------------------------
 

@@ -114,7 +114,6 @@ def case_write(case):
 
 def case_jax(case):
   import jax
-  import numpy as np
   import hico_jax
   from hico_jax.data import tokenizer as tokenizer_lib, video as video_lib
 
@@ -132,7 +131,7 @@ def case_jax(case):
   results = []
   for frames in sorted(case["frames"]):
     ids = _prompt_ids(tokenizer, frames)
-    video = video_lib.normalize(_frames(frames, size))[None]
+    video = _frames(frames, size)[None]         # uint8 at the tower's size, as decode_frames(size=S) gives
     row = {"frames": frames, "prompt_tokens": int(ids.shape[1] - 1 + model.config.visual_tokens(frames))}
     try:
       times = []

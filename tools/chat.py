@@ -7,8 +7,10 @@
 
 Several questions are one conversation, as chat() with its chat_history: each follow-up sees the earlier turns
 (--no_history asks each one afresh). Frames are sampled at about 1 fps in 4-frame clips, 64 at least and
---max_num_frames at most (chat()'s load_video), and the prompt carries chat()'s time message. Answers go to
-stdout, one per question (--json: one JSON object a line with the prompt and answer ids); progress goes to stderr.
+--max_num_frames at most (chat()'s load_video), and the prompt carries chat()'s time message. The video is
+decoded (each sampled frame resized as it comes) and encoded once; every question reuses its visual tokens.
+Answers go to stdout, one per question (--json: one JSON object a line with the prompt and answer ids);
+progress goes to stderr, with bars for a long video.
 The prompt building and answer decoding live in hico_jax/infer/chat.py.
 """
 
@@ -23,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Light (OpenCV and Pillow, no jax): --help and argument errors stay instant.
+from hico_jax.data import video as video_io  # noqa: E402
 from hico_jax.infer import chat  # noqa: E402
 
 PROG = "chat.py"
@@ -41,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="most frames sampled, a multiple of 4 (default: chat()'s %(default)s)")
   parser.add_argument("--min_num_frames", type=int, default=chat.REFERENCE_MIN_NUM_FRAMES,
                       help="fewest frames sampled where the video has that many (default: load_video's %(default)s)")
+  parser.add_argument("--chunk_clips", type=int, default=None,
+                      help="clips the vision tower encodes at a time (default: 64 at 224 px, 16 at 448); lower it "
+                      "if encoding runs out of memory")
   parser.add_argument("--max_new_tokens", type=int, default=1024, help="default: the model card's %(default)s")
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
   parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0")
@@ -76,6 +82,8 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if args.max_new_tokens < 1:
     return _fail(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  if args.chunk_clips is not None and args.chunk_clips < 1:
+    return _fail(f"--chunk_clips must be >= 1, got {args.chunk_clips}")
   if args.temperature < 0 or not 0 < args.top_p <= 1:
     return _fail(f"need --temperature >= 0 and 0 < --top_p <= 1, got {args.temperature} and {args.top_p}")
   if args.question is not None and not all(q.strip() for q in args.question):
@@ -83,27 +91,42 @@ def main(argv=None) -> int:
   if not os.path.isdir(args.model):
     return _fail(f"model directory {args.model!r} does not exist")
 
-  # jax comes in here, after the arguments are checked.
-  import hico_jax
-  from hico_jax.data import tokenizer as tokenizer_lib
-
-  # The video first: a missing or broken file is reported before minutes of checkpoint loading.
-  started = time.perf_counter()
   try:
-    video = chat.read_video(args.video, max_num_frames=args.max_num_frames, min_num_frames=args.min_num_frames)
+    chat.check_frame_limits(args.max_num_frames, args.min_num_frames)
+    # A missing or broken file is reported before minutes of checkpoint loading; the frames themselves are
+    # decoded after it, at the model's size, so a long video is never held at full size.
+    video_io.probe(args.video)
   except ValueError as e:           # VideoDecodeError is a ValueError naming the file
     return _fail(e)
-  print(f"{PROG}: {args.video}: {video.num_frames} frames of a {video.duration:.2f} s video "
-        f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+
+  # jax comes in here, after the arguments and the video are checked.
+  import hico_jax
+  from hico_jax.data import tokenizer as tokenizer_lib
 
   started = time.perf_counter()
   try:
     tokenizer = tokenizer_lib.load_tokenizer(args.model)
     model = hico_jax.from_pretrained(args.model)
-    conversation = chat.VideoChat(model, tokenizer, video)
+    chat.check_video_model(model)
   except (OSError, ValueError, KeyError) as e:
     return _fail(f"cannot use {args.model!r} as a VideoChat-Flash checkpoint: {e}")
   print(f"{PROG}: loaded {args.model} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+
+  started = time.perf_counter()
+  try:
+    video = chat.read_video(args.video, max_num_frames=args.max_num_frames, min_num_frames=args.min_num_frames,
+                            size=model.config.vit.image_size, progress=True)
+  except ValueError as e:
+    return _fail(e)
+  print(f"{PROG}: {args.video}: {video.num_frames} frames of a {video.duration:.2f} s video "
+        f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+  started = time.perf_counter()
+  try:
+    conversation = chat.VideoChat(model, tokenizer, video, chunk_clips=args.chunk_clips, progress=True)
+  except ValueError as e:
+    return _fail(e)
+  print(f"{PROG}: encoded {conversation.visual_tokens.shape[1]} visual tokens, once for every question "
+        f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
 
   for k, question in enumerate(_questions(args)):
     try:

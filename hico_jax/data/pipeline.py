@@ -74,10 +74,12 @@ class DataConfig:
 
 def sample_frames(media: bytes, header: dict, cfg: DataConfig):
   """A video record's frames as a sample takes them (training and held-out evaluation alike): sampled by the
-  reference's rules within the record's start/end, resized, in whole clips. Returns (frames, decode info)."""
-  raw, info = video.decode_frames(media, mode=cfg.sampling, num_frames=cfg.num_frames, min_frames=cfg.min_frames,
-                                  max_frames=cfg.max_frames, start=header.get("start"), end=header.get("end"))
-  return video.whole_clips(video.resize_frames(raw, cfg.image_size)), info
+  reference's rules within the record's start/end, resized (each as it is decoded), in whole clips. Returns
+  (frames, decode info)."""
+  frames, info = video.decode_frames(media, mode=cfg.sampling, num_frames=cfg.num_frames, min_frames=cfg.min_frames,
+                                     max_frames=cfg.max_frames, start=header.get("start"), end=header.get("end"),
+                                     size=cfg.image_size)
+  return video.whole_clips(frames), info
 
 
 _logged_once: set = set()

@@ -7,6 +7,8 @@ Three steps, each usable on its own:
   and `sample="middle"`, padding and short-video corner cases included.
 * `decode_frames` opens a file path or the file's bytes with OpenCV and returns the chosen frames as RGB
   uint8, restricted to a `start`/`end` span (seconds) the way the reference `read_frames_decord` does it.
+  With `size` each kept frame is resized as it is decoded (the reference's resize, below): a 10,000-frame
+  1080p video then never sits on the host at full size (62 GB), only at the vision tower's.
 * `preprocess` is the reference `UMTImageProcessor`: straight resize to size x size with PIL bicubic, /255,
   ImageNet normalisation; channels last here.
 
@@ -19,6 +21,7 @@ replaced by the decoded one and the frames chosen again. Every failure is a `Vid
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -34,7 +37,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-from hico_jax.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  # re-exported
+from hico_jax.data import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402  # re-exported
 
 MODES = ("dynamic_fps1", "middle")
 
@@ -230,16 +233,26 @@ def _on_grid(cap: cv2.VideoCapture, index: int, fps: float) -> bool:
     return pos_ok and abs(msec - index * 1000.0 / fps) < 500.0 / fps
 
 
+# Frames between two calls of a decode's progress callback: often enough for a bar, rare enough to cost nothing.
+_PROGRESS_EVERY = 32
+
+Progress = Callable[[int, int | None], None]
+
+
 def _read_pass(
-    cap: cv2.VideoCapture, name: str, wanted: np.ndarray, fps: float, stop_at: int | None, *, seek: bool
+    cap: cv2.VideoCapture, name: str, wanted: np.ndarray, fps: float, stop_at: int | None, *, seek: bool,
+    size: int | None = None, progress: Progress | None = None, expected: int | None = None,
 ) -> tuple[dict[int, np.ndarray], int | None]:
-    """Decode forward keeping the `wanted` frames (RGB), until frame `stop_at` or the end of the stream.
+    """Decode forward keeping the `wanted` frames (RGB, resized to size x size if given), until frame
+    `stop_at` or the end of the stream.
 
     Returns the kept frames and, where the stream ended first, the number of frames it holds. With `seek`,
     jumps once to the first wanted frame and checks every frame after it against the timestamp grid.
+    `progress(frames passed, frames this pass expects to pass)` is called every few frames.
     """
     wanted_set = set(int(i) for i in wanted)
     kept: dict[int, np.ndarray] = {}
+    shape = None  # of the frames as decoded: a resize would hide a size change
     index, grabbed = 0, False
     if seek:
         target = int(wanted[0])
@@ -250,6 +263,8 @@ def _read_pass(
         index, grabbed = target, True
     while True:
         if not grabbed and not cap.grab():
+            if progress is not None:
+                progress(index, index)
             return kept, index
         grabbed = False
         if seek and not _on_grid(cap, index, fps):
@@ -258,8 +273,18 @@ def _read_pass(
             ok, bgr = cap.retrieve()
             if not ok or bgr is None:
                 raise VideoDecodeError(f"video {name}: frame {index} was grabbed but cannot be retrieved")
-            kept[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            if shape is not None and bgr.shape != shape:
+                raise VideoDecodeError(f"video {name}: frame size changes within the video: {shape} at the "
+                                       f"first sampled frame, {bgr.shape} at frame {index}")
+            shape = bgr.shape
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: one full-size frame at a time
+            kept[index] = rgb if size is None else _resize_frame(rgb, size)
+            del bgr, rgb
+        if progress is not None and index % _PROGRESS_EVERY == 0:
+            progress(index + 1, expected)
         if stop_at is not None and index >= stop_at:
+            if progress is not None:
+                progress(index + 1, index + 1)
             return kept, None
         index += 1
 
@@ -274,16 +299,25 @@ def decode_frames(
     clip_frames: int = 4,
     start: float | None = None,
     end: float | None = None,
+    size: int | None = None,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode the frames `frame_indices` picks, from a path or an encoded video's bytes.
 
     Returns `frames: (T, H, W, 3)` uint8 RGB and `info` with `fps`, `vlen` (frames in the whole video: exact
     when the decode reached the end, else the container's count), `duration` (seconds of the span used) and
     `indices` (int64, into the whole video). `start`/`end` (seconds) restrict sampling to that span.
+
+    `size`: each kept frame is resized to (size, size) as it is decoded, exactly as `resize_frames` would
+    resize the full-size result, so only sampled frames at that size are ever held. `progress(passed,
+    expected)` is called every few decoded frames of each pass (a video may take two passes where its
+    container's frame count is missing or wrong; `expected` is None while the frames are being counted).
     """
     sample = dict(mode=mode, num_frames=num_frames, min_frames=min_frames, max_frames=max_frames,
                   clip_frames=clip_frames)
     frame_indices(1, 1.0, **sample)  # bad sampling arguments are a plain ValueError, before any decoding
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
+        raise ValueError(f"size must be a positive number of pixels or None, got {size!r}")
     name = _source_name(source)
     try:
         with _capture_factory(source, name) as open_capture:
@@ -292,9 +326,28 @@ def decode_frames(
                 declared = _frame_count_hint(cap)
             if not (math.isfinite(fps) and fps > 0):
                 raise VideoDecodeError(f"video {name}: no usable frame rate (FPS={fps})")
-            return _decode(open_capture, name, fps, declared, sample, start, end)
+            return _decode(open_capture, name, fps, declared, sample, start, end,
+                           dict(size=None if size is None else int(size), progress=progress))
     except cv2.error as e:
         raise VideoDecodeError(f"video {name}: OpenCV failed: {e}") from None
+
+
+def probe(source: Source) -> dict[str, Any]:
+    """Opens a video and decodes its first frame, without reading further: `fps`, `declared_frames` (the
+    container's count, None if it has none), `height` and `width`. A cheap check that a file is a video before
+    a long job starts; VideoDecodeError names the source otherwise."""
+    name = _source_name(source)
+    try:
+        with _capture_factory(source, name) as open_capture, open_capture() as cap:
+            fps, declared = cap.get(cv2.CAP_PROP_FPS), _frame_count_hint(cap)
+            ok, bgr = cap.read()
+    except cv2.error as e:
+        raise VideoDecodeError(f"video {name}: OpenCV failed: {e}") from None
+    if not (math.isfinite(fps) and fps > 0):
+        raise VideoDecodeError(f"video {name}: no usable frame rate (FPS={fps})")
+    if not ok or bgr is None:
+        raise VideoDecodeError(f"video {name}: opens but its first frame does not decode")
+    return dict(fps=float(fps), declared_frames=declared, height=int(bgr.shape[0]), width=int(bgr.shape[1]))
 
 
 def _decode(
@@ -305,12 +358,14 @@ def _decode(
     sample: dict[str, Any],
     start: float | None,
     end: float | None,
+    reading: dict[str, Any],
 ) -> tuple[np.ndarray, dict[str, Any]]:
     total, exact = declared, False  # the count is a hint until a pass reaches the end of the stream
     for _ in range(3):
         if total is None:  # no count at all: count first
             with open_capture() as cap:
-                _, total = _read_pass(cap, name, np.zeros(0, np.int64), fps, None, seek=False)
+                _, total = _read_pass(cap, name, np.zeros(0, np.int64), fps, None, seek=False,
+                                      progress=reading["progress"])
             exact = True
             _check_count(name, total, declared)
 
@@ -331,14 +386,16 @@ def _decode(
             stop_at = max(int(wanted[-1]), _frames_proving_end_unclamped(end, fps) - 1)
         else:
             stop_at = None
+        expected = total if stop_at is None else stop_at + 1
         try:
             with open_capture() as cap:
-                kept, eof_total = _read_pass(cap, name, wanted, fps, stop_at,
-                                             seek=int(wanted[0]) >= _SEEK_MIN_FRAMES)
+                kept, eof_total = _read_pass(cap, name, wanted, fps, stop_at, expected=expected,
+                                             seek=int(wanted[0]) >= _SEEK_MIN_FRAMES, **reading)
         except _SeekMismatch:
             log.debug("video %s: seek landed off the timestamp grid; decoding from frame 0", name)
             with open_capture() as cap:
-                kept, eof_total = _read_pass(cap, name, wanted, fps, stop_at, seek=False)
+                kept, eof_total = _read_pass(cap, name, wanted, fps, stop_at, seek=False, expected=expected,
+                                             **reading)
 
         if eof_total is not None and (eof_total != total or len(kept) < len(wanted)):
             # The stream ended elsewhere than the count we planned with: plan again with the true count.
@@ -346,13 +403,23 @@ def _decode(
             _check_count(name, eof_total, declared)
             total, exact = eof_total, True
             continue
-        frames = [kept[int(i)] for i in indices]
-        shapes = {f.shape for f in frames}
-        if len(shapes) != 1:
-            raise VideoDecodeError(f"video {name}: frame size changes within the video: {sorted(shapes)}")
         info = dict(fps=float(fps), vlen=int(total), duration=float(duration), indices=indices)
-        return np.stack(frames), info
+        return _gather(kept, indices), info
     raise VideoDecodeError(f"video {name}: the number of decodable frames differs between passes")
+
+
+def _gather(kept: dict[int, np.ndarray], indices: np.ndarray) -> np.ndarray:
+    """kept[i] for i in indices, stacked; each kept frame is let go after its last use, so the host holds the
+    sampled frames about once, not twice, while they are gathered."""
+    uses = collections.Counter(int(i) for i in indices)
+    first = kept[int(indices[0])]
+    out = np.empty((len(indices),) + first.shape, first.dtype)
+    for k, i in enumerate(indices):
+        out[k] = kept[int(i)]
+        uses[int(i)] -= 1
+        if not uses[int(i)]:
+            del kept[int(i)]
+    return out
 
 
 def _check_count(name: str, decoded: int, declared: int | None) -> None:
@@ -392,18 +459,13 @@ def resize_frames(frames_uint8: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {frames.dtype} {frames.shape}")
     out = np.empty((frames.shape[0], size, size, 3), np.uint8)
     for t, frame in enumerate(frames):
-        out[t] = np.asarray(Image.fromarray(np.ascontiguousarray(frame)).resize((size, size),
-                                                                                Image.Resampling.BICUBIC))
+        out[t] = _resize_frame(frame, size)
     return out
 
 
-def normalize(frames_uint8: np.ndarray) -> np.ndarray:
-    """uint8 frames -> float32: x / 255 in float64 cast to float32, then (x - mean) / std in float32, the
-    order transformers' rescale and normalize use, so the result matches the reference bit for bit."""
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
-    x = (np.asarray(frames_uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
-    return (x - mean) / std
+def _resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
+    """One (H, W, 3) uint8 frame -> (size, size, 3): the one resize both `resize_frames` and decoding use."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(frame)).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def preprocess(frames_uint8: np.ndarray, size: int) -> np.ndarray:

@@ -20,6 +20,10 @@ The reference (`modeling_videochat_flash.py`, `VideoChatFlashQwenForCausalLM.cha
 
 The generation settings are the caller's (`generation_config` in the reference); greedy is the default here.
 
+Unlike the reference, which loads and encodes the video again for every question, a conversation encodes its
+video once (`VideoChat` at construction) and every turn reuses the visual tokens; the frames are resized as
+they are decoded (`read_video(..., size=)`), so a long video is never held at full size.
+
 Two numbers were not read from the reference's own files (the HF `mm_utils.load_video` is not in our sources,
 see §5): the 64-frame floor is what `load_video` passes according to a third-party harness that calls the HF
 module's sampler with "the same arguments load_video passes"; the model card's example (as copies of it show)
@@ -33,6 +37,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.data import text, video as video_io
@@ -48,12 +53,14 @@ STOP = "<|im_end|>"
 # prompt length, and each turn of a conversation is longer than the last, so without buckets every turn
 # would compile the model again (tens of seconds for a 7B). A padded row generates as it would alone.
 PROMPT_BUCKET = 256
+# A decode faster than this shows no progress bar.
+PROGRESS_DELAY_S = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Video:
   """The sampled frames of one video file: what `load_video` gives `chat()`."""
-  frames: np.ndarray      # (T, H, W, 3) uint8 RGB, T a multiple of 4
+  frames: np.ndarray      # (T, H, W, 3) uint8 RGB, T a multiple of 4 (H = W = the size asked for, if any)
   duration: float         # seconds of the whole video (frames / fps), as the time message states it
   indices: np.ndarray     # (T,) the frames chosen, into the decoded stream
   source: str
@@ -74,9 +81,8 @@ class Turn:
   answer_ids: np.ndarray  # (N,) int32, the generated ids before the first stop id
 
 
-def read_video(path: str | os.PathLike, *, max_num_frames: int = REFERENCE_MAX_NUM_FRAMES,
-               min_num_frames: int = REFERENCE_MIN_NUM_FRAMES) -> Video:
-  """Decodes the frames `chat()` samples from a video file. VideoDecodeError names a file that does not decode."""
+def check_frame_limits(max_num_frames: int, min_num_frames: int) -> None:
+  """A one-line error for frame limits `read_video` cannot use, before anything is decoded or loaded."""
   for name, value in (("max_num_frames", max_num_frames), ("min_num_frames", min_num_frames)):
     # A count off whole clips would reach the vision tower as a partial clip, which the reference cannot take.
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < CLIP_FRAMES \
@@ -84,8 +90,23 @@ def read_video(path: str | os.PathLike, *, max_num_frames: int = REFERENCE_MAX_N
       raise ValueError(f"{name} must be a positive multiple of {CLIP_FRAMES} (frames per clip), got {value!r}")
   if min_num_frames > max_num_frames:
     raise ValueError(f"min_num_frames={min_num_frames} is above max_num_frames={max_num_frames}")
-  frames, info = video_io.decode_frames(path, mode="dynamic_fps1", min_frames=min_num_frames,
-                                        max_frames=max_num_frames, clip_frames=CLIP_FRAMES)
+
+
+def read_video(path: str | os.PathLike, *, max_num_frames: int = REFERENCE_MAX_NUM_FRAMES,
+               min_num_frames: int = REFERENCE_MIN_NUM_FRAMES, size: int | None = None,
+               progress: bool = False) -> Video:
+  """Decodes the frames `chat()` samples from a video file, each resized to size x size as it is decoded
+  (the model's `config.vit.image_size`; None keeps the file's size). `progress`: a bar on stderr when the
+  decode takes more than a few seconds. VideoDecodeError names a file that does not decode."""
+  check_frame_limits(max_num_frames, min_num_frames)
+  with tqdm(desc=f"decoding {os.path.basename(os.fspath(path))}", unit="frame", delay=PROGRESS_DELAY_S,
+            leave=False, disable=not progress) as bar:
+    def advance(passed: int, expected: int | None):
+      bar.total = expected
+      bar.update(passed - bar.n)
+    frames, info = video_io.decode_frames(path, mode="dynamic_fps1", min_frames=min_num_frames,
+                                          max_frames=max_num_frames, clip_frames=CLIP_FRAMES, size=size,
+                                          progress=advance if progress else None)
   return Video(frames=frames, duration=float(info["duration"]), indices=np.asarray(info["indices"]),
                source=os.fspath(path))
 
@@ -115,18 +136,26 @@ def decode_answer(new_ids, tokenizer, stop_ids: Sequence[int]) -> tuple[np.ndarr
   return ids, answer.strip()
 
 
+def check_video_model(model) -> None:
+  if not getattr(model, "is_video_model", False):
+    raise ValueError("the model is a plain Qwen2 language model without a vision tower (no mm_vision_tower in "
+                     "its config.json); chatting with a video needs a VideoChat-Flash checkpoint")
+
+
 class VideoChat:
-  """One video and a conversation about it with a loaded VideoChat-Flash model (`hico_jax.from_pretrained`)."""
+  """One video and a conversation about it with a loaded VideoChat-Flash model (`hico_jax.from_pretrained`).
+  The video is encoded once, here (`chunk_clips` clips at a time: CausalLM.encode_video), and every question
+  reuses its visual tokens."""
 
   def __init__(self, model, tokenizer, video: Video, *, system_prompt: str = text.DEFAULT_SYSTEM_PROMPT,
-               prompt_bucket: int = PROMPT_BUCKET):
-    if not getattr(model, "is_video_model", False):
-      raise ValueError("the model is a plain Qwen2 language model without a vision tower (no mm_vision_tower in "
-                       "its config.json); chatting with a video needs a VideoChat-Flash checkpoint")
+               prompt_bucket: int = PROMPT_BUCKET, chunk_clips: int | None = None, progress: bool = False):
+    check_video_model(model)
     self.model, self.tokenizer, self.video, self.system_prompt = model, tokenizer, video, system_prompt
     self.prompt_bucket = prompt_bucket
-    # Preprocessed once: every turn of the reference reloads the same frames.
-    self.pixels = video_io.preprocess(video.frames, model.config.vit.image_size)[None]    # (1, T, S, S, 3)
+    size = model.config.vit.image_size
+    frames = video.frames if video.frames.shape[1:3] == (size, size) else video_io.resize_frames(video.frames, size)
+    # Encoded once: every turn of the reference reloads and re-encodes the same frames.
+    self.visual_tokens = model.encode_video(frames, chunk_clips=chunk_clips, progress=progress)[None]  # (1, 16·T, H)
     # chat() stops on the keyword `<|im_end|>` besides whatever eos the checkpoint's generation config names.
     self.stop_ids = tuple(dict.fromkeys([*model.eos_ids, tokenizer.eos_id]))
     self.history: list[dict] = []
@@ -154,7 +183,7 @@ class VideoChat:
     padding = -len(ids) % self.prompt_bucket
     padded = np.concatenate([np.full(padding, self.model.pad_id, np.int32), ids])   # masked: any id does
     mask = (np.arange(len(padded)) >= padding).astype(np.int32)
-    new_ids = self.model.generate(padded[None], video=self.pixels, attention_mask=mask[None],
+    new_ids = self.model.generate(padded[None], visual_tokens=self.visual_tokens, attention_mask=mask[None],
                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   eos_ids=self.stop_ids)
     answer_ids, answer = decode_answer(new_ids[0], self.tokenizer, self.stop_ids)

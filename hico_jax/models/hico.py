@@ -112,15 +112,25 @@ class HiCo(nn.Module):
     tokens = tokens.reshape(num_chunks * chunk, cfg.tokens_per_clip, -1)[:num_clips]
     return tokens.reshape(batch, videos * cfg.visual_tokens(frames), -1)
 
+  def encode_clips(self, clips):
+    """(n, 4, S, S, 3) normalised clips -> (n, 64, H): one step of encode_video's loop, for callers that
+    feed a long video a chunk at a time from the host (hico_jax.infer.visual)."""
+    _, tokens = self.visual(None, clips[None])
+    return tokens[0]
+
   def embed(self, input_ids, video=None, slots=None):
     """Text embeddings with the visual tokens spliced in at the VIDEO_TOKEN_ID placeholders. `slots` (B, L):
     each token's index in the original row when the sequence was reordered (zig-zag): the k-th placeholder
     in the original order receives the k-th visual token."""
+    return self.splice_visual_tokens(input_ids, None if video is None else self.encode_video(video), slots)
+
+  def splice_visual_tokens(self, input_ids, visual=None, slots=None):
+    """`embed` for visual tokens (B, N, H) encoded beforehand (None: text only)."""
     is_visual = input_ids == VIDEO_TOKEN_ID
     text = self.llm.embed(jnp.where(is_visual, 0, input_ids))
-    if video is None:
+    if visual is None:
       return text
-    visual = self.encode_video(video).astype(text.dtype)
+    visual = visual.astype(text.dtype)
     if slots is None:
       rank = jnp.cumsum(is_visual, axis=1) - 1
     else:
