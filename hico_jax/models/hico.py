@@ -6,6 +6,11 @@ time order. In `input_ids` every visual token has a placeholder `VIDEO_TOKEN_ID`
 the API expand a sample's single placeholder to 16·T); the k-th placeholder of a row receives the row's
 k-th visual token. Clips are folded into one batch, sharded over (data, fsdp, seq), and encoded a chunk
 at a time (`nn.scan`), so memory stays bounded whatever the frame count.
+
+Images (videochat_flash.md §2, "Image layout") come as tiles (B, N, S, S, 3): each tile is one T = 1 frame of the
+same tower (its image position table), merged alone to 64 tokens and projected. Their layout (an anyres image's
+base tile first, then its tiles' 8x8 blocks as one raster) is data, not model: `visual_index` tells each
+placeholder which of the row's visual tokens (video tokens, then tile tokens) it receives.
 """
 
 from __future__ import annotations
@@ -174,7 +179,8 @@ class HiCo(nn.Module):
     With visual dropout configured, the visual tokens are dropped inside the LLM (masked rows, or compacted
     to the static `compact_lengths`); `targets` switch the text-guided query rule to training's."""
     visual_mask = input_ids == VIDEO_TOKEN_ID if self.config.visual_dropout is not None else None
-    return self.llm(embeddings=self.embed(input_ids, video, slots, images, visual_index), segment_ids=segment_ids, positions=positions,
+    embeddings = self.embed(input_ids, video, slots, images, visual_index)
+    return self.llm(embeddings=embeddings, segment_ids=segment_ids, positions=positions,
                     return_logits=return_logits, visual_mask=visual_mask, targets=targets, slots=slots,
                     compact_lengths=compact_lengths)
 
