@@ -87,7 +87,8 @@ def expected_hf_shapes(config: HiCoConfig) -> dict[str, tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------------- config.json
 
 # Fields of the released configs that do not change the video path's computation: LLaVA bookkeeping,
-# training settings and the image (anyres) path, which this model does not run.
+# training settings and the image path's settings (images always take the released anyres_nopad,
+# "(1x1),...,(6x6)", spatial_nopad: hico_jax.data.image; other values there are not read).
 _INERT_FIELDS = frozenset({
     "auto_map", "frame_aspect_ratio", "frame_grid_pinpoints", "image_aspect_ratio", "image_crop_resolution",
     "image_grid_pinpoints", "image_split_resolution", "max_num_pixels", "min_slow_num_frames", "mm_close_init",
