@@ -126,7 +126,6 @@ class CausalLM:
     ids, mask = _expand_placeholders(ids, mask, self.config.visual_tokens(video.shape[1]))
     return ids, mask, self._embed(self.params, jnp.asarray(ids), jnp.asarray(video)[:, None])
 
-
   def _prepare_images(self, input_ids, images, attention_mask, video):
     """(ids, mask, embeddings) for prompts about still images. `images`: one entry per row, an image or a list
     of images (PIL, path, bytes or (H, W, 3) uint8), each in the place of one VIDEO_TOKEN_ID of the row, in

@@ -39,7 +39,8 @@ def checkpoint(tmp_path_factory):
       "vit": dict(image_size=SIZE, width=128, depth=2, num_heads=2, mlp_dim=256, dtype="float32"),
       "llm": dict(presets.llm("tiny", dtype="float32", tie_word_embeddings=False))})
   path = tmp_path_factory.mktemp("videochat_flash_tiny_image")
-  api.CausalLM(config, random_hico_params(config, seed=9), eos_ids=[IM_END], pad_id=ENDOFTEXT).save_pretrained(str(path))
+  model = api.CausalLM(config, random_hico_params(config, seed=9), eos_ids=[IM_END], pad_id=ENDOFTEXT)
+  model.save_pretrained(str(path))
   tokenizer_dir = tmp_path_factory.mktemp("qwen2_tokenizer_image")
   tk.build_qwen2_tokenizer_json(tokenizer_dir)
   for name in os.listdir(tokenizer_dir):

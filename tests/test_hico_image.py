@@ -120,3 +120,11 @@ def test_image_prompt_errors_are_clear(saved):
     model(np.array([[1, VIDEO_TOKEN_ID, 2]]), images=[[picture, picture]])
   with pytest.raises(ValueError, match="either video= or images="):
     model(np.array([[1, VIDEO_TOKEN_ID, 2]]), video=np.zeros((1, 4, 8, 8, 3)), images=[picture])
+
+
+def test_a_tower_whose_tiles_hold_fewer_than_64_patches_is_refused_naming_the_size_needed():
+  config = hico.HiCoConfig.from_dict({
+      "vit": dict(image_size=112, width=128, depth=1, num_heads=2, mlp_dim=256, dtype="float32"),
+      "llm": dict(presets.llm("tiny", dtype="float32", vocab_size=VOCAB, num_layers=1))})
+  with pytest.raises(ValueError, match="112x112 tile has 49 patch tokens.*at least 128 px"):
+    hico.check_tile_shape(config, (1, 2, 112, 112, 3))

@@ -183,3 +183,10 @@ def test_image_sample_tag_count_must_match_its_images(built):
                                 "conversations": TURNS}, [png, png])
   assert decode.map(data)["skip"]
   assert image_io.TOKENS_PER_TILE == 64
+
+
+@pytest.mark.parametrize("field, value, message", [("tile_budget", -1, r"data\.tile_budget=-1 must be >= 0"),
+                                                   ("image_grid_pinpoints", "6x6", "name no '\\(AxB\\)'")])
+def test_bad_image_settings_are_config_errors(built, field, value, message):
+  with pytest.raises(ValueError, match=message):
+    _config(built, **{field: value})

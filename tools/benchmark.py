@@ -22,7 +22,8 @@ bf16 compute) on one row of F frames (16·F visual tokens) plus a text.
 K tiles each (one anyres image: base + grid; 64 tokens a tile), every sample with --text_tokens of text; samples/s
 and MFU (image tiles counted as one-frame clips) for the video-only row and the mixed one.
 
-  python tools/benchmark.py mixed --presets hico_2b --frames 64 --videos_per_row 2 --images_per_row 4 --tiles_per_image 5
+  python tools/benchmark.py mixed --presets hico_2b --frames 64 --videos_per_row 2 --images_per_row 4 \
+      --tiles_per_image 5
 
 `ceilings`: what this device gives before any model: a bf16 8192^3 matmul on random data through jax (XLA)
 and through torch (cuBLAS), and a device-to-device copy of 4 GiB (bytes read plus written). MFU is quoted
@@ -509,7 +510,8 @@ def _train_table(results: list[dict]) -> str:
 
 
 def _mixed_table(results: list[dict]) -> str:
-  rows = ["| preset | row | tokens | step s | samples/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+  rows = ["| preset | row | tokens | step s | samples/s | TFLOP/s | MFU | peak GiB |",
+          "|---|---|---|---|---|---|---|---|"]
   for r in results:
     images = f" + {r['images']} images x {r['tiles']} tiles" if r["images"] else ""
     label = f"| {r['preset']} | {r['videos']} x {r['frames']}-frame videos{images} | "

@@ -191,7 +191,8 @@ def expand_image_prompts(input_ids, attention_mask, images_per_row, tile_size: i
       count = len(tiles) * tokens_per_tile
       new_ids += [ids[start:at], np.full(count, placeholder)]
       new_mask += [mask[start:at], np.full(count, mask[at])]
-      index += [np.zeros(at - start, np.int64), first_tile * tokens_per_tile + anyres_token_order(grid, tokens_per_tile)]
+      order = first_tile * tokens_per_tile + anyres_token_order(grid, tokens_per_tile)
+      index += [np.zeros(at - start, np.int64), order]
       start, first_tile = at + 1, first_tile + len(tiles)
     new_ids.append(ids[start:])
     new_mask.append(mask[start:])

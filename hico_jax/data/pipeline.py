@@ -24,7 +24,7 @@ import logging
 import grain
 import numpy as np
 
-from hico_jax.data import image_samples, records, shards, text, video
+from hico_jax.data import image, image_samples, records, shards, text, video
 from hico_jax.data.order import unzigzag, zigzag  # pylint: disable=unused-import  # re-exported
 
 IGNORE = -100
@@ -74,6 +74,9 @@ class DataConfig:
         raise ValueError(f"data.{name}={value} must be a multiple of 4 (whole clips)")
     if config.packing not in ("first_fit", "best_fit"):
       raise ValueError(f"data.packing={config.packing!r} is not first_fit or best_fit")
+    if config.tile_budget < 0:
+      raise ValueError(f"data.tile_budget={config.tile_budget} must be >= 0 (0: the stage takes no images)")
+    image.grid_pinpoints(config.image_grid_pinpoints, config.image_size)   # a bad string fails here, named
     return config
 
 

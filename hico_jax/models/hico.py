@@ -231,9 +231,10 @@ def check_tile_shape(config: HiCoConfig, shape) -> None:
   if shape[1] == 0:
     raise ValueError("image tiles must hold at least one tile a row (pass images=None for none)")
   if config.vit.grid ** 2 < config.tokens_per_clip:
+    side = math.isqrt(config.tokens_per_clip - 1) + 1          # patches a side for that many tokens
     raise ValueError(f"a {size}x{size} tile has {config.vit.grid ** 2} patch tokens, fewer than the "
                      f"{config.tokens_per_clip} an image tile is merged to: use a vision tower of at least "
-                     f"{config.vit.patch_size * math.isqrt(config.tokens_per_clip - 1) + config.vit.patch_size} px")
+                     f"{side * config.vit.patch_size} px")
 
 
 def init_inputs(config: HiCoConfig):

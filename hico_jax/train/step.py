@@ -32,8 +32,9 @@ def init_state(params, optimizer) -> dict:
 def make_train_step(model: HiCo, optimizer: optax.GradientTransformation, frozen, *, accumulation_steps: int = 1,
                     schedules: dict | None = None, seq_shards: int = 1):
   """step(state, batch) -> (state, metrics). batch: input_ids, targets, segment_ids, positions (B, L) and
-  frames (B, F, S, S, 3) uint8; with images also tiles (B, N, S, S, 3) uint8 and visual_index (B, L). `frozen` is a tree of bools like params. With `seq_shards` > 1 the rows
-  arrive zig-zagged (hico_jax.data.pipeline) and the model is told each token's original index."""
+  frames (B, F, S, S, 3) uint8; with images also tiles (B, N, S, S, 3) uint8 and visual_index (B, L).
+  `frozen` is a tree of bools like params. With `seq_shards` > 1 the rows arrive zig-zagged
+  (hico_jax.data.pipeline) and the model is told each token's original index."""
 
   def micro_sums(params, micro):
     # Frozen leaves are constants to autodiff: XLA then drops their weight-gradient matmuls.
