@@ -190,3 +190,32 @@ def test_image_sample_tag_count_must_match_its_images(built):
 def test_bad_image_settings_are_config_errors(built, field, value, message):
   with pytest.raises(ValueError, match=message):
     _config(built, **{field: value})
+
+
+def test_image_prompts_are_the_references_text_around_each_images_placeholders(built):
+  """preprocess_multimodal (msg=""): a lone tag moves to the front of its turn followed by a newline; several
+  tags stay where they are; tokenizer_image_token pieces; plain (stage 1): the tag, the caption, a newline.
+  Tokenized here by transformers, independently of hico_jax.data.text."""
+  import transformers
+  from hico_jax.data import text
+  hf_tok = transformers.Qwen2TokenizerFast.from_pretrained(built["tokenizer"])
+  ours_tok = tk.load_tokenizer(built["tokenizer"])
+  system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+  def reference(prompt, counts):
+    ids = []
+    for j, chunk in enumerate(prompt.split("<image>")):
+      ids += [VIDEO_TOKEN_ID] * counts[j - 1] if j else []
+      ids += hf_tok(chunk, add_special_tokens=False).input_ids
+    return ids
+
+  one = text.encode_sample(TURNS, ours_tok, image_tokens=[192])
+  expected = reference(system + "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
+                       "A picture.<|im_end|>\n", [192])
+  assert one["input_ids"].tolist() == expected
+  two = text.encode_sample(PAIR_TURNS, ours_tok, image_tokens=[64, 64])
+  assert two["input_ids"].tolist() == reference(system + "<|im_start|>user\n<image>\n<image>\nSame colour?<|im_end|>"
+                                                "\n<|im_start|>assistant\nNo.<|im_end|>\n", [64, 64])
+  plain = text.encode_sample(TURNS, ours_tok, image_tokens=[128], template="plain")
+  assert plain["input_ids"].tolist() == reference("<image>A picture.\n", [128])
+  assert (plain["labels"][:128] == -100).all() and (plain["labels"][128:] >= 0).all()
