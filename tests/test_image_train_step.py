@@ -18,8 +18,8 @@ SIZE, VOCAB = 128, 320      # 8x8 patches a tile: 64 tokens, the merge a no-op f
 @pytest.fixture(scope="module")
 def tiny():
   config = hico.HiCoConfig.from_dict({
-      "vit": dict(image_size=SIZE, width=128, depth=2, num_heads=2, mlp_dim=256, dtype="float32"),
-      "llm": dict(presets.llm("tiny", dtype="float32", vocab_size=VOCAB, num_layers=2)), "encode_chunk": 2})
+      "vit": dict(image_size=SIZE, width=64, depth=1, num_heads=1, mlp_dim=128, dtype="float32"),
+      "llm": dict(presets.llm("tiny", dtype="float32", vocab_size=VOCAB, num_layers=1)), "encode_chunk": 4})
   return config, random_hico_params(config, seed=11)
 
 
@@ -83,7 +83,7 @@ def _alone_loss_sums(config, params, sample, frames):
   return apply(params, ids, targets, video, images, index)
 
 
-@pytest.mark.parametrize("seq_shards", [1, pytest.param(2, marks=pytest.mark.slow)])   # ~40 s each on 2 cores
+@pytest.mark.parametrize("seq_shards", [1, 2])
 def test_mixed_rows_take_the_summed_loss_of_their_samples_alone(tiny, seq_shards):
   config, params = tiny
   rows = _rows(np.random.default_rng(0))
