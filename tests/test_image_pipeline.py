@@ -3,7 +3,6 @@ tiling in the pipeline, bad images skipped and counted, and an image and a video
 logits each gives alone."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from absl import flags
 from PIL import Image
 
 from hico_jax import VIDEO_TOKEN_ID, api, presets
-from hico_jax.data import image as image_io, pipeline, records, shards, synthetic, video as video_io
+from hico_jax.data import pipeline, records, shards, synthetic, video as video_io
 from hico_jax.data import tokenizer as tk
 from hico_jax.models import hico
 from tests.random_params import random_hico_params
@@ -182,7 +181,6 @@ def test_image_sample_tag_count_must_match_its_images(built):
   data = records.encode_record({"id": "one_tag_two_images", "dataset": "x", "media_type": "image",
                                 "conversations": TURNS}, [png, png])
   assert decode.map(data)["skip"]
-  assert image_io.TOKENS_PER_TILE == 64
 
 
 @pytest.mark.parametrize("field, value, message", [("tile_budget", -1, r"data\.tile_budget=-1 must be >= 0"),
