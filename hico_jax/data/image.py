@@ -151,10 +151,6 @@ def anyres_token_order(grid: tuple[int, int] | None, tokens_per_tile: int = TOKE
   return np.concatenate([np.arange(tokens_per_tile), raster])
 
 
-def num_image_tokens(num_tiles: int, tokens_per_tile: int = TOKENS_PER_TILE) -> int:
-  return num_tiles * tokens_per_tile
-
-
 def as_pil(image) -> Image.Image:
   """A PIL image, a file path, encoded bytes or an (H, W, 3) uint8 array -> an RGB PIL image."""
   if isinstance(image, Image.Image):
