@@ -131,7 +131,8 @@ class CausalLM:
     of images (PIL, path, bytes or (H, W, 3) uint8), each in the place of one VIDEO_TOKEN_ID of the row, in
     order. One image per row takes the reference's anyres_nopad tiles (base + up to 6x6, 64 tokens each),
     several take 64 tokens each ("pad")."""
-    from hico_jax.data import image as image_io, video as video_io   # PIL only where images are asked about
+    # Here, not at the top: the data modules bring Pillow and OpenCV, which text and video prompts do without.
+    from hico_jax.data import image as image_io, video as video_io
     if not self.is_video_model:
       raise ValueError("this checkpoint is a plain Qwen2 language model and takes no images; load a "
                        "VideoChat-Flash checkpoint for image input")

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from hico_jax import VIDEO_TOKEN_ID
-from hico_jax.data import text, video as video_io
+from hico_jax.data import image as image_io, text, video as video_io
 
 # chat()'s default `max_num_frames`, and the frame floor its `load_video` passes to the dynamic_fps1 sampler.
 REFERENCE_MAX_NUM_FRAMES = 512
@@ -182,7 +182,6 @@ class ImageChat:
                        "its config.json); chatting about an image needs a VideoChat-Flash checkpoint")
     if not images:
       raise ValueError("ImageChat needs at least one image")
-    from hico_jax.data import image as image_io
     self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
     self.prompt_bucket = prompt_bucket
     self.images = [image_io.as_pil(im) for im in images]      # decoded once, before any turn
