@@ -33,6 +33,7 @@ from hico_jax.convert import qwen2_hf, run_dir, videochat_flash
 from hico_jax.infer import generate as generation, memory, visual
 from hico_jax.models import hico, qwen2
 from hico_jax.models.visual_dropout import VisualDropoutConfig
+from hico_jax.ops import xla_options
 
 class CausalLM:
   """A Qwen2 decoder (optionally with HiCo's video path) and its params, answering in numpy."""
@@ -50,24 +51,32 @@ class CausalLM:
     self._forward = jax.jit(lambda p, ids, emb, seg, visual: self.llm.apply(
         {"params": p}, ids, embeddings=emb, segment_ids=seg, visual_mask=visual)[0])
 
-  def __call__(self, input_ids, video=None, attention_mask=None, *, visual_tokens=None) -> np.ndarray:
+  def __call__(self, input_ids, video=None, attention_mask=None, images=None, *, visual_tokens=None) -> np.ndarray:
     """Logits (B, T', V) float32 over the sequence with each video placeholder expanded (T' = T − 1 + 16·frames
     with a video, T without). attention_mask (B, T): 0 marks padding. With visual dropout the rows keep their
     length (the masked form): a dropped visual token's row is what it saw before it was dropped.
-    visual_tokens (B, N, H), from encode_video, stand in for `video` (N = 16·frames)."""
-    ids, mask, embeddings = self._prepare(input_ids, video, attention_mask, visual_tokens)
-    segment_ids = None if attention_mask is None and self.dropout is None else jnp.asarray(mask)
+    visual_tokens (B, N, H), from encode_video, stand in for `video` (N = 16·frames). `images`: see
+    `_prepare_images` (rows then left-padded to the longest expanded row)."""
+    if images is not None:
+      ids, mask, embeddings = self._prepare_images(input_ids, images, attention_mask, video)
+    else:
+      ids, mask, embeddings = self._prepare(input_ids, video, attention_mask, visual_tokens)
+    segment_ids = None if attention_mask is None and self.dropout is None and images is None else jnp.asarray(mask)
     logits = self._forward(self.llm_params, jnp.asarray(np.maximum(ids, 0)), embeddings, segment_ids,
                            self._visual_mask(ids))
     return np.asarray(logits, np.float32)
 
   def generate(self, input_ids, video=None, attention_mask=None, *, max_new_tokens: int = 32,
                temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] | None = None,
-               pad_id: int | None = None, seed: int = 0, visual_tokens=None) -> np.ndarray:
-    """New token ids (B, max_new_tokens); a row that produced an eos id is pad_id after it. visual_tokens as
-    in __call__. A request the device cannot hold fails first, with the estimate and the frames that fit."""
+               pad_id: int | None = None, seed: int = 0, images=None, visual_tokens=None) -> np.ndarray:
+    """New token ids (B, max_new_tokens); a row that produced an eos id is pad_id after it. visual_tokens and
+    images as in __call__. A request the device cannot hold fails first, with the estimate and the frames that
+    fit."""
     self._check_memory(input_ids, video, visual_tokens, max_new_tokens)
-    ids, mask, embeddings = self._prepare(input_ids, video, attention_mask, visual_tokens)
+    if images is not None:
+      ids, mask, embeddings = self._prepare_images(input_ids, images, attention_mask, video)
+    else:
+      ids, mask, embeddings = self._prepare(input_ids, video, attention_mask, visual_tokens)
     return generation.generate(
         self.llm, {"params": self.llm_params}, np.maximum(ids, 0), mask, embeddings=embeddings,
         visual_mask=self._visual_mask(ids), max_new_tokens=max_new_tokens, eos_ids=self.eos_ids if eos_ids is None else eos_ids,
@@ -121,7 +130,7 @@ class CausalLM:
   def _visual_mask(self, ids):
     return None if self.dropout is None else jnp.asarray(ids == VIDEO_TOKEN_ID)
 
-  def _prepare(self, input_ids, video, attention_mask, visual_tokens=None):
+  def _prepare(self, input_ids, video, attention_mask, visual_tokens=None, placeholders_checked=True):
     """Checked (ids, mask, embeddings or None), with each video placeholder expanded to 16·T slots."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -143,6 +152,8 @@ class CausalLM:
       if placeholders.any():
         raise ValueError(f"input_ids hold the video placeholder {VIDEO_TOKEN_ID}, but this model has no "
                          "vision tower")
+      return ids, mask, None
+    if not placeholders_checked:
       return ids, mask, None
     if video is None and visual_tokens is None:
       if placeholders.any():
@@ -181,6 +192,38 @@ class CausalLM:
     if not jnp.issubdtype(tokens.dtype, jnp.floating):
       raise ValueError(f"visual_tokens must be floating point, got {tokens.dtype}")
     return jnp.asarray(tokens)
+
+  def _prepare_images(self, input_ids, images, attention_mask, video):
+    """(ids, mask, embeddings) for prompts about still images. `images`: one entry per row, an image or a list
+    of images (PIL, path, bytes or (H, W, 3) uint8), each in the place of one VIDEO_TOKEN_ID of the row, in
+    order. One image per row takes the reference's anyres_nopad tiles (base + up to 6x6, 64 tokens each),
+    several take 64 tokens each ("pad")."""
+    # Here, not at the top: the data modules bring Pillow and OpenCV, which text and video prompts do without.
+    from hico_jax.data import image as image_io, video as video_io
+    if not self.is_video_model:
+      raise ValueError("this checkpoint is a plain Qwen2 language model and takes no images; load a "
+                       "VideoChat-Flash checkpoint for image input")
+    if video is not None:
+      raise ValueError("give a batch either video= or images=, not both")
+    ids, mask, _ = self._prepare(input_ids, None, np.ones_like(np.asarray(input_ids)) if attention_mask is None
+                                 else attention_mask, placeholders_checked=False)
+    if isinstance(images, (list, tuple)) and len(images) == ids.shape[0]:
+      per_row = images
+    elif ids.shape[0] == 1:
+      per_row = [images]
+    else:
+      raise ValueError(f"images must hold one entry (an image or a list of images) per row: {ids.shape[0]} rows")
+    size = self.config.vit.image_size
+    ids, mask, index, tiles = image_io.expand_image_prompts(
+        ids, mask, per_row, size, getattr(self.config, "image_grid_pinpoints", image_io.DEFAULT_PINPOINTS),
+        placeholder=VIDEO_TOKEN_ID, tokens_per_tile=self.config.tokens_per_clip)
+    pixels = video_io.normalize(tiles.reshape(-1, size, size, 3)).reshape(tiles.shape)
+    if not hasattr(self, "_embed_images"):
+      module = hico.HiCo(self.config)
+      self._embed_images = jax.jit(lambda p, i, t, v: module.apply({"params": p}, i, images=t, visual_index=v,
+                                                                   method=hico.HiCo.embed),
+                                   compiler_options=xla_options.vision_compiler_options())
+    return ids, mask, self._embed_images(self.params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(index))
 
 
 def _expand_placeholders(ids, mask, count):

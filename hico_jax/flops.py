@@ -9,6 +9,8 @@ at supervised positions (the fused loss computes it nowhere else), so train coun
 
 from __future__ import annotations
 
+import dataclasses
+
 H100_BF16_PEAK = 989e12  # nominal dense bf16 FLOP/s; MFU is quoted against this
 
 
@@ -70,12 +72,18 @@ def mfu(flops: float, seconds: float, peak: float = H100_BF16_PEAK) -> float:
   return flops / seconds / peak
 
 
-def hico_train_flops(model_config, tokens: int, frames: int, supervised: int | None = None) -> float:
+def umt_tile_forward_flops(vit, hidden_size: int, tokens_per_tile: int = 64) -> float:
+  """Forward FLOPs to encode one image tile: a one-frame clip (the image position table), merged alone."""
+  return umt_clip_forward_flops(dataclasses.replace(vit, clip_frames=1), hidden_size, tokens_per_tile)
+
+
+def hico_train_flops(model_config, tokens: int, frames: int, supervised: int | None = None, tiles: int = 0) -> float:
   """Training FLOPs for one packed row of `tokens` LLM tokens, `supervised` of them with a target (default:
-  all), and `frames` frames (3 x forward)."""
+  all), `frames` frames and `tiles` image tiles (3 x forward)."""
   clips = frames // model_config.clip_frames
   vision = clips * umt_clip_forward_flops(model_config.vit, model_config.llm.hidden_size,
                                           model_config.tokens_per_clip)
+  vision += tiles * umt_tile_forward_flops(model_config.vit, model_config.llm.hidden_size, model_config.tokens_per_clip)
   return 3 * (vision + qwen2_forward_flops(model_config.llm, tokens, head_tokens=supervised))
 
 

@@ -41,6 +41,16 @@ def test_umt_clip_flops_match_a_hand_count_for_umt_l_at_224():
   assert flops.umt_clip_forward_flops(vit, 3584) == hand + merge + projector
 
 
+def test_umt_tile_flops_match_a_hand_count_for_an_image_tile_at_448():
+  vit = HiCoConfig.from_dict(dict(presets.hico("hico_2b"))).vit
+  tokens, width = 784, 1024                     # one 448 frame: 28 x 28 patches, merged alone 784 -> 64
+  hand = 23 * (2 * tokens * 12 * width ** 2 + 4 * tokens ** 2 * width) + 2 * tokens * 768 * width
+  merge = sum(2 * (p // 2) ** 2 * 64 + 2 * r * (p // 2) * width
+              for p, r in ((784, 392), (392, 196), (196, 98), (98, 34)))
+  projector = 2 * 64 * (1024 * 1536 + 1536 ** 2)
+  assert flops.umt_tile_forward_flops(vit, 1536) == hand + merge + projector
+
+
 def test_dropout_flops_equal_the_plain_count_when_nothing_drops_and_sum_stage_lengths_otherwise():
   from hico_jax.models.qwen2 import Qwen2Config
   from hico_jax.models.visual_dropout import VisualDropoutConfig

@@ -341,7 +341,7 @@ def test_records_failing_at_decode_time_are_skipped_and_counted(built, reference
       record("truncated_media", media=video[: len(video) // 3]),         # mp4 index (moov) cut off
       record("noise_media", media=np.random.default_rng(0).bytes(4000)),
       record("span_past_the_end", start=100.0, end=120.0),                # no frames in the span
-      record("image_record", media_type="image"),                         # not supported by this pipeline
+      record("image_record", media_type="image"),                         # data.tile_budget=0: no images
       record("no_image_tag", conversations=[{"from": "human", "value": "What moves?"}, turns[1]]),
       b"not a hico record at all",
   ]

@@ -18,6 +18,13 @@ hico_jax and the independent PyTorch reference of tests/torch_reference (bf16, s
 `train`: a full train step of the composed model (ViT + merge + projector + LLM, AdamW, fp32 master weights,
 bf16 compute) on one row of F frames (16·F visual tokens) plus a text.
 
+`mixed`: the same train step on one packed row of V videos of F frames each, against that row plus I images of
+K tiles each (one anyres image: base + grid; 64 tokens a tile), every sample with --text_tokens of text; samples/s
+and MFU (image tiles counted as one-frame clips) for the video-only row and the mixed one.
+
+  python tools/benchmark.py mixed --presets hico_2b --frames 64 --videos_per_row 2 --images_per_row 4 \
+      --tiles_per_image 5
+
 `ceilings`: what this device gives before any model: a bf16 8192^3 matmul on random data through jax (XLA)
 and through torch (cuBLAS), and a device-to-device copy of 4 GiB (bytes read plus written). MFU is quoted
 against the nominal 989 TFLOP/s on every Hopper; these say how far that nominal is from this card.
@@ -258,6 +265,93 @@ def run_jax_train(case: dict) -> dict:
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
 
 
+def _packed_row(config, rng, videos: int, frames: int, images: int, tiles: int, text_tokens: int) -> dict:
+  """One packed row: `videos` samples of `frames` frames, then `images` samples of `tiles` tiles, each sample
+  8 text tokens, its visual tokens, then the rest of its text; the whole text supervised. Image tokens take
+  their tiles in order (the anyres layout is a permutation: the same work)."""
+  import numpy as np
+  size, per_tile = config.vit.image_size, config.tokens_per_clip
+  pieces, segments, video_rank, tile_tokens = [], [], 0, 0
+  video_tokens = config.visual_tokens(frames) * videos
+  for s in range(videos + images):
+    is_video = s < videos
+    visual = config.visual_tokens(frames) if is_video else tiles * per_tile
+    ids = rng.integers(0, config.llm.vocab_size, 8 + visual + text_tokens - 8).astype(np.int32)
+    ids[8:8 + visual] = -200
+    index = np.zeros(len(ids), np.int32)
+    if is_video:
+      index[8:8 + visual] = video_rank + np.arange(visual)
+      video_rank += visual
+    else:
+      index[8:8 + visual] = video_tokens + tile_tokens + np.arange(visual)
+      tile_tokens += visual
+    pieces.append((ids, index))
+    segments.append(np.full(len(ids), s + 1, np.int32))
+  ids = np.concatenate([p[0] for p in pieces])[None]
+  seg = np.concatenate(segments)[None]
+  targets = np.where(ids < 0, -100, np.roll(ids, -1)).astype(np.int32)
+  targets[0, np.flatnonzero(np.diff(seg[0]) != 0)] = -100             # no target across samples
+  batch = {"input_ids": ids, "targets": targets, "segment_ids": seg,
+           "positions": np.concatenate([np.arange(len(p[0]), dtype=np.int32) for p in pieces])[None],
+           "frames": rng.integers(0, 255, (1, max(videos * frames, 4), size, size, 3), np.uint8)}
+  if images:
+    batch["tiles"] = rng.integers(0, 255, (1, images * tiles, size, size, 3), np.uint8)
+    batch["visual_index"] = np.concatenate([p[1] for p in pieces])[None]
+  return batch
+
+
+def run_jax_train_mixed(case: dict) -> dict:
+  """A full HiCo train step on one packed row of videos, with or without image samples."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import ml_collections
+  import flax.linen as nn
+  from hico_jax import presets
+  from hico_jax.models import vit
+  from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+  from hico_jax.ops import xla_options
+  from hico_jax.train import optimizer as optim, step as step_lib
+
+  on_gpu = jax.devices()[0].platform == "gpu"
+  fields = presets.hico(case["preset"], dtype="bfloat16", remat_policy=case["remat"],
+                        attention_impl="cudnn" if on_gpu else "xla")
+  fields.vit.remat_policy = case.get("vit_remat", case["remat"])
+  fields.vit.block_loop = vit.training_block_loop(case.get("vit_block_loop", "auto"), jax.default_backend())
+  if case.get("image_size"):
+    fields.vit.image_size = case["image_size"]
+  config = HiCoConfig.from_dict(dict(fields))
+  model = HiCo(config)
+  batch = _packed_row(config, np.random.default_rng(0), case["videos"], case["frames"], case["images"],
+                      case["tiles"], case["text_tokens"])
+  frames = batch["frames"].shape[1]
+  batch = jax.tree.map(jnp.asarray, batch)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *init_inputs(config)))["params"]
+  optim_config = ml_collections.ConfigDict(dict(
+      lr=1e-5, total_steps=1000, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+      schedule=(("visual/vision_tower/.*", 0.2), (".*", 1.0))))
+  tx, _ = optim.make_optimizer(optim_config, params)
+  state = step_lib.init_state(params, tx)
+  options = xla_options.train_compiler_options(config, frames + case["images"] * case["tiles"] // 4)
+  step = jax.jit(step_lib.make_train_step(model, tx, optim.frozen_mask(params, optim_config.schedule)),
+                 donate_argnums=(0,), compiler_options=options)
+
+  def run():
+    nonlocal state
+    state, metrics = step(state, batch)
+    return jax.block_until_ready(metrics["loss"])
+
+  compile_start = time.perf_counter()
+  loss = float(run())
+  compile_s = time.perf_counter() - compile_start
+  times = _time(run, case["warmup"], case["iters"])
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"loss": loss, "tokens": int(batch["input_ids"].shape[1]), "frames_in_row": frames,
+          "supervised": int((batch["targets"] >= 0).sum()), "times": times, "compile_s": compile_s,
+          "image_size": config.vit.image_size, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+          "device": jax.devices()[0].device_kind}
+
+
 def run_jax_ceilings(case: dict) -> dict:
   import jax
   import jax.numpy as jnp
@@ -324,7 +418,8 @@ def run_data(case: dict) -> dict:
 
 RUNNERS = {("llm", "jax"): run_jax_llm, ("data", "cpu"): run_data, ("llm", "torch"): run_torch_llm, ("train", "jax"): run_jax_train,
            ("clip", "jax"): run_jax_clip, ("clip", "torch"): run_torch_clip,
-           ("ceilings", "jax"): run_jax_ceilings, ("ceilings", "torch"): run_torch_ceilings}
+           ("ceilings", "jax"): run_jax_ceilings, ("ceilings", "torch"): run_torch_ceilings,
+           ("mixed", "jax"): run_jax_train_mixed}
 
 
 def _run_case_in_subprocess(case: dict, timeout: int, script: str = __file__) -> dict:
@@ -355,6 +450,17 @@ def _summarise(result: dict) -> dict:
     config = HiCoConfig.from_dict(dict(presets.hico(result["preset"])))
     train_flops = flops.hico_train_flops(config, result["tokens"], result["frames"], result.get("supervised"))
     return {**result, "median_s": median, "tokens_per_s": result["tokens"] / median,
+            "tflops_per_s": train_flops / median / 1e12, "mfu": flops.mfu(train_flops, median)}
+  if result["section"] == "mixed":
+    from hico_jax.models.hico import HiCoConfig
+    fields = presets.hico(result["preset"])
+    fields.vit.image_size = result["image_size"]
+    config = HiCoConfig.from_dict(dict(fields))
+    tiles = result["images"] * result["tiles"]
+    train_flops = flops.hico_train_flops(config, result["tokens"], result["videos"] * result["frames"],
+                                         result.get("supervised"), tiles=tiles)
+    samples = result["videos"] + result["images"]
+    return {**result, "median_s": median, "samples_per_s": samples / median,
             "tflops_per_s": train_flops / median / 1e12, "mfu": flops.mfu(train_flops, median)}
   if result["section"] == "clip":
     from hico_jax.models.hico import HiCoConfig
@@ -403,6 +509,20 @@ def _train_table(results: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def _mixed_table(results: list[dict]) -> str:
+  rows = ["| preset | row | tokens | step s | samples/s | TFLOP/s | MFU | peak GiB |",
+          "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    images = f" + {r['images']} images x {r['tiles']} tiles" if r["images"] else ""
+    label = f"| {r['preset']} | {r['videos']} x {r['frames']}-frame videos{images} | "
+    if "error" in r:
+      rows.append(label + f"| {r['error']} | | | | |")
+      continue
+    rows.append(label + f"{r['tokens']} | {r['median_s']:.3f} | {r['samples_per_s']:.2f} | {r['tflops_per_s']:.0f} | "
+                f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+  return "\n".join(rows)
+
+
 def _ceilings_table(results: list[dict]) -> str:
   rows = ["| framework | device | bf16 8192^3 matmul TFLOP/s | of 989 | copy TB/s |", "|---|---|---|---|---|"]
   for r in results:
@@ -419,6 +539,8 @@ def _table(results: list[dict]) -> str:
     return _ceilings_table(results)
   if results and results[0]["section"] == "train":
     return _train_table(results)
+  if results and results[0]["section"] == "mixed":
+    return _mixed_table(results)
   if results and results[0]["section"] == "clip":
     return _clip_table(results)
   rows = ["| preset | tokens | framework | remat | params | step s | tokens/s | TFLOP/s | MFU | peak GiB | vs torch |",
@@ -448,6 +570,12 @@ def _cases(args) -> list[dict]:
              "vit_block_loop": loop, **timing}
             for preset in args.presets for frames in args.frames for remat in args.remat
             for vit_remat in args.vit_remat for loop in args.vit_block_loop]
+  if args.section == "mixed":
+    return [{"section": "mixed", "framework": "jax", "preset": preset, "frames": frames, "remat": remat,
+             "vit_remat": vit_remat, "videos": args.videos_per_row, "images": images, "tiles": args.tiles_per_image,
+             "text_tokens": args.text_tokens, "image_size": args.image_size, **timing}
+            for preset in args.presets for frames in args.frames for remat in args.remat
+            for vit_remat in args.vit_remat for images in (0, args.images_per_row)]
   if args.section == "clip":
     return [{"section": "clip", "framework": framework, "preset": preset, "frames": frames, **timing,
              **({"vit_block_loop": loop} if framework == "jax" else {})}
@@ -469,13 +597,21 @@ def _cases(args) -> list[dict]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train", "data", "ceilings"])
+  parser.add_argument("section", nargs="?", default="llm", choices=["llm", "clip", "train", "mixed", "data",
+                                                                              "ceilings"])
   parser.add_argument("--data_dir", default="/tmp/hico_data_bench", help="data section: where the videos go")
   parser.add_argument("--videos", type=int, default=12, help="data section: synthetic videos")
   parser.add_argument("--source_px", type=int, default=448, help="data section: synthetic video size")
   parser.add_argument("--frames_per_gpu_s", type=float, default=168.0,
                       help="data section: frames/s one GPU trains on (hico_2b @256 frames: 256 / step s)")
-  parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row")
+  parser.add_argument("--text_tokens", type=int, default=512, help="train section: text tokens per row; mixed: "
+                      "per sample")
+  parser.add_argument("--videos_per_row", type=int, default=2, help="mixed section: videos in the packed row")
+  parser.add_argument("--images_per_row", type=int, default=4, help="mixed section: images added to the row")
+  parser.add_argument("--tiles_per_image", type=int, default=5, help="mixed section: tiles an image takes "
+                      "(5: base + a 2x2 grid)")
+  parser.add_argument("--image_size", type=int, default=None, help="mixed section: vision tower size instead "
+                      "of the preset's (a CPU smoke test)")
   parser.add_argument("--vit_remat", nargs="+", default=["full"],
                       help="train section: the vision tower's remat policies to measure")
   parser.add_argument("--vit_norm", default="xla", choices=["xla", "pallas"],

@@ -115,7 +115,7 @@ def case_write(case):
 def case_jax(case):
   import jax
   import hico_jax
-  from hico_jax.data import tokenizer as tokenizer_lib, video as video_lib
+  from hico_jax.data import tokenizer as tokenizer_lib
 
   jax.devices()                                              # the backend's own host memory, before the load
   start = time.perf_counter()

@@ -4,6 +4,7 @@
   python tools/chat.py --model ckpt/VideoChat-Flash-Qwen2_5-2B_res448 --video cooking.mp4 --question "What is cooked?"
   python tools/chat.py --model DIR --video FILE --question "Who enters?" --question "What do they carry?"
   python tools/chat.py --model DIR --video FILE          # one question a line from stdin, until end of input
+  python tools/chat.py --model DIR --image photo.jpg --question "What is on the table?"
 
 Several questions are one conversation, as chat() with its chat_history: each follow-up sees the earlier turns
 (--no_history asks each one afresh). Frames are sampled at about 1 fps in 4-frame clips, 64 at least and
@@ -37,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
                                    epilog="\n".join(__doc__.split("\n")[1:]))
   parser.add_argument("--model", required=True, help="VideoChat-Flash checkpoint directory (HF official layout, "
                       "with tokenizer.json)")
-  parser.add_argument("--video", required=True, help="video file to ask about")
+  media = parser.add_mutually_exclusive_group(required=True)
+  media.add_argument("--video", help="video file to ask about")
+  media.add_argument("--image", action="append", default=None,
+                     help="image file to ask about; repeat for several (one: anyres tiles, several: 64 tokens each)")
   parser.add_argument("--question", action="append", default=None,
                       help="a question; repeat for follow-ups in one conversation. Absent: read stdin lines")
   parser.add_argument("--max_num_frames", type=int, default=chat.REFERENCE_MAX_NUM_FRAMES,
@@ -91,6 +95,8 @@ def main(argv=None) -> int:
   if not os.path.isdir(args.model):
     return _fail(f"model directory {args.model!r} does not exist")
 
+  if args.image:
+    return _image_chat(args)
   try:
     chat.check_frame_limits(args.max_num_frames, args.min_num_frames)
     # A missing or broken file is reported before minutes of checkpoint loading; the frames themselves are
@@ -128,6 +134,27 @@ def main(argv=None) -> int:
   print(f"{PROG}: encoded {conversation.visual_tokens.shape[1]} visual tokens, once for every question "
         f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
 
+  return _converse(args, conversation)
+
+
+def _image_chat(args) -> int:
+  import hico_jax
+  from hico_jax.data import image as image_io, tokenizer as tokenizer_lib
+  try:                              # the images first, as the video: a bad file is named before loading the model
+    images = [image_io.decode_image(path) for path in args.image]
+  except ValueError as e:           # ImageDecodeError names the file
+    return _fail(e)
+  started = time.perf_counter()
+  try:
+    tokenizer = tokenizer_lib.load_tokenizer(args.model)
+    conversation = chat.ImageChat(hico_jax.from_pretrained(args.model), tokenizer, images)
+  except (OSError, ValueError, KeyError) as e:
+    return _fail(f"cannot use {args.model!r} as a VideoChat-Flash checkpoint: {e}")
+  print(f"{PROG}: loaded {args.model} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+  return _converse(args, conversation)
+
+
+def _converse(args, conversation) -> int:
   for k, question in enumerate(_questions(args)):
     try:
       turn = conversation.ask(question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -24,7 +24,7 @@ import logging
 import grain
 import numpy as np
 
-from hico_jax.data import records, shards, text, video
+from hico_jax.data import image, image_samples, records, shards, text, video
 from hico_jax.data.order import unzigzag, zigzag  # pylint: disable=unused-import  # re-exported
 
 IGNORE = -100
@@ -46,6 +46,11 @@ class DataConfig:
   strategies: tuple = ()             # ((dataset name, sampling strategy), ...) overriding the manifest
   packing: str = "first_fit"         # or "best_fit"
   num_packing_bins: int = 8
+  # Image tiles per packed row (S x S each; one image is base + up to 36 tiles, several images one tile each).
+  # 0: the stage takes no images. A sample with more tiles than this is skipped and counted, like a video
+  # over frame_budget (narrow image_grid_pinpoints to cap the tiles an image asks for instead).
+  tile_budget: int = 0
+  image_grid_pinpoints: str = "(1x1),...,(6x6)"
   num_workers: int = 0
   seed: int = 0
   num_epochs: int | None = None      # None: repeat forever
@@ -69,6 +74,9 @@ class DataConfig:
         raise ValueError(f"data.{name}={value} must be a multiple of 4 (whole clips)")
     if config.packing not in ("first_fit", "best_fit"):
       raise ValueError(f"data.packing={config.packing!r} is not first_fit or best_fit")
+    if config.tile_budget < 0:
+      raise ValueError(f"data.tile_budget={config.tile_budget} must be >= 0 (0: the stage takes no images)")
+    image.grid_pinpoints(config.image_grid_pinpoints, config.image_size)   # a bad string fails here, named
     return config
 
 
@@ -102,36 +110,45 @@ class DecodeSample(grain.transforms.Map):
     cfg = self.config
     record_id = "<unparsed>"
     try:
-      header, media = records.decode_record(data)
+      header, blobs = records.decode_record_parts(data)
+      media = blobs[0] if blobs else b""
       record_id = f"{header.get('dataset')}/{header['id']}"
       if self._tokenizer is None:                  # loaded in each worker process, not pickled
         from hico_jax.data.tokenizer import load_tokenizer
         self._tokenizer = load_tokenizer(cfg.tokenizer_dir)
       frames = np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
       num_frames = duration = None
+      tiles, image_tokens, orders = frames, None, []
       if header["media_type"] == "video":
         frames, info = sample_frames(media, header, cfg)
         num_frames, duration = len(frames), info["duration"]
         if num_frames > cfg.frame_budget:
           raise text.SampleTooLongError(f"{num_frames} frames exceed data.frame_budget={cfg.frame_budget}")
       elif header["media_type"] == "image":
-        raise ValueError("image records are not supported by the video pipeline yet")
+        tiles, image_tokens, orders = image_samples.decode_images(blobs, header, cfg.image_size, cfg.tile_budget,
+                                                                  cfg.image_grid_pinpoints)
       sample = text.encode_sample(header["conversations"], self._tokenizer, num_frames=num_frames,
-                                  duration=duration, template=cfg.template, max_length=cfg.token_budget)
+                                  duration=duration, template=cfg.template, max_length=cfg.token_budget,
+                                  image_tokens=image_tokens)
     except (ValueError, KeyError, TypeError) as e:   # VideoDecodeError, RecordError, SampleTooLongError are ValueErrors
       _log_skip(record_id, f"{type(e).__name__}: {e}")
       return {"skip": np.int32(1)}
     labels = sample["labels"]
     targets = np.concatenate([labels[1:], [IGNORE]]).astype(np.int32)
-    return {"input_ids": sample["input_ids"].astype(np.int32), "targets": targets, "frames": frames,
-            "skip": np.int32(0)}
+    out = {"input_ids": sample["input_ids"].astype(np.int32), "targets": targets, "frames": frames,
+           "skip": np.int32(0)}
+    if cfg.tile_budget > 0:
+      out["tiles"] = tiles
+      out["image_order"] = image_samples.image_order(out["input_ids"], orders)
+    return out
 
 
 class _SkipCountingIterator(grain.DatasetIterator):
-  def __init__(self, parent, image_size: int):
+  def __init__(self, parent, image_size: int, tile_budget: int = 0):
     super().__init__(parent)
     self._pending = 0
     self._image_size = image_size
+    self._tile_budget = tile_budget
 
   def __next__(self):
     while True:
@@ -145,6 +162,8 @@ class _SkipCountingIterator(grain.DatasetIterator):
         size = self._image_size
         element = {"input_ids": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32),
                    "frames": np.zeros((0, size, size, 3), np.uint8), "skip": np.int32(0)}
+        if self._tile_budget > 0:
+          element.update(tiles=element["frames"], image_order=np.zeros(0, np.int32))
       if element["skip"]:
         self._pending += 1
         continue
@@ -164,12 +183,13 @@ class SkipCounting(grain.IterDataset):
   """Drops skip markers; the next good sample carries how many were dropped before it (`num_skipped`),
   so the count survives worker processes and packing and arrives with the batch."""
 
-  def __init__(self, parent: grain.IterDataset, image_size: int):
+  def __init__(self, parent: grain.IterDataset, image_size: int, tile_budget: int = 0):
     super().__init__(parent)
     self._image_size = image_size
+    self._tile_budget = tile_budget
 
   def __iter__(self):
-    return _SkipCountingIterator(self._parent.__iter__(), self._image_size)
+    return _SkipCountingIterator(self._parent.__iter__(), self._image_size, self._tile_budget)
 
 
 class FinishBatch(grain.transforms.Map):
@@ -188,8 +208,12 @@ def _finish_batch(batch: dict, seq_shards: int) -> dict:
       "segment_ids": batch["input_ids_segment_ids"], "positions": batch["input_ids_positions"],
       "frames": batch["frames"], "num_skipped": batch["num_skipped"].sum().astype(np.int32),
   }
+  if "tiles" in batch:      # rows with images: each placeholder's index in the row's visual tokens
+    out["tiles"] = batch["tiles"]
+    out["visual_index"] = image_samples.visual_index(out["input_ids"], batch["image_order"], out["segment_ids"],
+                                                     frame_budget=batch["frames"].shape[1])
   if seq_shards > 1:
-    for key in ("input_ids", "targets", "segment_ids", "positions"):
+    for key in [k for k in ("input_ids", "targets", "segment_ids", "positions", "visual_index") if k in out]:
       out[key] = zigzag(out[key], seq_shards)
   # Padding in packed rows has segment 0 and nothing to predict.
   out["targets"] = np.where(out["segment_ids"] == 0, IGNORE, out["targets"]).astype(np.int32)
@@ -207,11 +231,15 @@ def make_dataset(config: DataConfig, *, batch_size: int, process_index: int = 0,
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.seed(config.seed).shuffle().repeat(config.num_epochs)
   ds = ds.map(DecodeSample(config))
-  it = SkipCounting(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)), config.image_size)
+  it = SkipCounting(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)), config.image_size,
+                    config.tile_budget)
   packer = (grain.experimental.FirstFitPackIterDataset if config.packing == "first_fit"
             else grain.experimental.BestFitPackIterDataset)
-  it = packer(it, length_struct={"input_ids": config.token_budget, "targets": config.token_budget,
-                                 "frames": config.frame_budget, "num_skipped": config.max_samples_per_row},
+  lengths = {"input_ids": config.token_budget, "targets": config.token_budget,
+             "frames": config.frame_budget, "num_skipped": config.max_samples_per_row}
+  if config.tile_budget > 0:
+    lengths.update(tiles=config.tile_budget, image_order=config.token_budget)
+  it = packer(it, length_struct=lengths,
               num_packing_bins=config.num_packing_bins, seed=config.seed, meta_features=("num_skipped",))
   it = it.batch(batch_size, drop_remainder=True)
   it = it.map(FinishBatch(seq_shards))
@@ -228,9 +256,12 @@ def to_global(batch: dict, mesh) -> dict:
   from hico_jax import sharding
   specs = {"input_ids": ("act_batch", "act_len"), "targets": ("act_batch", "act_len"),
            "segment_ids": ("act_batch", "act_len"), "positions": ("act_batch", "act_len"),
-           "frames": ("act_batch", None, None, None, None)}
+           "frames": ("act_batch", None, None, None, None), "tiles": ("act_batch", None, None, None, None),
+           "visual_index": ("act_batch", "act_len")}
   out = {}
   for key, names in specs.items():
+    if key not in batch:
+      continue
     local = batch[key]
     global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding.named_sharding(mesh, *names), local, global_shape)

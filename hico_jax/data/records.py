@@ -3,7 +3,9 @@
   record = b"HICOREC1" + uint32 little-endian header length + header (UTF-8 JSON) + media bytes
 
 The header holds the annotation (id, conversations, optional start/end seconds, media type, source path,
-dataset name); the media is the video file exactly as it was on disk (compressed mp4 etc.). Storing the
+dataset name); the media is the video or image file exactly as it was on disk (compressed mp4, jpeg etc.).
+A record with several media files (a multi-image sample) stores them one after another and their sizes in the
+header's "media_sizes"; a record without that field holds one file (or none), as records always did. Storing the
 compressed file rather than decoded frames keeps shards ~100x smaller and lets each training stage sample
 its own frame count; docs/data.md has the throughput that justifies it.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Sequence
 
 MAGIC = b"HICOREC1"
 _LENGTH = struct.Struct("<I")
@@ -22,9 +25,16 @@ class RecordError(ValueError):
   """A record that cannot be parsed; the message says what is wrong."""
 
 
-def encode_record(header: dict, media: bytes | None = None) -> bytes:
+def encode_record(header: dict, media: bytes | Sequence[bytes] | None = None) -> bytes:
+  """media: one file's bytes, or a list of files (several images); a list of one is stored as one file."""
   if header.get("media_type") not in MEDIA_TYPES:
     raise RecordError(f"record {header.get('id')!r}: media_type must be one of {MEDIA_TYPES}")
+  if isinstance(media, (list, tuple)):
+    if len(media) == 1:
+      media = media[0]
+    else:
+      header = {**header, "media_sizes": [len(m) for m in media]}
+      media = b"".join(media)
   body = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
   return MAGIC + _LENGTH.pack(len(body)) + body + (media or b"")
 
@@ -46,3 +56,19 @@ def decode_record(data: bytes) -> tuple[dict, bytes]:
   if not isinstance(header, dict) or "id" not in header:
     raise RecordError("record header has no id")
   return header, bytes(data[start + length:])
+
+
+def decode_record_parts(data: bytes) -> tuple[dict, list[bytes]]:
+  """(header, [each media file's bytes]) of a record: [] for a text record, one entry for a record written
+  before multi-media records existed. RecordError if the sizes do not add up."""
+  header, media = decode_record(data)
+  sizes = header.get("media_sizes")
+  if sizes is None:
+    return header, [media] if media else []
+  if not isinstance(sizes, list) or any(not isinstance(n, int) or n < 0 for n in sizes) or sum(sizes) != len(media):
+    raise RecordError(f"record {header.get('id')!r}: media_sizes {sizes} do not add up to its {len(media)} media bytes")
+  parts, start = [], 0
+  for n in sizes:
+    parts.append(media[start:start + n])
+    start += n
+  return header, parts

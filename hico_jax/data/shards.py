@@ -35,17 +35,26 @@ class BuildReport:
     return "\n".join(lines)
 
 
-def _media(record: dict, spec: annotations.DatasetSpec) -> tuple[str, str | None]:
-  """(media type, path or None) of a record."""
+def _media(record: dict, spec: annotations.DatasetSpec) -> tuple[str, list[str]]:
+  """(media type, paths) of a record: one video, one or several images, or none (text)."""
   for kind in ("video", "image"):
     if kind in record:
       value = record[kind]
       if isinstance(value, list):
-        if len(value) != 1:
-          raise ValueError(f"{kind} lists of {len(value)} files are not supported (one per sample)")
-        value = value[0]
-      return kind, os.path.join(spec.data_root, value)
-  return "text", None
+        if not value or (kind == "video" and len(value) != 1):
+          raise ValueError(f"{kind} lists of {len(value)} files are not supported (one video per sample, "
+                           "one or more images)")
+      else:
+        value = [value]
+      if not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{kind} paths must be non-empty strings, got {value!r}")
+      return kind, [os.path.join(spec.data_root, v) for v in value]
+  return "text", []
+
+
+def _read_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def _readable_video(path: str) -> str | None:
@@ -83,17 +92,17 @@ def build(yaml_path: str, out_dir: str, *, records_per_shard: int = 512, verify_
       media = None
       if reason is None:
         try:
-          media_type, media_path = _media(record, spec)
+          media_type, media_paths = _media(record, spec)
         except ValueError as e:
-          media_type, media_path, reason = None, None, str(e)
-      if reason is None and media_path is not None:
-        if not os.path.isfile(media_path):
-          reason = f"{media_type} file missing: {media_path}"
+          media_type, media_paths, reason = None, [], str(e)
+      if reason is None and media_paths:
+        missing = [p for p in media_paths if not os.path.isfile(p)]
+        if missing:
+          reason = f"{media_type} file missing: {missing[0]}"
         elif verify_media and media_type == "video":
-          reason = _readable_video(media_path)
+          reason = _readable_video(media_paths[0])
         if reason is None:
-          with open(media_path, "rb") as f:
-            media = f.read()
+          media = [_read_bytes(p) for p in media_paths]
       if reason is not None:
         skip(index, record_id, reason)
         continue

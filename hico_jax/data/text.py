@@ -57,7 +57,8 @@ def time_message(duration: float, num_frames: int) -> str:
 
 def encode_sample(conversations: Sequence[dict], tokenizer, *, num_frames: int | None = None,
                   duration: float | None = None, template: str = "qwen_2",
-                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_length: int | None = None) -> dict:
+                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_length: int | None = None,
+                  image_tokens: Sequence[int] | None = None) -> dict:
   """One LLaVA-format record as training arrays: {"input_ids": int32 (L,), "labels": int32 (L,)}.
 
   conversations: `[{"from": "human"|"gpt", "value": str}, ...]`, alternating, `<image>` once in the first human
@@ -68,6 +69,9 @@ def encode_sample(conversations: Sequence[dict], tokenizer, *, num_frames: int |
   template: "qwen_2" (stages 2-4) or "plain" (stage 1: caption only, no system prompt, no time message).
   max_length: right-truncate to this many tokens as the reference does; SampleTooLongError when the visual span
     itself does not fit.
+  image_tokens: for an image sample (instead of num_frames), each image's visual token count; the j-th
+    `<image>` of the conversation becomes the j-th image's placeholders. A lone tag moves to the front of its turn
+    as for a video, with no time message (the reference's preprocess_multimodal with msg="").
   """
   if template not in TEMPLATES:
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
@@ -82,23 +86,27 @@ def encode_sample(conversations: Sequence[dict], tokenizer, *, num_frames: int |
     if not turns:
       raise ValueError("conversation has no human turn after its leading gpt turn")
   _check_alternation(turns)
-  _check_image_tags(turns, has_video)
+  if image_tokens is not None:
+    visual_counts = _check_image_sample(turns, image_tokens, has_video, template)
+  else:
+    _check_image_tags(turns, has_video)
+    visual_counts = [VISUAL_TOKENS_PER_FRAME * num_frames] if has_video else []
 
   if template == "plain":
-    pieces, masked = _plain_pieces(turns, has_video)
+    pieces, masked = _plain_pieces(turns, bool(visual_counts))
   else:
-    if has_video:
+    if visual_counts:
       msg = time_message(duration, num_frames) if duration is not None else ""
       turns = _insert_time_message(turns, msg)
     pieces, masked = _qwen_pieces(turns, system_prompt)
 
-  num_visual = VISUAL_TOKENS_PER_FRAME * num_frames if has_video else 0
   keep = _special_ids(tokenizer) if template == "qwen_2" else set()
-  input_ids, labels = [], []
+  input_ids, labels, tags = [], [], 0
   for text, is_masked in zip(pieces, masked):
     chunks = text.split(IMAGE_TAG)  # tokenizer_image_token: text around <image> is tokenized separately
     for j, chunk in enumerate(chunks):
       if j:
+        num_visual, tags = visual_counts[tags], tags + 1
         input_ids += [VIDEO_TOKEN_ID] * num_visual
         labels += [IGNORE_INDEX] * num_visual
       ids = tokenizer.encode(chunk) if chunk else []
@@ -112,8 +120,8 @@ def encode_sample(conversations: Sequence[dict], tokenizer, *, num_frames: int |
     if visual.size and visual[-1] >= max_length:
       raise SampleTooLongError(
         f"sample is {len(input_ids)} tokens and its {visual.size}-token visual span "
-        f"({VISUAL_TOKENS_PER_FRAME} x {num_frames} frames) ends at token {visual[-1] + 1}, past "
-        f"max_length={max_length}: the video cannot be truncated")
+        f"({'images' if image_tokens is not None else f'{VISUAL_TOKENS_PER_FRAME} x {num_frames} frames'}) ends "
+        f"at token {visual[-1] + 1}, past max_length={max_length}: visual tokens cannot be truncated")
     input_ids, labels = input_ids[:max_length], labels[:max_length]
   return {"input_ids": input_ids, "labels": labels}
 
@@ -238,3 +246,21 @@ def _check_image_tags(turns, has_video):
   if counts[0] != 1 or sum(counts) != 1:
     raise ValueError(f"a video sample needs exactly one {IMAGE_TAG}, in the first human turn; found {counts[0]} "
                      f"there and {sum(counts) - counts[0]} elsewhere")
+
+
+def _check_image_sample(turns, image_tokens, has_video, template):
+  """The visual token counts of an image sample, once its tags and images agree."""
+  if has_video:
+    raise ValueError("a sample takes num_frames (a video) or image_tokens (images), not both")
+  counts = [int(n) for n in image_tokens]
+  if not counts or any(n < 1 for n in counts):
+    raise ValueError(f"image_tokens must be one positive count per image, got {list(image_tokens)}")
+  tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
+  if template == "plain":
+    if len(counts) != 1:
+      raise ValueError(f"the plain template captions one image; this sample has {len(counts)}")
+    return counts
+  if tags != len(counts):
+    raise ValueError(f"the conversation holds {tags} {IMAGE_TAG} tag(s) for {len(counts)} image(s); each image "
+                     "needs its own tag")
+  return counts

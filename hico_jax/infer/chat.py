@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hico_jax import VIDEO_TOKEN_ID
-from hico_jax.data import text, video as video_io
+from hico_jax.data import image as image_io, text, video as video_io
 
 # chat()'s default `max_num_frames`, and the frame floor its `load_video` passes to the dynamic_fps1 sampler.
 REFERENCE_MAX_NUM_FRAMES = 512
@@ -190,4 +190,58 @@ class VideoChat:
     if not keep_history:
       self.history = []
     self.history += [{"role": USER, "content": user_turn}, {"role": ASSISTANT, "content": answer}]
+    return Turn(question=question, answer=answer, prompt_ids=ids, answer_ids=answer_ids)
+
+
+def image_user_turn(question: str, num_images: int) -> str:
+  """The first user turn about still images, as training's preprocess_multimodal shapes one: each image's
+  placeholder on its own line before the question (a lone `<image>` goes to the front, then a newline)."""
+  return f"{text.IMAGE_TAG}\n" * num_images + question
+
+
+class ImageChat:
+  """A conversation about one or several still images (one: anyres_nopad tiles; several: 64 tokens each). The
+  reference's HF chat() takes only videos; this builds its prompt the same way, with the image turn training
+  uses and no time message."""
+
+  def __init__(self, model, tokenizer, images: Sequence, *, system_prompt: str = text.DEFAULT_SYSTEM_PROMPT,
+               prompt_bucket: int = PROMPT_BUCKET):
+    if not getattr(model, "is_video_model", False):
+      raise ValueError("the model is a plain Qwen2 language model without a vision tower (no mm_vision_tower in "
+                       "its config.json); chatting about an image needs a VideoChat-Flash checkpoint")
+    if not images:
+      raise ValueError("ImageChat needs at least one image")
+    self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
+    self.prompt_bucket = prompt_bucket
+    self.images = [image_io.as_pil(im) for im in images]      # decoded once, before any turn
+    self.stop_ids = tuple(dict.fromkeys([*model.eos_ids, tokenizer.eos_id]))
+    self.history: list[dict] = []
+
+  def prompt_ids(self, question: str, *, keep_history: bool = True) -> tuple[np.ndarray, str]:
+    if not isinstance(question, str) or not question.strip():
+      raise ValueError(f"question must be a non-empty string, got {question!r}")
+    if text.IMAGE_TAG in question:
+      raise ValueError(f"question contains {text.IMAGE_TAG!r}, the image placeholder; the images are placed once, "
+                       "in the first turn")
+    history = self.history if keep_history else []
+    user_turn = question if history else image_user_turn(question, len(self.images))
+    ids = text.tokenize_image_prompt(prompt_text(history, user_turn, self.system_prompt), self.tokenizer)
+    if np.sum(ids == VIDEO_TOKEN_ID) != len(self.images):
+      raise ValueError(f"the conversation holds {int(np.sum(ids == VIDEO_TOKEN_ID))} {text.IMAGE_TAG!r} tags for "
+                       f"{len(self.images)} image(s) (an earlier answer wrote one): start a new conversation")
+    return ids, user_turn
+
+  def ask(self, question: str, *, max_new_tokens: int = 1024, temperature: float = 0.0, top_p: float = 1.0,
+          seed: int = 0, keep_history: bool = True) -> Turn:
+    """As VideoChat.ask, with the images in place of the video."""
+    ids, user_turn = self.prompt_ids(question, keep_history=keep_history)
+    padding = -len(ids) % self.prompt_bucket
+    padded = np.concatenate([np.full(padding, self.model.pad_id, np.int32), ids])
+    mask = (np.arange(len(padded)) >= padding).astype(np.int32)
+    new_ids = self.model.generate(padded[None], images=[self.images], attention_mask=mask[None],
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                  eos_ids=self.stop_ids)
+    answer_ids, answer = decode_answer(new_ids[0], self.tokenizer, self.stop_ids)
+    self.history = (self.history if keep_history else []) + [
+        {"role": USER, "content": user_turn}, {"role": ASSISTANT, "content": answer}]
     return Turn(question=question, answer=answer, prompt_ids=ids, answer_ids=answer_ids)

@@ -6,6 +6,11 @@ time order. In `input_ids` every visual token has a placeholder `VIDEO_TOKEN_ID`
 the API expand a sample's single placeholder to 16·T); the k-th placeholder of a row receives the row's
 k-th visual token. Clips are folded into one batch, sharded over (data, fsdp, seq), and encoded a chunk
 at a time (`nn.scan`), so memory stays bounded whatever the frame count.
+
+Images (videochat_flash.md §2, "Image layout") come as tiles (B, N, S, S, 3): each tile is one T = 1 frame of the
+same tower (its image position table), merged alone to 64 tokens and projected. Their layout (an anyres image's
+base tile first, then its tiles' 8x8 blocks as one raster) is data, not model: `visual_index` tells each
+placeholder which of the row's visual tokens (video tokens, then tile tokens) it receives.
 """
 
 from __future__ import annotations
@@ -118,19 +123,58 @@ class HiCo(nn.Module):
     _, tokens = self.visual(None, clips[None])
     return tokens[0]
 
-  def embed(self, input_ids, video=None, slots=None):
+  def encode_images(self, tiles):
+    """(B, N, S, S, 3) normalised image tiles -> (B, N·64, H): each tile a T = 1 frame of the tower (its image
+    position table), merged alone to 64 tokens (the reference's compress=False), tile after tile."""
+    cfg = self.config
+    batch, num_tiles = tiles.shape[:2]
+    check_tile_shape(cfg, tiles.shape)
+    tiles = tiles.reshape(batch * num_tiles, 1, *tiles.shape[2:])
+    chunk = min(cfg.encode_chunk * cfg.clip_frames, tiles.shape[0])   # a tile is a quarter of a clip's tokens
+    num_chunks = math.ceil(tiles.shape[0] / chunk)
+    pad = num_chunks * chunk - tiles.shape[0]
+    if pad:
+      tiles = jnp.concatenate([tiles, jnp.zeros((pad,) + tiles.shape[1:], tiles.dtype)])
+    _, tokens = self.visual(None, tiles.reshape(num_chunks, chunk, *tiles.shape[1:]))
+    tokens = tokens.reshape(num_chunks * chunk, cfg.tokens_per_clip, -1)[:batch * num_tiles]
+    return tokens.reshape(batch, num_tiles * cfg.tokens_per_clip, -1)
+
+  def visual_tokens_of_row(self, video=None, images=None):
+    """(B, N, H): a row's video tokens (clips in time order), then its image tiles' tokens (tile by tile)."""
+    parts = []
+    if video is not None:
+      parts.append(self.encode_video(video))
+    if images is not None:
+      parts.append(self.encode_images(images))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+  def embed(self, input_ids, video=None, slots=None, images=None, visual_index=None):
     """Text embeddings with the visual tokens spliced in at the VIDEO_TOKEN_ID placeholders. `slots` (B, L):
     each token's index in the original row when the sequence was reordered (zig-zag): the k-th placeholder
-    in the original order receives the k-th visual token."""
-    return self.splice_visual_tokens(input_ids, None if video is None else self.encode_video(video), slots)
+    in the original order receives the k-th visual token.
 
-  def splice_visual_tokens(self, input_ids, visual=None, slots=None):
+    With `images` (B, N, S, S, 3) tiles, `visual_index` (B, L) says which of the row's visual tokens (its video
+    tokens, then its tiles' tokens: `visual_tokens_of_row`) each placeholder receives; it moves with the tokens,
+    so zig-zagged rows need no `slots`. That is how an image's tiles reach the reference's layout."""
+    if video is None and images is None:
+      return self.splice_visual_tokens(input_ids, None, slots)
+    if images is not None and visual_index is None:
+      raise ValueError("image tiles need visual_index: which visual token each placeholder receives")
+    return self.splice_visual_tokens(input_ids, self.visual_tokens_of_row(video, images), slots, visual_index)
+
+  def splice_visual_tokens(self, input_ids, visual=None, slots=None, visual_index=None):
     """`embed` for visual tokens (B, N, H) encoded beforehand (None: text only)."""
     is_visual = input_ids == VIDEO_TOKEN_ID
     text = self.llm.embed(jnp.where(is_visual, 0, input_ids))
     if visual is None:
+      if visual_index is not None:
+        raise ValueError("visual_index without visual tokens")
       return text
     visual = visual.astype(text.dtype)
+    if visual_index is not None:
+      index = jnp.clip(visual_index, 0, visual.shape[1] - 1)
+      spliced = jnp.take_along_axis(visual, index[..., None], axis=1)
+      return constrain(jnp.where(is_visual[..., None], spliced, text), ("act_batch", "act_len", "act_emb"))
     if slots is None:
       rank = jnp.cumsum(is_visual, axis=1) - 1
     else:
@@ -142,13 +186,14 @@ class HiCo(nn.Module):
     return constrain(jnp.where(is_visual[..., None], spliced, text), ("act_batch", "act_len", "act_emb"))
 
   def __call__(self, input_ids, video=None, *, segment_ids=None, positions=None, return_logits=True,
-               targets=None, slots=None, compact_lengths=None):
+               targets=None, slots=None, compact_lengths=None, images=None, visual_index=None):
     """(logits (B, L, V), aux) as Qwen2ForCausalLM returns them, for a prompt with its videos.
 
     With visual dropout configured, the visual tokens are dropped inside the LLM (masked rows, or compacted
     to the static `compact_lengths`); `targets` switch the text-guided query rule to training's."""
     visual_mask = input_ids == VIDEO_TOKEN_ID if self.config.visual_dropout is not None else None
-    return self.llm(embeddings=self.embed(input_ids, video, slots), segment_ids=segment_ids, positions=positions,
+    embeddings = self.embed(input_ids, video, slots, images, visual_index)
+    return self.llm(embeddings=embeddings, segment_ids=segment_ids, positions=positions,
                     return_logits=return_logits, visual_mask=visual_mask, targets=targets, slots=slots,
                     compact_lengths=compact_lengths)
 
@@ -163,13 +208,14 @@ class HiCo(nn.Module):
     return total / jnp.maximum(count, 1.0), {"loss_sum": total, "num_tokens": count}
 
   def loss_sums(self, input_ids, targets, video=None, *, segment_ids=None, positions=None, slots=None,
-                compact_lengths=None):
+                compact_lengths=None, images=None, visual_index=None):
     """(Σ CE, number of supervised tokens) for pre-shifted targets: targets[t] is the id that position t
     predicts, negative where nothing is supervised (the data pipeline shifts per sample before packing).
     The trainer sums both over micro-batches and the mesh before dividing. Visual dropout moves the
     targets with the tokens they follow."""
     _, aux = self(input_ids, video, segment_ids=segment_ids, positions=positions, return_logits=False,
-                  targets=targets, slots=slots, compact_lengths=compact_lengths)
+                  targets=targets, slots=slots, compact_lengths=compact_lengths, images=images,
+                  visual_index=visual_index)
     targets = aux.get("targets", targets)
     weights = targets >= 0
     # `slots` come with rows split over the seq axis: there the positions stay on their devices.
@@ -187,6 +233,21 @@ def check_video_shape(config: HiCoConfig, shape) -> None:
   size = config.vit.image_size
   if (height, width, channels) != (size, size, 3):
     raise ValueError(f"frames must be {size}x{size}x3 for this vision tower, got {height}x{width}x{channels}")
+
+
+def check_tile_shape(config: HiCoConfig, shape) -> None:
+  """Clear errors for image tiles the model cannot take, before anything compiles."""
+  size = config.vit.image_size
+  if len(shape) != 5 or tuple(shape[2:]) != (size, size, 3):
+    raise ValueError(f"image tiles must be (batch, tiles, {size}, {size}, 3) for this vision tower, got shape "
+                     f"{tuple(shape)}")
+  if shape[1] == 0:
+    raise ValueError("image tiles must hold at least one tile a row (pass images=None for none)")
+  if config.vit.grid ** 2 < config.tokens_per_clip:
+    side = math.isqrt(config.tokens_per_clip - 1) + 1          # patches a side for that many tokens
+    raise ValueError(f"a {size}x{size} tile has {config.vit.grid ** 2} patch tokens, fewer than the "
+                     f"{config.tokens_per_clip} an image tile is merged to: use a vision tower of at least "
+                     f"{side * config.vit.patch_size} px")
 
 
 def init_inputs(config: HiCoConfig):

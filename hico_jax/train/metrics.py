@@ -14,11 +14,12 @@ from hico_jax import flops
 
 
 def train_flops(model_config, config, data_config):
-  """supervised tokens of a step -> its model FLOPs, every row filled to its token and frame budgets and the
+  """supervised tokens of a step -> its model FLOPs, every row filled to its token, frame and tile budgets and the
   output head counted at the step's supervised positions (the only ones where the loss computes it)."""
   rows = config.batch_size          # rows per optimizer step (micro-batches split them)
   budget = lambda supervised: flops.hico_train_flops(model_config, data_config.token_budget,
-                                                     data_config.frame_budget, supervised=supervised)
+                                                     data_config.frame_budget, supervised=supervised,
+                                                     tiles=getattr(data_config, "tile_budget", 0))
   without_head, head_per_token = rows * budget(0), budget(1) - budget(0)
   return lambda supervised: without_head + head_per_token * supervised
 

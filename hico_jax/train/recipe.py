@@ -54,7 +54,7 @@ def stage_config(stage: str, model: ml_collections.ConfigDict, *, shards: str, t
       frame_budget=s["frame_budget"], max_samples_per_row=64, sampling=s["sampling"],
       num_frames=ml_collections.FieldReference(s["num_frames"], field_type=int), min_frames=s["min_frames"],
       max_frames=s["max_frames"], template=s["template"], packing="first_fit", num_packing_bins=8, num_workers=0,
-      seed=0))
+      seed=0, tile_budget=0, image_grid_pinpoints="(1x1),...,(6x6)"))   # tile_budget > 0: the stage takes images
   c.data.num_epochs = ml_collections.FieldReference(None, field_type=int)
   c.init = ml_collections.ConfigDict({"path": ml_collections.FieldReference(None, field_type=str), "kind": "run"})
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, async_save=True))

@@ -32,20 +32,25 @@ def init_state(params, optimizer) -> dict:
 def make_train_step(model: HiCo, optimizer: optax.GradientTransformation, frozen, *, accumulation_steps: int = 1,
                     schedules: dict | None = None, seq_shards: int = 1):
   """step(state, batch) -> (state, metrics). batch: input_ids, targets, segment_ids, positions (B, L) and
-  frames (B, F, S, S, 3) uint8. `frozen` is a tree of bools like params. With `seq_shards` > 1 the rows
-  arrive zig-zagged (hico_jax.data.pipeline) and the model is told each token's original index."""
+  frames (B, F, S, S, 3) uint8; with images also tiles (B, N, S, S, 3) uint8 and visual_index (B, L).
+  `frozen` is a tree of bools like params. With `seq_shards` > 1 the rows arrive zig-zagged
+  (hico_jax.data.pipeline) and the model is told each token's original index."""
 
   def micro_sums(params, micro):
     # Frozen leaves are constants to autodiff: XLA then drops their weight-gradient matmuls.
     params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     video = normalize_frames(micro["frames"])[:, None]
     slots = None
+    # Rows with images carry their tiles and each placeholder's index into the row's visual tokens (video
+    # tokens, then tile tokens), an index that moves with its token when rows are zig-zagged.
+    images = normalize_frames(micro["tiles"]) if "tiles" in micro else None
+    visual_index = micro.get("visual_index")
     if seq_shards > 1:
       rows, length = micro["input_ids"].shape
       slots = jnp.broadcast_to(jnp.asarray(order.zigzag_slots(length, seq_shards)), (rows, length))
     total, count = model.apply({"params": params}, micro["input_ids"], micro["targets"], video,
                                segment_ids=micro["segment_ids"], positions=micro["positions"], slots=slots,
-                               method=HiCo.loss_sums)
+                               images=images, visual_index=visual_index, method=HiCo.loss_sums)
     return total, count
 
   grad_of_sum = jax.value_and_grad(micro_sums, has_aux=True)
@@ -65,7 +70,8 @@ def make_train_step(model: HiCo, optimizer: optax.GradientTransformation, frozen
       (micro_total, micro_count), micro_grads = grad_of_sum(params, micro)
       return (total + micro_total, count + micro_count, jax.tree.map(jnp.add, grads, micro_grads)), None
 
-    batch = {k: v for k, v in batch.items() if k in ("input_ids", "targets", "segment_ids", "positions", "frames")}
+    batch = {k: v for k, v in batch.items()
+             if k in ("input_ids", "targets", "segment_ids", "positions", "frames", "tiles", "visual_index")}
     (total, count, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), split(batch))
     denominator = jnp.maximum(count, 1.0)
     loss = total / denominator
