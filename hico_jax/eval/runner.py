@@ -104,10 +104,17 @@ class Runner:
     for row, seq in enumerate(ids):
       padded[row, length - len(seq):] = seq
       mask[row, length - len(seq):] = 1
-    new_ids = self.model.generate(padded, video=np.stack([d.pixels for d in batch]), attention_mask=mask,
-                                  max_new_tokens=max_new_tokens, eos_ids=self.stop_ids)
+    pixels = np.stack([d.pixels for d in batch])
+    # A short batch (a frame count's last few questions) is filled up with copies of its first row, so every
+    # generate call has the batch shape the first one compiled; the copies' answers are dropped.
+    fill = self.options.batch_size - len(batch)
+    if fill > 0:
+      padded, mask = (np.concatenate([a, np.repeat(a[:1], fill, 0)]) for a in (padded, mask))
+      pixels = np.concatenate([pixels, np.repeat(pixels[:1], fill, 0)])
+    new_ids = self.model.generate(padded, video=pixels, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  eos_ids=self.stop_ids)
     answers = []
-    for row in np.asarray(new_ids):
+    for row in np.asarray(new_ids)[:len(batch)]:
       stops = np.flatnonzero(np.isin(row, self.stop_ids))
       row = row[:stops[0]] if stops.size else row
       answer = self.tokenizer.decode(row, skip_special_tokens=True).strip()
