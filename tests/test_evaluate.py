@@ -226,9 +226,57 @@ PERCEPTION_PROMPTS = {
     "1": "\nQuestion: What happens next?\n(A). a\n(B). b\n(C). c\n(C). d\nOnly give the best option.",
 }
 
+def make_longvideobench(root):
+  base = {"option2": "N/A", "option3": "N/A", "option4": "N/A", "question_category": "S2E", "duration_group": 15}
+  _json(root / "lvb_val.json", [
+      {**base, "id": "abc_0", "video_id": "abc", "video_path": "abc.mp4", "subtitle_path": "abc.json",
+       "duration": 10.0, "starting_timestamp_for_subtitles": 0, "question": "What colour?", "option0": "Red",
+       "option1": "Blue", "correct_choice": 1},
+      {**base, "id": "def_0", "video_id": "def", "video_path": "def.mp4", "subtitle_path": "def_en.json",
+       "duration": 6.0, "starting_timestamp_for_subtitles": 1.0, "question": "Who speaks?", "option0": "Ann",
+       "option1": "Bob", "option2": "Cat", "correct_choice": 2, "duration_group": 60},
+      {**base, "id": "ghi_0", "video_id": "ghi", "video_path": "ghi.mp4", "subtitle_path": "nowhere.json",
+       "duration": 6.0, "starting_timestamp_for_subtitles": 0, "question": "?", "option0": "x", "option1": "y",
+       "correct_choice": 0}])
+  # Frame times 0..9 s: kept when a frame time lies strictly inside the span (spans under 1 s widen to 1 s).
+  _json(root / "subtitles/abc_en.json", [
+      {"start": "00:00:01.000", "end": "00:00:03.000", "line": "Hello there."},
+      {"start": "00:00:20.000", "end": "00:00:21.000", "line": "Too late."},
+      {"start": "00:00:05.200", "end": "00:00:05.400", "line": "Short one."}])
+  # Offset 1 s, frame times 0..5 s; a null end means the video's end (6 s), here before its start: the span
+  # becomes 1 s around (7.5 + 5) / 2 and holds no frame time.
+  _json(root / "subtitles/def_en.json", [{"timestamp": [2.0, 4.0], "text": "Stamp."},
+                                         {"timestamp": [8.5, None], "text": "Till end."}])
+  _write_mp4(root / "videos/abc.mp4", 12)
+  _write_mp4(root / "videos/def.mp4", 13)
+
+
+_LVB_MIDDLE = ("\n Select the best answer to the following multiple-choice question based on the video and the "
+               "subtitles. Respond with only the letter of the correct option.\nQuestion: ")
+LONGVIDEOBENCH_PROMPTS = {
+    "abc_0": " This video's subtitles are listed below: \nHello there.\nShort one.." + _LVB_MIDDLE + "What colour?\n"
+             "(A). Red\n(B). Blue\nAnswer with the option's letter from the given choices directly.\n",
+    "def_0": " This video's subtitles are listed below: \nStamp.." + _LVB_MIDDLE + "Who speaks?\n(A). Ann\n(B). Bob\n"
+             "(C). Cat\nAnswer with the option's letter from the given choices directly.\n",
+}
+
+# MMMU's parse_multi_choice_response over options A Red, B Blue, C Green: None = no letter, drawn at random.
+LONGVIDEOBENCH = [("(B)", "B"), ("B.", "B"), ("The best answer is C", "C"), ("c", None), ("A and B", "B"),
+                  ("(A) or (C)", "C"), ("It is blue , I think so really", "B"), ("no idea", None), ("", None)]
+
+
+@pytest.mark.parametrize("raw,letter", LONGVIDEOBENCH)
+def test_longvideobench_parser_matches_the_official_table(raw, letter):
+  from hico_jax.eval.benchmarks import longvideobench
+  got, parsed = longvideobench.parse_choice(raw, {"A": "Red", "B": "Blue", "C": "Green"}, seed="q")
+  assert (got if parsed else None) == letter
+  assert got in "ABC"
+
+
 FIXTURES = {"mvbench": (make_mvbench, MVBENCH_PROMPTS), "mlvu": (make_mlvu, MLVU_PROMPTS),
             "lvbench": (make_lvbench, LVBENCH_PROMPTS), "videomme": (make_videomme, VIDEOMME_PROMPTS),
-            "perceptiontest": (make_perceptiontest, PERCEPTION_PROMPTS)}
+            "perceptiontest": (make_perceptiontest, PERCEPTION_PROMPTS),
+            "longvideobench": (make_longvideobench, LONGVIDEOBENCH_PROMPTS)}
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +369,9 @@ def _hand_count(name, data_root, out):
       m = None if len(s.split()) > 10 and not re.search("[ABCD]", s) else re.search("[ABCD]", s)
       c[0] += int(bool(m) and m[0] == q.answer)
       c[1] += 1
+    elif name == "longvideobench":
+      c[0] += int(r["parsed"].upper() == q.answer)   # a random draw is recorded lower case; it scores too
+      c[1] += 1
     elif name == "perceptiontest":
       m = re.search(r"\b([A-D])\b", raw.strip())
       c[0] += int(bool(m) and "ABCD".index(m.group(1)) == q.answer)
@@ -349,8 +400,10 @@ def test_tool_runs_every_benchmark_and_scores_as_counted_by_hand(loaded, data_ro
   assert {r["prompt"] for r in answered} <= set(MVBENCH_PROMPTS.values())
   assert all(r["num_frames"] == 8 and set(r) >= {"qid", "raw", "parsed", "correct"} for r in answered)
   md = (tmp_path / "summary.md").read_text()
-  assert md.splitlines()[0] == ("| Model | LVBench | MLVU | MVBench | PerceptionTest | VideoMME (w/o sub.) |")
-  assert json.loads((tmp_path / "summary.json").read_text())["benchmarks"][0]["benchmark"] == "lvbench"
+  assert md.splitlines()[0] == ("| Model | LongVideoBench | LVBench | MLVU | MVBench | PerceptionTest | "
+                                "VideoMME (w/o sub.) |")
+  assert by["longvideobench"]["unreadable_rows"][0].startswith("lvb_val.json row 2: FileNotFoundError")
+  assert json.loads((tmp_path / "summary.json").read_text())["benchmarks"][0]["benchmark"] == "longvideobench"
 
 
 def test_a_resumed_run_and_a_split_run_equal_an_uninterrupted_one(loaded, data_root, tmp_path):

@@ -56,7 +56,8 @@ def data_roots(values, names):
 
 def main(argv=None) -> int:
   args = _parse(argv)
-  names = list(dict.fromkeys(args.benchmark))
+  from hico_jax.eval import benchmarks
+  names = [n for n in benchmarks.names() if n in args.benchmark]     # Table 2's column order
   try:
     roots = data_roots(args.data_root, names)
   except ValueError as e:

@@ -8,7 +8,7 @@ import importlib
 from hico_jax.eval.benchmarks.base import Benchmark, Question, Score
 
 # Table 2's column order.
-_MODULES = ("mvbench", "perceptiontest", "mlvu", "videomme", "lvbench")
+_MODULES = ("mvbench", "perceptiontest", "longvideobench", "mlvu", "videomme", "lvbench")
 
 
 def names() -> tuple[str, ...]:
