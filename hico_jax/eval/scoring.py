@@ -47,8 +47,9 @@ def markdown(summaries: Sequence[dict], model_name: str) -> str:
     for name, t in s["tasks"].items():
       lines.append(f"| {name} | {t['correct']} / {t['counted']} | {t['accuracy']:.1f} |")
     lines.append(f"| overall | | {s['overall']:.1f} |")
-    notes = [f"{len(s[k])} {k.replace('_', ' ')}" for k in ("missing_videos", "unreadable_rows",
-                                                            "unparseable_answers") if s[k]]
+    labels = {"missing_videos": "missing or unreadable videos", "unreadable_rows": "unreadable rows or missing "
+              "annotation files", "unparseable_answers": "answers without a parseable letter"}
+    notes = [f"{len(s[k])} {label}" for k, label in labels.items() if s[k]]
     if s["pending"]:
       notes.append(f"{s['pending']} not yet answered")
     if notes:

@@ -41,7 +41,6 @@ class Benchmark:
   score: Callable[[Question, str], Score]
   max_new_tokens: int = 16
   max_frames: int = DEFAULT_MAX_FRAMES
-  percent: bool = True    # False where the official aggregate is a fraction (Perception Test); we print percent
 
 
 def first_existing(*paths: str) -> str:
