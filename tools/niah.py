@@ -71,7 +71,7 @@ def main(argv=None) -> int:
   from hico_jax.convert import videochat_flash
   from hico_jax.data import tokenizer as tokenizer_lib
   from hico_jax.data import video as video_lib
-  from hico_jax.eval import niah
+  from hico_jax.eval import niah, plots
 
   try:
     with open(args.needles) as f:
@@ -128,7 +128,6 @@ def main(argv=None) -> int:
   with open(args.out + ".tmp", "w") as f:      # written whole, then renamed: never a truncated result file
     json.dump(results, f, indent=2)
   os.replace(args.out + ".tmp", args.out)
-  from hico_jax.eval import plots
   picture = os.path.splitext(args.out)[0] + ".png"
   plots.niah_heatmap(results, picture, title=f"{args.kind}-hop NIAH, {os.path.basename(args.model.rstrip('/'))}")
   print(f"mean score {np.mean([r['Score'] for r in results]):.4f} over {len(results)} records -> {args.out}, "

@@ -21,7 +21,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.data import text
 from hico_jax.data import video as video_io
 from hico_jax.eval import benchmarks, results as results_io, scoring
