@@ -11,6 +11,7 @@ from the raw answers with the official rules, not read from the code under test.
 import json
 import os
 import re
+import shutil
 
 import cv2
 import numpy as np
@@ -225,18 +226,22 @@ PERCEPTION_PROMPTS = {
     "1": "\nQuestion: What happens next?\n(A). a\n(B). b\n(C). c\n(C). d\nOnly give the best option.",
 }
 
+LVB_ROWS = [  # the parquet's columns (option0..4, "N/A" for the unused)
+    {"id": "abc_0", "video_id": "abc", "video_path": "abc.mp4", "subtitle_path": "abc.json", "duration": 10.0,
+     "starting_timestamp_for_subtitles": 0.0, "question": "What colour?", "option0": "Red", "option1": "Blue",
+     "option2": "N/A", "option3": "N/A", "option4": "N/A", "correct_choice": 1, "duration_group": 15,
+     "question_category": "S2E"},
+    {"id": "def_0", "video_id": "def", "video_path": "def.mp4", "subtitle_path": "def_en.json", "duration": 6.0,
+     "starting_timestamp_for_subtitles": 1.0, "question": "Who speaks?", "option0": "Ann", "option1": "Bob",
+     "option2": "Cat", "option3": "N/A", "option4": "N/A", "correct_choice": 2, "duration_group": 60,
+     "question_category": "S2E"},
+    {"id": "ghi_0", "video_id": "ghi", "video_path": "ghi.mp4", "subtitle_path": "nowhere.json", "duration": 6.0,
+     "starting_timestamp_for_subtitles": 0.0, "question": "?", "option0": "x", "option1": "y", "option2": "N/A",
+     "option3": "N/A", "option4": "N/A", "correct_choice": 0, "duration_group": 15, "question_category": "S2E"}]
+
+
 def make_longvideobench(root):
-  base = {"option2": "N/A", "option3": "N/A", "option4": "N/A", "question_category": "S2E", "duration_group": 15}
-  _json(root / "lvb_val.json", [
-      {**base, "id": "abc_0", "video_id": "abc", "video_path": "abc.mp4", "subtitle_path": "abc.json",
-       "duration": 10.0, "starting_timestamp_for_subtitles": 0, "question": "What colour?", "option0": "Red",
-       "option1": "Blue", "correct_choice": 1},
-      {**base, "id": "def_0", "video_id": "def", "video_path": "def.mp4", "subtitle_path": "def_en.json",
-       "duration": 6.0, "starting_timestamp_for_subtitles": 1.0, "question": "Who speaks?", "option0": "Ann",
-       "option1": "Bob", "option2": "Cat", "correct_choice": 2, "duration_group": 60},
-      {**base, "id": "ghi_0", "video_id": "ghi", "video_path": "ghi.mp4", "subtitle_path": "nowhere.json",
-       "duration": 6.0, "starting_timestamp_for_subtitles": 0, "question": "?", "option0": "x", "option1": "y",
-       "correct_choice": 0}])
+  _parquet(str(root / "validation-00000-of-00001.parquet"), LVB_ROWS)
   # Frame times 0..9 s: kept when a frame time lies strictly inside the span (spans under 1 s widen to 1 s).
   _json(root / "subtitles/abc_en.json", [
       {"start": "00:00:01.000", "end": "00:00:03.000", "line": "Hello there."},
@@ -262,6 +267,17 @@ LONGVIDEOBENCH_PROMPTS = {
 # MMMU's parse_multi_choice_response over options A Red, B Blue, C Green: None = no letter, drawn at random.
 LONGVIDEOBENCH = [("(B)", "B"), ("B.", "B"), ("The best answer is C", "C"), ("c", None), ("A and B", "B"),
                   ("(A) or (C)", "C"), ("It is blue , I think so really", "B"), ("no idea", None), ("", None)]
+
+
+def test_longvideobench_json_layout_gives_the_parquets_prompts(data_root, tmp_path):
+  """lvb_val.json lists the options as "candidates"; the questions and prompts are the parquet's."""
+  root = tmp_path / "lvb"
+  shutil.copytree(data_root / "longvideobench" / "subtitles", root / "subtitles")
+  rows = [{**{k: v for k, v in r.items() if not k.startswith("option")},
+           "candidates": [r[f"option{i}"] for i in range(5) if r[f"option{i}"] != "N/A"]} for r in LVB_ROWS]
+  _json(root / "lvb_val.json", rows)
+  questions, _ = benchmarks.get("longvideobench").load(str(root))
+  assert {q.qid: q.prompt for q in questions} == LONGVIDEOBENCH_PROMPTS
 
 
 @pytest.mark.parametrize("raw,letter", LONGVIDEOBENCH)
@@ -401,7 +417,8 @@ def test_tool_runs_every_benchmark_and_scores_as_counted_by_hand(loaded, data_ro
   md = (tmp_path / "summary.md").read_text()
   assert md.splitlines()[0] == ("| Model | LongVideoBench | LVBench | MLVU | MVBench | PerceptionTest | "
                                 "VideoMME (w/o sub.) |")
-  assert by["longvideobench"]["unreadable_rows"][0].startswith("lvb_val.json row 2: FileNotFoundError")
+  assert by["longvideobench"]["unreadable_rows"][0].startswith(
+      "validation-00000-of-00001.parquet row 2: FileNotFoundError")
   assert json.loads((tmp_path / "summary.json").read_text())["benchmarks"][0]["benchmark"] == "longvideobench"
 
 

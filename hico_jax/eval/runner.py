@@ -59,6 +59,9 @@ class Options:
 
 
 def _decode(question, max_frames, image_size) -> Decoded:
+  if os.path.isdir(question.video):
+    # MVBench's episodic_reasoning (TVQA) ships frame folders, which only a video file reader is written for here.
+    return Decoded(question, None, error=f"frame folder, not a video file: {question.video}")
   if not os.path.isfile(question.video):
     return Decoded(question, None, error=f"missing video {question.video}")
   try:

@@ -1,5 +1,5 @@
-"""LongVideoBench validation with interleaved subtitles (longvideobench/LongVideoBench: lvb_val.json or
-validation-*.parquet, videos/<video_path>, subtitles/<subtitle_path with _en.json>); tasks/longvideobench/
+"""LongVideoBench validation with interleaved subtitles (longvideobench/LongVideoBench: validation-*.parquet or
+lvb_val.json, videos/<video_path>, subtitles/<subtitle_path with _en.json>); tasks/longvideobench/
 (longvideobench_val_v) is the spec.
 
 The prompt lists the subtitles that fall near the 512 frame times the official code assumes (duration/512
@@ -56,6 +56,8 @@ def interleaved_subtitles(times, subtitles, start_offset: float, duration: float
 
 
 def options(row) -> list[str]:
+  if "option0" not in row and "candidates" in row:     # lvb_val.json lists them; the parquet has option0..4
+    return list(row["candidates"])
   out = []
   for i in range(5):
     candidate = row.get(f"option{i}")
@@ -103,7 +105,8 @@ def parse_choice(response: str, index2ans: dict[str, str], seed: str) -> tuple[s
 
 
 def load(data_root: str):
-  path = tables.find_one(data_root, "lvb_val.json", "validation-*.parquet", "*.parquet")
+  # The parquet is what the official task reads (its option0..4 columns); lvb_val.json holds the same questions.
+  path = tables.find_one(data_root, "validation-*.parquet", "lvb_val.json")
   questions, bad = [], []
   for i, row in enumerate(tables.read_rows(path)):
     try:
