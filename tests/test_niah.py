@@ -200,6 +200,7 @@ def test_tool_writes_the_references_records_over_its_frame_and_depth_grid(saved_
   assert [(r["Num. Frame"], r["Frame Depth"]) for r in records] == [
       (8, 0.0), (8, 50.0), (8, 100.0), (16, 0.0), (16, 50.0), (16, 100.0)]
   assert all(r["Score"] in (0.0, 1.0) for r in records)              # one question: right or wrong
+  assert cv2.imread(str(niah_files / "single_out.png")) is not None   # the heat map beside the records
 
   out = niah_files / "multi_out.json"
   # With the reference's YaRN (here over an original context of 64 positions, which the prompts pass).
@@ -211,6 +212,7 @@ def test_tool_writes_the_references_records_over_its_frame_and_depth_grid(saved_
     assert r["Total question pair"] == 1
     assert r["Both correct"] + r["Only cap correct"] + r["Only qa correct"] + r["Both wrong"] == 1
     assert r["Score"] == (r["Caption Score"] + r["QA Score"]) / 2
+  assert cv2.imread(str(niah_files / "multi_out.png")) is not None
 
 
 def test_tool_names_a_missing_needle_image_a_bad_record_a_bad_yarn_factor_and_a_text_only_model(

@@ -15,7 +15,8 @@ A video shorter than the frames needed is repeated too (the reference stops ther
 applies config.json's rope_scaling, as the reference's stock Qwen2ForCausalLM does (--yarn_factor sets it
 without editing the file); for the reference's 160k-token prompts use YaRN x4 and --attention_impl cudnn on a
 GPU. Writes the reference's result records (per frame count, and per depth
-for single-hop) to --out as JSON, and prints them and their mean.
+for single-hop) to --out as JSON, and beside it (.png) the accuracy heat map of the paper's Figures 6-7 (frames
+across; depth down for single-hop, the caption and QA questions for multi-hop); prints the records and their mean.
 """
 
 import argparse
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
   from hico_jax.convert import videochat_flash
   from hico_jax.data import tokenizer as tokenizer_lib
   from hico_jax.data import video as video_lib
-  from hico_jax.eval import niah
+  from hico_jax.eval import niah, plots
 
   try:
     with open(args.needles) as f:
@@ -127,7 +128,10 @@ def main(argv=None) -> int:
   with open(args.out + ".tmp", "w") as f:      # written whole, then renamed: never a truncated result file
     json.dump(results, f, indent=2)
   os.replace(args.out + ".tmp", args.out)
-  print(f"mean score {np.mean([r['Score'] for r in results]):.4f} over {len(results)} records -> {args.out}")
+  picture = os.path.splitext(args.out)[0] + ".png"
+  plots.niah_heatmap(results, picture, title=f"{args.kind}-hop NIAH, {os.path.basename(args.model.rstrip('/'))}")
+  print(f"mean score {np.mean([r['Score'] for r in results]):.4f} over {len(results)} records -> {args.out}, "
+        f"{picture}")
   return 0
 
 

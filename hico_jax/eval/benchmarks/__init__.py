@@ -1,0 +1,24 @@
+"""The paper's Table 2 benchmarks, scored as the official lmms-eval_videochat tasks do. A new benchmark is one
+module defining BENCHMARK (a base.Benchmark), added to _MODULES."""
+
+from __future__ import annotations
+
+import importlib
+
+from hico_jax.eval.benchmarks.base import Benchmark, Question, Score
+
+# Table 2's column order.
+_MODULES = ("mvbench", "perceptiontest", "longvideobench", "mlvu", "videomme", "lvbench")
+
+
+def names() -> tuple[str, ...]:
+  return _MODULES
+
+
+def get(name: str) -> Benchmark:
+  if name not in _MODULES:
+    raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(_MODULES)}")
+  return importlib.import_module(f"hico_jax.eval.benchmarks.{name}").BENCHMARK
+
+
+__all__ = ["Benchmark", "Question", "Score", "get", "names"]
