@@ -3,7 +3,7 @@
 
   python tools/niah.py single --model DIR --haystack video_haystack.mkv \
       --needles niah-coco-singlehop_20.json --image_root DIR --min_frame_num 1000 --max_frame_num 10000 \
-      --frame_interval 1000 --depth_interval 0.2 --out single.json --attention_impl cudnn
+      --frame_interval 1000 --depth_interval 0.2 --out single.json --yarn_factor 4
   python tools/niah.py multi --model DIR --haystack video_haystack.mkv \
       --needles niah-coco-multihop-100.json --image_root DIR ... --out multi.json
 
@@ -13,8 +13,8 @@ reference's: single-hop records {"question", "answer", "image"}, multi-hop {"ima
 samples it (every round(fps)-th frame); above 7,500 frames, as there, its first half is encoded and repeated.
 A video shorter than the frames needed is repeated too (the reference stops there instead). The decoder
 applies config.json's rope_scaling, as the reference's stock Qwen2ForCausalLM does (--yarn_factor sets it
-without editing the file); for the reference's 160k-token prompts use YaRN x4 and --attention_impl cudnn on a
-GPU. Writes the reference's result records (per frame count, and per depth
+without editing the file); for the reference's 160k-token prompts use YaRN x4. The decoder's attention is
+from_pretrained's for the device (cuDNN's flash kernel on a GPU), which holds no (L x L) matrix. Writes the reference's result records (per frame count, and per depth
 for single-hop) to --out as JSON, and beside it (.png) the accuracy heat map of the paper's Figures 6-7 (frames
 across; depth down for single-hop, the caption and QA questions for multi-hop); prints the records and their mean.
 """
@@ -39,7 +39,7 @@ def _parse(argv):
   parser.add_argument("--max_frame_num", type=int, default=256)
   parser.add_argument("--frame_interval", type=int, default=20)
   parser.add_argument("--depth_interval", type=float, default=0.1, help="single-hop only")
-  parser.add_argument("--attention_impl", default=None, help="the decoder's attention for the long prompts "
+  parser.add_argument("--attention_impl", default=None, help="override the decoder's attention for the long prompts "
                       "(cudnn on GPUs); default: the checkpoint's")
   parser.add_argument("--yarn_factor", type=float, default=None,
                       help="YaRN rope scaling for the decoder, as the reference sets it in config.json (4)")
