@@ -40,7 +40,7 @@ def _parse(argv):
   parser.add_argument("--frame_interval", type=int, default=20)
   parser.add_argument("--depth_interval", type=float, default=0.1, help="single-hop only")
   parser.add_argument("--attention_impl", default=None, help="override the decoder's attention for the long prompts "
-                      "(cudnn on GPUs); default: the checkpoint's")
+                      "(xla, cudnn, chunked, splash); default: from_pretrained's for the device")
   parser.add_argument("--yarn_factor", type=float, default=None,
                       help="YaRN rope scaling for the decoder, as the reference sets it in config.json (4)")
   parser.add_argument("--yarn_original_max_positions", type=int, default=32768)
