@@ -72,3 +72,45 @@ def test_builder_gives_the_records_counts_and_skip_reasons_of_the_shard_builder(
                                           old_source_path if isinstance(old_source_path, list) else [old_source_path])
       assert new_header == old_header
       assert new_media == ([old_media] if old_media else [])
+
+
+def test_tensorflow_is_not_importable_and_the_builder_and_source_never_need_it(dataset):
+  with pytest.raises(ImportError):
+    import tensorflow  # noqa: F401  # pylint: disable=unused-import,import-outside-toplevel
+  # In a fresh interpreter: build, read, and check that nothing imported tensorflow on the way.
+  script = ("import sys; from hico_jax.data import tfds_longvid as t; "
+            f"t.build({str(dataset / 'data.yaml')!r}, {str(dataset / 'tfds')!r}, log=lambda _: None); "
+            f"s = t.LongVidSource({str(dataset / 'tfds')!r}); [s[i] for i in range(len(s))]; "
+            "assert not [m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.')], 'tf imported'")
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
+
+
+def test_prepared_dataset_records_counts_splits_and_the_skip_report(dataset):
+  report = tfds_longvid.build(str(dataset / "data.yaml"), str(dataset / "tfds"), log=lambda _: None)
+  path = tfds_longvid.prepared_dir(str(dataset / "tfds"))
+  assert path.endswith(os.path.join("long_vid", "data", "1.0.0"))
+  assert not [p for p in os.listdir(dataset / "tfds" / "long_vid" / "data") if p.startswith("incomplete")]
+  info = json.loads(open(os.path.join(path, "dataset_info.json")).read())
+  counts = {s["name"]: sum(int(n) for n in s["shardLengths"]) for s in info["splits"]}
+  assert counts == {"good": 5, "mixed": 3}            # hand count: m0, m5, m8 of mixed survive
+  assert info["fileFormat"] == "array_record"
+  metadata = json.loads(open(os.path.join(path, "metadata.json")).read())
+  # The hand-written table: every bad record of the fixture, named, with its reason (annotation order).
+  table = [("mixed", "mixed:1", "not valid JSON"), ("mixed", "m2", "video file missing"),
+           ("mixed", "m3", "empty or missing conversations"), ("mixed", "m4", "video"),
+           ("mixed", "m6", "conversation ends without an answer"), ("mixed", "m7", "video lists of 2 files"),
+           ("mixed", "mixed:9", "not a JSON object")]
+  assert len(metadata["skipped"]) == len(table) == len(report.skipped_ids)
+  for (dataset_name, record_id, reason), (want_name, want_id, want_reason) in zip(metadata["skipped"], table):
+    assert (dataset_name, record_id) == (want_name, want_id) and want_reason in reason
+  assert [d["kept"] for d in metadata["datasets"]] == [[0, 1, 2, 3, 4], [0, 5, 8]]
+  source = tfds_longvid.LongVidSource(str(dataset / "tfds"))          # mixed's first:6 keeps m0 and m5
+  assert [source[i][0]["id"] for i in range(len(source))] == ["g0", "g1", "g2", "g3", "g4", "m0", "m5"]
+  header, media = tfds_longvid.LongVidSource(str(dataset / "tfds"), {"mixed": "end:2"})[5]
+  assert header["media_type"] == "image" and header["conversations"][1]["value"] == "Ünïcode."
+  assert media == [(dataset / "videos" / "v4.mp4").read_bytes()] and header["source"] == ["v4.mp4"]
+  with pytest.raises(ValueError, match="unknown dataset"):
+    tfds_longvid.LongVidSource(str(dataset / "tfds"), {"nope": "all"})
+  with pytest.raises(FileNotFoundError, match="build it with tools/build_shards.py"):
+    tfds_longvid.LongVidSource(str(dataset))

@@ -239,6 +239,14 @@ def prepared_dir(path: str) -> str:
   return found[0]
 
 
+def is_prepared(path: str) -> bool:
+  try:
+    prepared_dir(path)
+    return True
+  except (FileNotFoundError, ValueError):
+    return False
+
+
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
