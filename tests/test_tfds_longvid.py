@@ -42,7 +42,7 @@ def dataset(tmp_path):
            json.dumps({"id": "m2", "video": "missing.mp4", "conversations": _turns()}),
            json.dumps({"id": "m3", "video": "v1.mp4", "conversations": []}),
            json.dumps({"id": "m4", "video": "corrupt.mp4", "conversations": _turns()}),
-           json.dumps({"id": "m5", "video": "v2.mp4", "conversations": _turns(), "start": 0.5, "end": 2.0}),
+           json.dumps({"id": "m5", "video": "v2.mp4", "conversations": _turns(), "start": 0.1, "end": 2.7}),
            json.dumps({"id": "m6", "video": "v3.mp4", "conversations": _turns()[:1]}),
            json.dumps({"id": "m7", "video": ["v1.mp4", "v2.mp4"], "conversations": _turns()}),
            json.dumps({"id": "m8", "image": ["v4.mp4"], "conversations": _turns("<image>\nAnd this?", "Ünïcode.")}),
@@ -114,3 +114,20 @@ def test_prepared_dataset_records_counts_splits_and_the_skip_report(dataset):
     tfds_longvid.LongVidSource(str(dataset / "tfds"), {"nope": "all"})
   with pytest.raises(FileNotFoundError, match="build it with tools/build_shards.py"):
     tfds_longvid.LongVidSource(str(dataset))
+
+
+def test_the_fast_record_parser_agrees_with_tfds_decoding(dataset):
+  import tensorflow_datasets as tfds
+  tfds_longvid.build(str(dataset / "data.yaml"), str(dataset / "tfds"), log=lambda _: None)
+  builder = tfds.builder_from_directory(tfds_longvid.prepared_dir(str(dataset / "tfds")))
+  decoded = builder.as_data_source()
+  raw = builder.as_data_source(deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  seen = 0
+  for split in ("good", "mixed"):
+    for i in range(len(decoded[split])):
+      header, media = tfds_longvid.parse_record(raw[split][i])
+      assert (header, media) == tfds_longvid.to_header(decoded[split][i])
+      seen += 1
+      if header["id"] == "m5":
+        assert (header["start"], header["end"]) == (0.1, 2.7)      # float64 exactly, not float32's 0.100000001
+  assert seen == 8

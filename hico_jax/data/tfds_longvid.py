@@ -31,12 +31,12 @@ import concurrent.futures
 import dataclasses
 import glob
 import json
-import math
 import os
 import re
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from hico_jax.data import annotations
 
@@ -136,8 +136,10 @@ class LongVid(tfds.core.GeneratorBasedBuilder):
             "conversations": tfds.features.Sequence({"from": text, "value": text}),
             "media": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
             "source": tfds.features.Sequence(text),
-            "start": tfds.features.Scalar(np.float64, doc="seconds; NaN when the record has none"),
-            "end": tfds.features.Scalar(np.float64, doc="seconds; NaN when the record has none"),
+            # Seconds as decimal text, "" when absent: an Example has no float64, and float32 would move
+            # the boundaries (and the frames sampled) of long videos away from what the annotation says.
+            "start": tfds.features.Text(doc="seconds, repr of a float; empty when the record has none"),
+            "end": tfds.features.Text(doc="seconds, repr of a float; empty when the record has none"),
         }),
         disable_shuffling=True,        # annotation order, so kept indices map to positions by search
         metadata=tfds.core.MetadataDict(),
@@ -204,7 +206,7 @@ class LongVid(tfds.core.GeneratorBasedBuilder):
           media.append(f.read())
       times = {}
       for key in ("start", "end"):
-        times[key] = float(record[key]) if record.get(key) is not None else math.nan
+        times[key] = repr(float(record[key])) if record.get(key) is not None else ""
       yield index, {"id": str(record.get("id", f"{spec.name}:{index}")), "index": index, "dataset": spec.name,
                     "media_type": media_type, "media": media, "source": sources,
                     "conversations": [{"from": t["from"], "value": t["value"]} for t in record["conversations"]],
@@ -252,16 +254,39 @@ def _text(value) -> str:
 
 
 def to_header(example: dict) -> tuple[dict, list]:
-  """A decoded example -> (header dict, list of media bytes): what the pipeline's per-record transform takes."""
+  """An example as TFDS decodes it -> (header dict, list of media bytes): what the pipeline's per-record
+  transform takes."""
   turns = example["conversations"]
   header = {"id": _text(example["id"]), "index": int(example["index"]), "dataset": _text(example["dataset"]),
             "media_type": _text(example["media_type"]),
             "conversations": [{"from": _text(f), "value": _text(v)} for f, v in zip(turns["from"], turns["value"])],
             "source": [_text(s) for s in example["source"]]}
   for key in ("start", "end"):
-    if not math.isnan(example[key]):
-      header[key] = float(example[key])
+    if _text(example[key]):
+      header[key] = float(_text(example[key]))
   return header, [bytes(m) for m in example["media"]]
+
+
+def parse_record(serialized: bytes) -> tuple[dict, list]:
+  """A record's serialized tf.train.Example -> what to_header gives for TFDS's decoding of it, ~3x faster:
+  TFDS's generic decoder builds numpy arrays of every feature first, which costs more than the rest of a
+  read (docs/benchmarks.md). The feature keys are TFDS's flattening of the FeaturesDict above."""
+  feature = tf_example_pb2.Example.FromString(serialized).features.feature
+
+  def texts(key):
+    return [v.decode("utf-8") for v in feature[key].bytes_list.value]
+
+  (record_id,), (dataset,), (media_type,) = texts("id"), texts("dataset"), texts("media_type")
+  header = {"id": record_id, "index": int(feature["index"].int64_list.value[0]), "dataset": dataset,
+            "media_type": media_type,
+            "conversations": [{"from": f, "value": v}
+                              for f, v in zip(texts("conversations/from"), texts("conversations/value"))],
+            "source": texts("source")}
+  for key in ("start", "end"):
+    (value,) = texts(key)
+    if value:
+      header[key] = float(value)
+  return header, list(feature["media"].bytes_list.value)
 
 
 class LongVidSource:
@@ -294,10 +319,11 @@ class LongVidSource:
 
   def __getitem__(self, i: int) -> tuple[dict, list]:
     number, position = self._index[i]
-    if self._sources is None:
-      sources = tfds.builder_from_directory(self.path).as_data_source()
+    if self._sources is None:       # serialized records; parse_record decodes them
+      sources = tfds.builder_from_directory(self.path).as_data_source(
+          deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
       self._sources = [sources.get(d["split"]) for d in self.datasets]
-    return to_header(self._sources[number][int(position)])
+    return parse_record(self._sources[number][int(position)])
 
   def __getstate__(self):
     state = dict(self.__dict__)

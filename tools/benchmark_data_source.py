@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Records/s and decoded frames/s per worker core: the TFDS LongVid source against the legacy shard reader.
+
+  python tools/benchmark_data_source.py --workdir /tmp/bench_source --videos 8 --repeats 7
+
+Both read the same synthetic mp4s (one build each). One process, one thread, the two readers interleaved
+(which goes first alternates every repeat), so a loaded machine slows both alike; per repeat it prints each
+reader's rates and the TFDS/legacy ratio, then the median and the spread (min..max) of each.
+  read     every record fetched (header + media bytes) in a seeded random order, `--read_passes` times
+  decode   every record fetched, then what a data worker does with a video: dynamic_fps1 sampling
+           (64-256 frames), OpenCV decoding, PIL resize to 224
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def _readers(dataset, root):
+  from hico_jax.data import records, shards, tfds_longvid
+  shard_dir, tfds_dir = os.path.join(root, "shards"), os.path.join(root, "tfds")
+  if not dataset.reused or not os.path.exists(os.path.join(shard_dir, shards.MANIFEST)):
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    shards.build(str(dataset), shard_dir, log=lambda _: None)
+  if not dataset.reused or not tfds_longvid.is_prepared(tfds_dir):
+    shutil.rmtree(tfds_dir, ignore_errors=True)
+    tfds_longvid.build(str(dataset), tfds_dir, log=lambda _: None)
+  legacy = shards.MixedSource(shard_dir)
+
+  def read_legacy(i):
+    header, media = records.decode_record(legacy[i])
+    return header, [media] if media else []
+  return {"tfds": tfds_longvid.LongVidSource(tfds_dir).__getitem__, "legacy": read_legacy}, len(legacy)
+
+
+def _read_rate(read, order, passes):
+  start = time.perf_counter()
+  for _ in range(passes):
+    for i in order:
+      read(int(i))
+  return passes * len(order) / (time.perf_counter() - start)
+
+
+def _decode_rate(read, order):
+  from hico_jax.data import video
+  frames, start = 0, time.perf_counter()
+  for i in order:
+    header, media = read(int(i))
+    raw, _ = video.decode_frames(media[0], mode="dynamic_fps1", min_frames=64, max_frames=256,
+                                 start=header.get("start"), end=header.get("end"))
+    frames += len(video.resize_frames(raw, 224))
+  return frames / (time.perf_counter() - start)
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default="/tmp/bench_source")
+  parser.add_argument("--videos", type=int, default=8)
+  parser.add_argument("--source_px", type=int, default=640)
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--read_passes", type=int, default=20)
+  args = parser.parse_args()
+  import cv2
+  cv2.setNumThreads(1)                 # one worker core
+  from hico_jax.data import synthetic
+  dataset = synthetic.make_dataset(os.path.join(args.workdir, "videos"), num_videos=args.videos, seed=0,
+                                   size=args.source_px, fps_range=(24, 30), duration_range=(40.0, 70.0),
+                                   tasks=("captioning",))
+  readers, n = _readers(dataset, args.workdir)
+  order = np.random.default_rng(0).permutation(n)
+  for read in readers.values():        # warm-up: open files, codec set-up
+    _decode_rate(read, order[:1])
+  results = {(name, kind): [] for name in readers for kind in ("read", "decode")}
+  for repeat in range(args.repeats):
+    names = list(readers) if repeat % 2 == 0 else list(readers)[::-1]
+    for name in names:
+      results[(name, "read")].append(_read_rate(readers[name], order, args.read_passes))
+      results[(name, "decode")].append(_decode_rate(readers[name], order))
+    print(f"repeat {repeat}: " + "  ".join(
+        f"{kind} tfds {results[('tfds', kind)][-1]:.1f} legacy {results[('legacy', kind)][-1]:.1f} "
+        f"ratio {results[('tfds', kind)][-1] / results[('legacy', kind)][-1]:.3f}" for kind in ("read", "decode")),
+        flush=True)
+  print(f"{n} videos of {args.source_px} px; per core, median (min..max) over {args.repeats} repeats")
+  for kind, unit in (("read", "records/s"), ("decode", "frames/s")):
+    ratios = [t / o for t, o in zip(results[("tfds", kind)], results[("legacy", kind)])]
+    line = [f"{kind:6s}"]
+    for name in readers:
+      values = results[(name, kind)]
+      line.append(f"{name} {statistics.median(values):.1f} ({min(values):.1f}..{max(values):.1f}) {unit}")
+    line.append(f"tfds/legacy {statistics.median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f})")
+    print("  ".join(line))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
