@@ -17,7 +17,7 @@ import pytest
 from absl import flags
 
 from hico_jax import VIDEO_TOKEN_ID
-from hico_jax.data import annotations, pipeline, records, shards, synthetic, tfds_longvid
+from hico_jax.data import annotations, pipeline, synthetic, tfds_longvid
 from hico_jax.data import tokenizer as tk
 
 # mp_prefetch workers read an absl flag; unparsed flags raise there (grain#1355, libraries.md §5).
@@ -30,7 +30,6 @@ TOKEN_BUDGET, FRAME_BUDGET, IMAGE_SIZE = 512, 16, 64
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures: one synthetic set (with bad annotations), its TFDS build, the tokenizer; all built once per module.
-# The legacy shard build of the same set is only there to show the TFDS source gives the same batches.
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
@@ -270,43 +269,6 @@ def test_restored_iterator_continues_with_the_identical_batches(built, num_worke
   for iterator in (it, restored):
     if hasattr(iterator, "close"):
       iterator.close()
-
-
-class _LegacyShards:
-  """The ArrayRecord shard reader the TFDS source replaced, giving what the per-record transform takes."""
-
-  def __init__(self, shard_dir, config):
-    self.source = shards.MixedSource(shard_dir, dict(config.strategies), config.seed)
-
-  def __len__(self):
-    return len(self.source)
-
-  def __getitem__(self, i):
-    header, media = records.decode_record(self.source[i])
-    return header, [media] if media else []
-
-
-@pytest.mark.parametrize("strategies", [(), (("captioning", "random:60%"), ("event_counting", "end:3"))])
-def test_tfds_source_gives_the_batches_of_the_legacy_shards_and_their_iterator_state(built, monkeypatch, strategies):
-  shard_dir = str(built["root"] / "legacy_shards")
-  if not os.path.exists(shard_dir):
-    shards.build(os.fspath(built["dataset"]), shard_dir, log=lambda _: None)
-  config = _config(built, num_epochs=2, strategies=strategies, seed=3)
-  new = pipeline.make_dataset(config, batch_size=2)
-  want = list(new)
-  it = iter(new)
-  _take(it, 3)
-  state = json.loads(json.dumps(it.get_state()))
-  with monkeypatch.context() as patch:
-    patch.setattr(pipeline, "open_source", lambda cfg: _LegacyShards(shard_dir, cfg))
-    legacy = pipeline.make_dataset(config, batch_size=2)
-    got = list(legacy)
-    legacy_it = iter(legacy)
-    legacy_it.set_state(state)          # a checkpoint taken on the TFDS source continues on the old one alike
-    continued = list(legacy_it)
-  assert len(want) > 6
-  _assert_batches_equal(got, want)
-  _assert_batches_equal(continued, want[3:])
 
 
 # ---------------------------------------------------------------------------------------------------------------

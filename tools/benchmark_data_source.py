@@ -3,18 +3,22 @@
 
   python tools/benchmark_data_source.py --workdir /tmp/bench_source --videos 8 --repeats 7
 
-Both read the same synthetic mp4s (one build each). One process, one thread, the two readers interleaved
-(which goes first alternates every repeat), so a loaded machine slows both alike; per repeat it prints each
-reader's rates and the TFDS/legacy ratio, then the median and the spread (min..max) of each.
+Both read the same synthetic mp4s: the TFDS build, and the same records in the legacy shard format that the
+TFDS builder replaced (written by this script, read as the removed shard reader read them). One process, one
+thread, the two readers interleaved (which goes first alternates every repeat), so a loaded machine slows
+both alike; per repeat it prints each reader's rates and the TFDS/legacy ratio, then the median and the
+spread (min..max) of each.
   read     every record fetched (header + media bytes) in a seeded random order, `--read_passes` times
   decode   every record fetched, then what a data worker does with a video: dynamic_fps1 sampling
            (64-256 frames), OpenCV decoding, PIL resize to 224
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import struct
 import sys
 import time
 
@@ -23,21 +27,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 
+# The legacy shard record, kept here only to measure against: b"HICOREC1" + uint32 header length + JSON header
+# + the media file's bytes, one record per ArrayRecord entry (what hico_jax/data/records.py wrote before the
+# TFDS builder replaced it; its reader below is the removed shards.MixedSource's read path).
+_MAGIC, _LENGTH = b"HICOREC1", struct.Struct("<I")
+
+
+def _write_legacy(tfds_source, path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
+  for i in range(len(tfds_source)):
+    header, media = tfds_source[i]
+    body = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    writer.write(_MAGIC + _LENGTH.pack(len(body)) + body + (media[0] if media else b""))
+  writer.close()
+  os.replace(path + ".tmp", path)
+
+
+def _legacy_reader(path):
+  from array_record.python.array_record_module import ArrayRecordReader
+  reader = ArrayRecordReader(path)
+
+  def read(i):
+    data = reader.read([i])[0]
+    (length,) = _LENGTH.unpack_from(data, len(_MAGIC))
+    start = len(_MAGIC) + _LENGTH.size
+    media = bytes(data[start + length:])
+    return json.loads(bytes(data[start:start + length]).decode("utf-8")), [media] if media else []
+  return read
+
+
 def _readers(dataset, root):
-  from hico_jax.data import records, shards, tfds_longvid
-  shard_dir, tfds_dir = os.path.join(root, "shards"), os.path.join(root, "tfds")
-  if not dataset.reused or not os.path.exists(os.path.join(shard_dir, shards.MANIFEST)):
-    shutil.rmtree(shard_dir, ignore_errors=True)
-    shards.build(str(dataset), shard_dir, log=lambda _: None)
-  if not dataset.reused or not tfds_longvid.is_prepared(tfds_dir):
+  from hico_jax.data import tfds_longvid
+  tfds_dir, shard = os.path.join(root, "tfds"), os.path.join(root, "legacy.array_record-00000-of-00001")
+  if not dataset.reused or not tfds_longvid.is_prepared(tfds_dir) or not os.path.exists(shard):
     shutil.rmtree(tfds_dir, ignore_errors=True)
     tfds_longvid.build(str(dataset), tfds_dir, log=lambda _: None)
-  legacy = shards.MixedSource(shard_dir)
-
-  def read_legacy(i):
-    header, media = records.decode_record(legacy[i])
-    return header, [media] if media else []
-  return {"tfds": tfds_longvid.LongVidSource(tfds_dir).__getitem__, "legacy": read_legacy}, len(legacy)
+    _write_legacy(tfds_longvid.LongVidSource(tfds_dir), shard)
+  source = tfds_longvid.LongVidSource(tfds_dir)
+  return {"tfds": source.__getitem__, "legacy": _legacy_reader(shard)}, len(source)
 
 
 def _read_rate(read, order, passes):
