@@ -473,8 +473,8 @@ def test_missing_data_path_is_named_before_anything_compiles(synthetic_data, tmp
 
 @pytest.mark.parametrize("make,message", [
     (lambda path: None, r"eval\.shards '.*eval_set' does not exist"),
-    (lambda path: path.mkdir(), r"no manifest\.json in shard directory '.*eval_set'"),
-], ids=["missing", "not_shards"])
+    (lambda path: path.mkdir(), r"no prepared long_vid dataset under '.*eval_set'"),
+], ids=["missing", "not_a_dataset"])
 def test_bad_evaluation_set_is_named_before_anything_compiles(synthetic_data, tmp_path, nothing_compiles, make,
                                                                message):
   """The evaluation runs after the last step: a bad path found only then would cost the whole run."""

@@ -34,14 +34,11 @@ def main() -> int:
   if args.threads < 1:
     print(f"build_shards: --threads must be >= 1, got {args.threads}", file=sys.stderr)
     return 2
-  import tensorflow_datasets as tfds
   from hico_jax.data import tfds_longvid
-  if args.quiet:
-    tfds.disable_progress_bar()
   start = time.perf_counter()
   try:
     report = tfds_longvid.build(args.data, args.out, verify_media=not args.no_verify, num_threads=args.threads,
-                                log=(lambda _: None) if args.quiet else print)
+                                log=(lambda _: None) if args.quiet else print, quiet=args.quiet)
   except (ValueError, FileNotFoundError) as e:
     print(f"build_shards: {e}", file=sys.stderr)
     return 2

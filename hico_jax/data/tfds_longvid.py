@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import glob
+import io
 import json
+import logging
 import os
 import re
 
@@ -214,17 +217,36 @@ class LongVid(tfds.core.GeneratorBasedBuilder):
 
 
 def build(yaml_path: str, data_dir: str, *, verify_media: bool = True, num_threads: int = 8,
-          log=print) -> BuildReport:
+          log=print, quiet: bool = False) -> BuildReport:
   """Prepares the datasets of a YAML list under data_dir (TFDS layout: long_vid/<yaml stem>/<version>/);
-  returns what was taken and skipped, and why. An existing complete build is left as it is."""
+  returns what was taken and skipped, and why. An existing complete build is left as it is. quiet: no
+  TFDS progress bars, banners or config warnings (the report still goes to `log`)."""
   yaml_path = os.path.abspath(yaml_path)
   config = LongVidConfig(name=split_name(os.path.splitext(os.path.basename(yaml_path))[0]),
                          annotation_yaml=os.path.basename(yaml_path), verify_media=verify_media,
                          num_threads=num_threads)
-  builder = LongVid(data_dir=data_dir, config=config, file_format="array_record", log=log)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.dirname(yaml_path)))
+  with contextlib.ExitStack() as stack:
+    if quiet:
+      stack.enter_context(contextlib.redirect_stdout(io.StringIO()))     # TFDS prints its banners
+      stack.enter_context(_progress_bars_off())
+      absl_logger = logging.getLogger("absl")
+      stack.callback(absl_logger.setLevel, absl_logger.level)
+      absl_logger.setLevel(logging.ERROR)                                # "Using custom data configuration"
+    builder = LongVid(data_dir=data_dir, config=config, file_format="array_record", log=log)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.dirname(yaml_path)))
   return builder.report
+
+
+@contextlib.contextmanager
+def _progress_bars_off():
+  from tensorflow_datasets.core.utils import tqdm_utils
+  enabled = tqdm_utils._active          # pylint: disable=protected-access  # TFDS has no getter
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(enabled)
 
 
 def prepared_dir(path: str) -> str:

@@ -48,7 +48,7 @@ def prepare_data(root: str, train_videos: int, eval_videos: int, size: int, **op
     out = os.path.join(root, "shards" if name == "train" else "eval_shards")
     if not dataset.reused or not tfds_longvid.is_prepared(out):
       shutil.rmtree(out, ignore_errors=True)   # new videos, or a build of the old shard format or a crashed one
-      report = tfds_longvid.build(str(dataset), out, log=lambda _: None)
+      report = tfds_longvid.build(str(dataset), out, log=lambda _: None, quiet=True)
       print(f"{name} dataset: {report.summary().splitlines()[-1]}")
   build_qwen2_tokenizer_json(os.path.join(root, "tokenizer"))
   print(f"data ready in {time.perf_counter() - start:.1f} s")
