@@ -46,7 +46,8 @@ def dataset(tmp_path):
            json.dumps({"id": "m6", "video": "v3.mp4", "conversations": _turns()[:1]}),
            json.dumps({"id": "m7", "video": ["v1.mp4", "v2.mp4"], "conversations": _turns()}),
            json.dumps({"id": "m8", "image": ["v4.mp4"], "conversations": _turns("<image>\nAnd this?", "Ünïcode.")}),
-           json.dumps(["a list, not a record"])]
+           json.dumps(["a list, not a record"]),
+           json.dumps({"id": "m10", "video": "v0.mp4", "conversations": _turns(), "start": "soon"})]
   (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
   (tmp_path / "data.yaml").write_text(
       "datasets:\n"
@@ -81,7 +82,7 @@ def test_prepared_dataset_records_counts_splits_and_the_skip_report(dataset):
   table = [("mixed", "mixed:1", "not valid JSON"), ("mixed", "m2", "video file missing"),
            ("mixed", "m3", "empty or missing conversations"), ("mixed", "m4", "video"),
            ("mixed", "m6", "conversation ends without an answer"), ("mixed", "m7", "video lists of 2 files"),
-           ("mixed", "mixed:9", "not a JSON object")]
+           ("mixed", "mixed:9", "not a JSON object"), ("mixed", "m10", "start 'soon' is not a number of seconds")]
   assert len(metadata["skipped"]) == len(table) == len(report.skipped_ids)
   for (dataset_name, record_id, reason), (want_name, want_id, want_reason) in zip(metadata["skipped"], table):
     assert (dataset_name, record_id) == (want_name, want_id) and want_reason in reason
@@ -94,7 +95,7 @@ def test_prepared_dataset_records_counts_splits_and_the_skip_report(dataset):
   assert (header["start"], header["end"]) == (0.1, 2.7) and media == [(dataset / "videos" / "v2.mp4").read_bytes()]
   assert source[4] == ({"id": "g4", "index": 4, "dataset": "good", "media_type": "text", "source": [],
                         "conversations": _turns("Hello?", "Hi.")}, [])
-  header, media = tfds_longvid.LongVidSource(str(dataset / "tfds"), {"mixed": "end:2"})[5]
+  header, media = tfds_longvid.LongVidSource(str(dataset / "tfds"), {"mixed": "end:3"})[5]
   assert header["media_type"] == "image" and header["conversations"][1]["value"] == "Ünïcode."
   assert media == [(dataset / "videos" / "v4.mp4").read_bytes()] and header["source"] == ["v4.mp4"]
   with pytest.raises(ValueError, match="unknown dataset"):

@@ -1,4 +1,4 @@
-"""Data: the TFDS LongVid builder and source, video decoding and sampling, chat text, the Grain pipeline, synthetic data."""
+"""Data: the TFDS LongVid builder and source, video decoding and sampling, chat text, Grain, synthetic data."""
 
 # ImageNet statistics the UMT processor normalises with; here (not in video.py) so that code on the device
 # side can import them without OpenCV or Pillow.

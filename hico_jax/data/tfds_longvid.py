@@ -80,6 +80,16 @@ def _media(record: dict, spec: annotations.DatasetSpec) -> tuple[str, list, list
   return "text", [], []
 
 
+def _bad_times(record: dict) -> str | None:
+  for key in ("start", "end"):
+    if record.get(key) is not None:
+      try:
+        float(record[key])
+      except (TypeError, ValueError):
+        return f"{key} {record[key]!r} is not a number of seconds"
+  return None
+
+
 def _readable_video(path: str) -> str | None:
   """Why OpenCV cannot read a first frame of the video, or None when it can."""
   import cv2  # only the builder needs it
@@ -176,7 +186,7 @@ class LongVid(tfds.core.GeneratorBasedBuilder):
     for index, record, error in annotations.read_records(spec.json_path):
       num_raw = index + 1
       record_id = (record or {}).get("id", f"{spec.name}:{index}")
-      reason = error or annotations.check_conversations(record)
+      reason = error or annotations.check_conversations(record) or _bad_times(record)
       if reason is None:
         try:
           candidates.append((index, record_id, record) + _media(record, spec))
