@@ -39,7 +39,6 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.proto import tf_example_pb2
 
 from hico_jax.data import annotations
 
@@ -299,18 +298,73 @@ def to_header(example: dict) -> tuple[dict, list]:
   return header, [bytes(m) for m in example["media"]]
 
 
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+  result = shift = 0
+  while True:
+    byte = buf[pos]
+    pos += 1
+    result |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return result, pos
+    shift += 7
+
+
+def _fields(buf: bytes, pos: int, end: int):
+  """(field number, (start, end) of a length-delimited value, or the varint) of one protobuf message."""
+  while pos < end:
+    tag, pos = _varint(buf, pos)
+    number, wire = tag >> 3, tag & 7
+    if wire == 2:
+      length, pos = _varint(buf, pos)
+      yield number, (pos, pos + length)
+      pos += length
+    elif wire == 0:
+      value, pos = _varint(buf, pos)
+      yield number, value
+    elif wire in (1, 5):              # fixed64 / fixed32 (float_list values); not used by our features
+      pos += 8 if wire == 1 else 4
+    else:
+      raise ValueError(f"unexpected protobuf wire type {wire}")
+
+
+def _example_features(buf: bytes) -> dict:
+  """A serialized tf.train.Example -> {key: [bytes values] or [int64 values]}, each media file copied once.
+  Example(1: Features(1: map entry(1: key, 2: Feature(1: BytesList(1: bytes*), 3: Int64List(1: int64*))))."""
+  out = {}
+  for _, (f_start, f_end) in _fields(buf, 0, len(buf)):                 # Example.features
+    for _, (e_start, e_end) in _fields(buf, f_start, f_end):            # Features.feature entries
+      key, values = None, []
+      for number, span in _fields(buf, e_start, e_end):
+        if number == 1:
+          key = buf[span[0]:span[1]].decode("utf-8")
+          continue
+        for kind, (l_start, l_end) in _fields(buf, *span):              # Feature: which list
+          for value_number, value in _fields(buf, l_start, l_end):
+            if kind == 1:
+              values.append(buf[value[0]:value[1]])
+            elif kind == 3 and isinstance(value, tuple):                # packed int64s
+              pos = value[0]
+              while pos < value[1]:
+                number_value, pos = _varint(buf, pos)
+                values.append(number_value)
+            elif kind == 3:
+              values.append(value)
+      out[key] = values
+  return out
+
+
 def parse_record(serialized: bytes) -> tuple[dict, list]:
-  """A record's serialized tf.train.Example -> what to_header gives for TFDS's decoding of it, ~3x faster:
-  TFDS's generic decoder builds numpy arrays of every feature first, which costs more than the rest of a
-  read (docs/benchmarks.md). The feature keys are TFDS's flattening of the FeaturesDict above."""
-  feature = tf_example_pb2.Example.FromString(serialized).features.feature
+  """A record's serialized tf.train.Example -> what to_header gives for TFDS's decoding of it. Read directly
+  because TFDS's generic decoding builds numpy arrays of every feature and copies each media file twice
+  more, which made a record's read ~3x (small records) to ~2x (MB videos) slower than the shard format it
+  replaced (docs/benchmarks.md). The keys are TFDS's flattening of the FeaturesDict above."""
+  feature = _example_features(bytes(serialized))
 
   def texts(key):
-    return [v.decode("utf-8") for v in feature[key].bytes_list.value]
+    return [v.decode("utf-8") for v in feature.get(key, [])]
 
   (record_id,), (dataset,), (media_type,) = texts("id"), texts("dataset"), texts("media_type")
-  header = {"id": record_id, "index": int(feature["index"].int64_list.value[0]), "dataset": dataset,
-            "media_type": media_type,
+  header = {"id": record_id, "index": int(feature["index"][0]), "dataset": dataset, "media_type": media_type,
             "conversations": [{"from": f, "value": v}
                               for f, v in zip(texts("conversations/from"), texts("conversations/value"))],
             "source": texts("source")}
@@ -318,7 +372,7 @@ def parse_record(serialized: bytes) -> tuple[dict, list]:
     (value,) = texts(key)
     if value:
       header[key] = float(value)
-  return header, list(feature["media"].bytes_list.value)
+  return header, feature.get("media", [])
 
 
 class LongVidSource:
