@@ -5,9 +5,9 @@
 
 Both read the same synthetic mp4s: the TFDS build, and the same records in the legacy shard format that the
 TFDS builder replaced (written by this script, read as the removed shard reader read them). One process, one
-thread, the two readers interleaved (which goes first alternates every repeat), so a loaded machine slows
-both alike; per repeat it prints each reader's rates and the TFDS/legacy ratio, then the median and the
-spread (min..max) of each.
+thread, the two readers interleaved record by record (which goes first alternates), so a loaded machine
+slows both alike; per repeat it prints each reader's rates and the TFDS/legacy ratio, then the median and
+the spread (min..max) of each.
   read     every record fetched (header + media bytes) in a seeded random order, `--read_passes` times
   decode   every record fetched, then what a data worker does with a video: dynamic_fps1 sampling
            (64-256 frames), OpenCV decoding, PIL resize to 224
@@ -68,23 +68,26 @@ def _readers(dataset, root):
   return {"tfds": source.__getitem__, "legacy": _legacy_reader(shard)}, len(source)
 
 
-def _read_rate(read, order, passes):
-  start = time.perf_counter()
-  for _ in range(passes):
-    for i in order:
-      read(int(i))
-  return passes * len(order) / (time.perf_counter() - start)
-
-
-def _decode_rate(read, order):
+def _decode(header, media):
   from hico_jax.data import video
-  frames, start = 0, time.perf_counter()
-  for i in order:
-    header, media = read(int(i))
-    raw, _ = video.decode_frames(media[0], mode="dynamic_fps1", min_frames=64, max_frames=256,
-                                 start=header.get("start"), end=header.get("end"))
-    frames += len(video.resize_frames(raw, 224))
-  return frames / (time.perf_counter() - start)
+  raw, _ = video.decode_frames(media[0], mode="dynamic_fps1", min_frames=64, max_frames=256,
+                               start=header.get("start"), end=header.get("end"))
+  return len(video.resize_frames(raw, 224))
+
+
+def _interleaved(readers, order, passes, decode):
+  """Seconds each reader spent, and frames it decoded: record by record, each record read (and decoded) by
+  every reader in turn, the first one alternating, so load that comes and goes falls on both alike."""
+  seconds, frames = dict.fromkeys(readers, 0.0), dict.fromkeys(readers, 0)
+  names = list(readers)
+  for step, i in enumerate(np.tile(order, passes)):
+    for name in (names if step % 2 == 0 else names[::-1]):
+      start = time.perf_counter()
+      header, media = readers[name](int(i))
+      if decode:
+        frames[name] += _decode(header, media)
+      seconds[name] += time.perf_counter() - start
+  return seconds, frames
 
 
 def main() -> int:
@@ -104,13 +107,15 @@ def main() -> int:
   readers, n = _readers(dataset, args.workdir)
   order = np.random.default_rng(0).permutation(n)
   for read in readers.values():        # warm-up: open files, codec set-up
-    _decode_rate(read, order[:1])
+    _decode(*read(int(order[0])))
   results = {(name, kind): [] for name in readers for kind in ("read", "decode")}
   for repeat in range(args.repeats):
-    names = list(readers) if repeat % 2 == 0 else list(readers)[::-1]
-    for name in names:
-      results[(name, "read")].append(_read_rate(readers[name], order, args.read_passes))
-      results[(name, "decode")].append(_decode_rate(readers[name], order))
+    seconds, _ = _interleaved(readers, order, args.read_passes, decode=False)
+    for name in readers:
+      results[(name, "read")].append(args.read_passes * n / seconds[name])
+    seconds, frames = _interleaved(readers, order, 1, decode=True)
+    for name in readers:
+      results[(name, "decode")].append(frames[name] / seconds[name])
     print(f"repeat {repeat}: " + "  ".join(
         f"{kind} tfds {results[('tfds', kind)][-1]:.1f} legacy {results[('legacy', kind)][-1]:.1f} "
         f"ratio {results[('tfds', kind)][-1] / results[('legacy', kind)][-1]:.3f}" for kind in ("read", "decode")),
