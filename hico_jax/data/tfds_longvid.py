@@ -11,7 +11,7 @@ unit of named subsets, each with its count in one `dataset_info.json`, built in 
 
 Each example holds the record's id, its annotation index, the dataset name, the media type, the
 conversation turns, the media files' bytes exactly as on disk (a sequence, so a record may carry several
-images), their paths as the annotation wrote them, and start/end seconds (NaN when absent). Bad records
+images), their paths as the annotation wrote them, and start/end seconds (exact text, empty when absent). Bad records
 (malformed lines, conversations that do not alternate, missing or undecodable media) are left out; the
 skip report (dataset, id, reason) and each dataset's annotation length and kept indices go to the
 dataset's `metadata.json`, so sampling strategies (first:N, end:P%, random:N) select over the annotation's
