@@ -11,7 +11,7 @@ from absl import flags
 from PIL import Image
 
 from hico_jax import VIDEO_TOKEN_ID, api, presets
-from hico_jax.data import pipeline, records, shards, synthetic, video as video_io
+from hico_jax.data import pipeline, synthetic, tfds_longvid, video as video_io
 from hico_jax.data import tokenizer as tk
 from hico_jax.models import hico
 from tests.random_params import random_hico_params
@@ -61,7 +61,7 @@ def built(tmp_path_factory):
   (root / "videos.json").write_text(json.dumps(video_records))
   (root / "data.yaml").write_text(yaml.safe_dump({"datasets": [
       {"json_path": "images.json", "data_root": "media"}, {"json_path": "videos.json", "data_root": "media"}]}))
-  report = shards.build(str(root / "data.yaml"), str(root / "shards"), log=lambda _: None)
+  report = tfds_longvid.build(str(root / "data.yaml"), str(root / "shards"), log=lambda _: None)
   tk.build_qwen2_tokenizer_json(root / "tokenizer")
   return {"root": root, "media": media, "report": report, "shards": str(root / "shards"),
           "tokenizer": str(root / "tokenizer")}
@@ -77,40 +77,26 @@ def _config(built, **overrides):
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_records_carry_several_media_files_and_old_records_still_read():
-  header = {"id": "x", "media_type": "image", "conversations": PAIR_TURNS}
-  parts = [b"first image", b"", b"third"]
-  decoded_header, decoded = records.decode_record_parts(records.encode_record(header, parts))
-  assert decoded == parts and decoded_header["media_sizes"] == [11, 0, 5]
-  old = records.encode_record(header, b"one video")           # the layout every earlier shard holds
-  assert records.decode_record_parts(old) == (header, [b"one video"])
-  assert records.decode_record(old) == (header, b"one video")
-  assert records.decode_record_parts(records.encode_record({**header, "media_type": "text"}))[1] == []
-  broken = records.encode_record({**header, "media_sizes": [4, 40]}, b"abcdefgh")
-  with pytest.raises(records.RecordError, match="do not add up"):
-    records.decode_record_parts(broken)
-
-
 def test_builder_stores_each_images_bytes_and_skips_a_missing_one(built):
   report = built["report"]
   assert [(name, rid) for name, rid, _ in report.skipped_ids] == [("images", "missing")]
   assert "nowhere.png" in report.skipped_ids[0][2]
-  source = shards.MixedSource(built["shards"])
+  source = tfds_longvid.LongVidSource(built["shards"])
   by_id = {}
   for i in range(len(source)):
-    header, parts = records.decode_record_parts(source[i])
-    by_id[header["id"]] = (header, parts)
+    header, parts = source[i]
+    by_id[header["id"]] = (header, list(parts))
   assert by_id["pair"][1] == [(built["media"] / n).read_bytes() for n in ("pair_a.png", "pair_b.png")]
   assert by_id["wide"][1] == [(built["media"] / "wide.png").read_bytes()]
-  assert by_id["empty"][1] == [] and by_id["clip"][0]["media_type"] == "video"
+  assert by_id["empty"][1] == [b""] and by_id["clip"][0]["media_type"] == "video"
 
 
 def test_decoded_samples_hold_the_reference_tiles_and_token_layout(built):
   decode = pipeline.DecodeSample(_config(built))
-  source = shards.MixedSource(built["shards"])
+  source = tfds_longvid.LongVidSource(built["shards"])
   samples = {}
   for i in range(len(source)):
-    header, _ = records.decode_record(source[i])
+    header, _ = source[i]
     samples[header["id"]] = decode.map(source[i])
   for rid, name in (("wide", "wide.png"), ("tall", "tall.jpg")):
     picture = Image.open(built["media"] / name).convert("RGB")
@@ -178,8 +164,7 @@ def test_an_image_and_a_video_packed_in_one_row_give_the_logits_each_gives_alone
 def test_image_sample_tag_count_must_match_its_images(built):
   decode = pipeline.DecodeSample(_config(built))
   png = (built["media"] / "pair_a.png").read_bytes()
-  data = records.encode_record({"id": "one_tag_two_images", "dataset": "x", "media_type": "image",
-                                "conversations": TURNS}, [png, png])
+  data = ({"id": "one_tag_two_images", "dataset": "x", "media_type": "image", "conversations": TURNS}, [png, png])
   assert decode.map(data)["skip"]
 
 

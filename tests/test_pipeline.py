@@ -1,4 +1,4 @@
-"""The Grain input pipeline end to end on real shards of synthetic videos: host sharding, epochs, packing,
+"""The Grain input pipeline end to end on a real TFDS build of synthetic videos: host sharding, epochs, packing,
 skipping bad records, iterator state, zig-zag and the transfer to a device mesh.
 
 Samples are recognised in the packed rows by their content: each record is decoded once on its own (the
@@ -11,15 +11,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 from absl import flags
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from hico_jax import VIDEO_TOKEN_ID
-from hico_jax.data import pipeline, records, shards, synthetic
+from hico_jax.data import annotations, pipeline, synthetic, tfds_longvid
 from hico_jax.data import tokenizer as tk
 
 # mp_prefetch workers read an absl flag; unparsed flags raise there (grain#1355, libraries.md §5).
@@ -31,16 +29,16 @@ TOKEN_BUDGET, FRAME_BUDGET, IMAGE_SIZE = 512, 16, 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fixtures: one synthetic set (with bad annotations), its shards, the tokenizer; all built once per module.
+# Fixtures: one synthetic set (with bad annotations), its TFDS build, the tokenizer; all built once per module.
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
   dataset = synthetic.make_dataset(root / "synthetic", num_videos=36, seed=0, size=IMAGE_SIZE,
                                    duration_range=(4.0, 8.0), fps_range=(4, 12), corrupt=4)
-  report = shards.build(os.fspath(dataset), str(root / "shards"), log=lambda _: None)
+  report = tfds_longvid.build(os.fspath(dataset), str(root / "tfds"), log=lambda _: None)
   tk.build_qwen2_tokenizer_json(root / "tokenizer")
-  return {"root": root, "dataset": dataset, "report": report, "shards": str(root / "shards"),
+  return {"root": root, "dataset": dataset, "report": report, "shards": str(root / "tfds"),
           "tokenizer": str(root / "tokenizer")}
 
 
@@ -55,8 +53,8 @@ def _config(built, shard_dir=None, **overrides):
 
 
 def _reference(config):
-  """Every record of the shard directory decoded on its own: {sample key: record index}, and the samples."""
-  source = shards.MixedSource(config.shards, dict(config.strategies), config.seed)
+  """Every record of the dataset decoded on its own: {sample key: record index}, and the samples."""
+  source = pipeline.open_source(config)
   decode = pipeline.DecodeSample(config)
   keys, samples = {}, {}
   for i in range(len(source)):
@@ -276,24 +274,25 @@ def test_restored_iterator_continues_with_the_identical_batches(built, num_worke
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
 
-def _write_dataset(shard_dir, name, encoded):
-  """Adds a dataset of raw records to a shard directory's manifest, as the builder would have written it."""
-  shard = f"{name}.array_record-00000-of-00001"
-  writer = ArrayRecordWriter(os.path.join(shard_dir, shard), "group_size:1")
-  for data in encoded:
-    writer.write(data)
-  writer.close()
-  np.save(os.path.join(shard_dir, f"{name}.indices.npy"), np.arange(len(encoded), dtype=np.int64))
-  path = os.path.join(shard_dir, shards.MANIFEST)
-  manifest = {"version": 1, "datasets": []}
-  if os.path.exists(path):
-    with open(path) as f:
-      manifest = json.load(f)
-  manifest["datasets"].append({"name": name, "json_path": "<test>", "num_raw": len(encoded),
-                               "num_records": len(encoded), "sampling_strategy": "all", "shards": [shard],
-                               "indices": f"{name}.indices.npy"})
-  with open(path, "w") as f:
-    json.dump(manifest, f)
+def _build_dataset(root, name, entries, with_datasets=()):
+  """A TFDS build whose YAML lists `with_datasets` (annotations.DatasetSpec) and one dataset `name` of
+  (header, media list) entries, written out as annotation lines and media files. Media are not checked while
+  building, so bad media reach the pipeline's decoder as they would from a build made with --no_verify."""
+  folder = root / name
+  (folder / "media").mkdir(parents=True)
+  lines = []
+  for k, (header, media) in enumerate(entries):
+    record = {key: header[key] for key in ("id", "conversations", "start", "end") if key in header}
+    if media:
+      (folder / "media" / f"{k}.bin").write_bytes(media[0])
+      record[header["media_type"]] = f"{k}.bin"
+    lines.append(json.dumps(record))
+  (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+  listed = [{"json_path": spec.json_path, "data_root": spec.data_root, "sampling_strategy": spec.sampling_strategy}
+            for spec in with_datasets] + [{"json_path": f"{name}.jsonl", "data_root": "media"}]
+  (folder / "data.yaml").write_text(json.dumps({"datasets": listed}))    # JSON is YAML
+  tfds_longvid.build(str(folder / "data.yaml"), str(folder / "tfds"), verify_media=False, log=lambda _: None)
+  return str(folder / "tfds")
 
 
 @pytest.mark.parametrize("vlen", [9, 10, 12])
@@ -308,8 +307,8 @@ def test_every_sample_brings_whole_clips_even_where_the_reference_count_is_not(b
   written = np.broadcast_to(levels[:, None, None, None], (vlen, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
   path = synthetic.write_video(tmp_path / "odd.mp4", written, fps=4)
   turns = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Grey."}]
-  sample = pipeline.DecodeSample(config).map(records.encode_record(
-      {"id": "odd", "dataset": "extra", "media_type": "video", "conversations": turns}, path.read_bytes()))
+  sample = pipeline.DecodeSample(config).map(
+      ({"id": "odd", "dataset": "extra", "media_type": "video", "conversations": turns}, [path.read_bytes()]))
   assert not sample["skip"]
   frames = sample["frames"]
   assert len(frames) == -(-vlen // 4) * 4
@@ -327,15 +326,13 @@ def test_frame_counts_off_whole_clips_are_config_errors(built):
 
 def test_records_failing_at_decode_time_are_skipped_and_counted(built, reference):
   good_keys, good_samples = reference
-  shard_dir = str(built["root"] / "shards_with_bad_records")
-  shutil.copytree(built["shards"], shard_dir)
   videos = built["dataset"].out_dir / "videos"
   video = (videos / "captioning_00000.mp4").read_bytes()
   turns = [{"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": "A circle."}]
 
   def record(rid, media=video, **header):
-    return records.encode_record({"id": rid, "dataset": "extra", "media_type": "video", "conversations": turns,
-                                  **header}, media)
+    header = {"id": rid, "dataset": "extra", "media_type": "video", "conversations": turns, **header}
+    return header, [media] if media is not None else []
 
   bad = [
       record("truncated_media", media=video[: len(video) // 3]),         # mp4 index (moov) cut off
@@ -343,7 +340,6 @@ def test_records_failing_at_decode_time_are_skipped_and_counted(built, reference
       record("span_past_the_end", start=100.0, end=120.0),                # no frames in the span
       record("image_record", media_type="image"),                         # data.tile_budget=0: no images
       record("no_image_tag", conversations=[{"from": "human", "value": "What moves?"}, turns[1]]),
-      b"not a hico record at all",
   ]
   long_answer = " ".join(["The circle keeps moving."] * 200)            # ~1000 tokens: truncated, not dropped
   good = [
@@ -351,13 +347,17 @@ def test_records_failing_at_decode_time_are_skipped_and_counted(built, reference
       record("text_only", media=None, media_type="text",
              conversations=[{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]),
   ]
-  _write_dataset(shard_dir, "extra", bad + good)
+  main = annotations.load_dataset_list(os.fspath(built["dataset"]))
+  data_dir = _build_dataset(built["root"], "extra", bad + good, with_datasets=main)
 
-  config = _config(built, shard_dir=shard_dir)
+  config = _config(built, shard_dir=data_dir)
   keys, samples = _reference(config)
   assert len(samples) == len(good_samples) + len(good)
+  # Built without media checks, the synthetic set's truncated videos now also reach the decoder, and fail there.
+  failing = len(bad) + sum(c["kind"] == "truncated_video" for c in built["dataset"].corrupt)
+  assert len(pipeline.open_source(config)) == len(samples) + failing
   batches = list(pipeline.make_dataset(config, batch_size=1))
-  assert sum(int(b["num_skipped"]) for b in batches) == len(bad)
+  assert sum(int(b["num_skipped"]) for b in batches) == failing
   order = _sample_order(batches, keys)
   assert sorted(order) == sorted(samples), "a good sample was lost or duplicated"
   lengths = {len(seg["input_ids"]) for row in _rows(batches) for seg in _segments(row)}
@@ -367,16 +367,15 @@ def test_records_failing_at_decode_time_are_skipped_and_counted(built, reference
 def test_bad_records_at_the_end_of_an_epoch_are_still_counted(built, reference):
   """A bad record last in a finite epoch has no later good sample to carry its count."""
   keys, _ = reference
-  good = shards.MixedSource(built["shards"])[0]
-  bad = [b"not a hico record %d" % i for i in range(3)]
-  for name, encoded, num_good in (("all_bad", bad, 0), ("one_good", [good] + bad, 1)):
-    shard_dir = str(built["root"] / name)
-    os.makedirs(shard_dir)
-    _write_dataset(shard_dir, name, encoded)
+  good = pipeline.open_source(_config(built))[0]
+  bad = [({"id": f"noise{i}", "media_type": "video", "conversations": good[0]["conversations"]},
+          [np.random.default_rng(i).bytes(3000)]) for i in range(3)]
+  for name, entries, num_good in (("all_bad", bad, 0), ("one_good", [good] + bad, 1)):
+    data_dir = _build_dataset(built["root"], name, entries)
     for seed in range(4):       # one good among three bad: most orders end on a bad record
-      batches = list(pipeline.make_dataset(_config(built, shard_dir=shard_dir, seed=seed), batch_size=1))
+      batches = list(pipeline.make_dataset(_config(built, shard_dir=data_dir, seed=seed), batch_size=1))
       assert sum(int(b["num_skipped"]) for b in batches) == len(bad), (name, seed)
-      assert _sample_order(batches, keys) == [0] * num_good     # the good one is record 0 of the main shards
+      assert _sample_order(batches, keys) == [0] * num_good     # the good one is record 0 of the main set
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from hico_jax.data import pipeline, shards, synthetic_images
+from hico_jax.data import pipeline, synthetic_images, tfds_longvid
 from hico_jax.data import tokenizer as tk
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40),
@@ -71,7 +71,7 @@ def test_a_picture_does_not_depend_on_how_many_are_made(dataset, tmp_path):
 
 
 def test_the_set_builds_into_shards_that_the_pipeline_tiles_without_skipping(dataset, tmp_path):
-  report = shards.build(str(dataset), str(tmp_path / "shards"), log=lambda _: None)
+  report = tfds_longvid.build(str(dataset), str(tmp_path / "shards"), log=lambda _: None)
   assert not report.skipped_ids
   tk.build_qwen2_tokenizer_json(tmp_path / "tokenizer")
   config = pipeline.DataConfig(shards=str(tmp_path / "shards"), tokenizer_dir=str(tmp_path / "tokenizer"),

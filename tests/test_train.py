@@ -32,7 +32,7 @@ import transformers
 import hico_jax
 from hico_jax import VIDEO_TOKEN_ID, presets, sharding
 from hico_jax.convert import qwen2_hf, videochat_flash
-from hico_jax.data import pipeline, shards, synthetic, tokenizer, video as video_lib
+from hico_jax.data import pipeline, synthetic, tfds_longvid, tokenizer, video as video_lib
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.train import checkpoint as ckpt, init_weights, recipe, step as step_lib, trainer
 from hico_jax.validate import ConfigError
@@ -302,7 +302,7 @@ def synthetic_data(tmp_path_factory):
   root = tmp_path_factory.mktemp("synthetic")
   dataset = synthetic.make_dataset(root / "videos", num_videos=30, seed=0, size=SIZE, fps_range=(4, 8),
                                    duration_range=(4.0, 12.0))
-  shards.build(str(dataset), str(root / "shards"), log=lambda _: None)
+  tfds_longvid.build(str(dataset), str(root / "shards"), log=lambda _: None)
   tokenizer.build_qwen2_tokenizer_json(root / "tokenizer")
   return root
 
@@ -473,8 +473,8 @@ def test_missing_data_path_is_named_before_anything_compiles(synthetic_data, tmp
 
 @pytest.mark.parametrize("make,message", [
     (lambda path: None, r"eval\.shards '.*eval_set' does not exist"),
-    (lambda path: path.mkdir(), r"no manifest\.json in shard directory '.*eval_set'"),
-], ids=["missing", "not_shards"])
+    (lambda path: path.mkdir(), r"no prepared long_vid dataset under '.*eval_set'"),
+], ids=["missing", "not_a_dataset"])
 def test_bad_evaluation_set_is_named_before_anything_compiles(synthetic_data, tmp_path, nothing_compiles, make,
                                                                message):
   """The evaluation runs after the last step: a bad path found only then would cost the whole run."""
@@ -626,7 +626,7 @@ def test_held_out_scores_equal_a_full_logits_recount(synthetic_data, template):
   model's full logits, candidates drawn as it draws them, on a randomly initialised model (scores near chance,
   so both outcomes occur). With stage 1's plain template the sample ends in the caption and a newline, one
   piece of text, and training supervises both: the recount scores the tokens of caption + newline."""
-  from hico_jax.data import records, text
+  from hico_jax.data import text
   from hico_jax.train import evaluate
   config = _trainer_config(synthetic_data)
   config.data.template = template
@@ -638,8 +638,8 @@ def test_held_out_scores_equal_a_full_logits_recount(synthetic_data, template):
   ours = evaluate.evaluate_qa(model, params, config.eval, data_config)
 
   tok = tokenizer.load_tokenizer(data_config.tokenizer_dir)
-  source = shards.MixedSource(config.eval.shards)
-  headers = [records.decode_record(source[i]) for i in range(len(source))]
+  source = tfds_longvid.LongVidSource(config.eval.shards)
+  headers = [source[i] for i in range(len(source))]
   distinct = {}
   for header, _ in headers:
     distinct.setdefault(header["dataset"], set()).add(header["conversations"][1]["value"].strip())
@@ -653,7 +653,7 @@ def test_held_out_scores_equal_a_full_logits_recount(synthetic_data, template):
     if counts.get(task, (0, 0, 0))[2] >= 1:
       continue
     question, answer = header["conversations"][:2]
-    raw, info = video_lib.decode_frames(media, mode=data_config.sampling, num_frames=data_config.num_frames,
+    raw, info = video_lib.decode_frames(media[0], mode=data_config.sampling, num_frames=data_config.num_frames,
                                         min_frames=data_config.min_frames, max_frames=data_config.max_frames)
     frames = video_lib.resize_frames(raw, data_config.image_size)
     others = [a for a in sorted(distinct[task]) if a != answer["value"].strip()]

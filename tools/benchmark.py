@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -393,16 +394,17 @@ def run_torch_ceilings(case: dict) -> dict:
 
 def run_data(case: dict) -> dict:
   """Decode + sample (dynamic ~1 fps, 64-256 frames) + resize, one process on one core, from a shard of
-  synthetic mp4s: the work a data worker does per sample."""
-  from hico_jax.data import records, shards, synthetic, video
+  synthetic mp4s (their TFDS build): the work a data worker does per sample."""
+  from hico_jax.data import synthetic, tfds_longvid, video
   root = case["workdir"]
   dataset = synthetic.make_dataset(os.path.join(root, "videos"), num_videos=case["videos"], seed=0,
                                    size=case["source_px"], fps_range=(24, 30), duration_range=(90.0, 150.0))
-  out = os.path.join(root, "shards")
-  if not os.path.exists(os.path.join(out, shards.MANIFEST)) or not dataset.reused:
-    shards.build(str(dataset), out, log=lambda _: None)
-  source = shards.MixedSource(out)
-  media = [records.decode_record(source[i])[1] for i in range(len(source))]
+  out = os.path.join(root, "tfds")
+  if not tfds_longvid.is_prepared(out) or not dataset.reused:
+    shutil.rmtree(out, ignore_errors=True)
+    tfds_longvid.build(str(dataset), out, log=lambda _: None)
+  source = tfds_longvid.LongVidSource(out)
+  media = [source[i][1][0] for i in range(len(source))]
   video.resize_frames(video.decode_frames(media[0], max_frames=8)[0], 224)   # warm-up: codec and Pillow set-up
   results = {}
   for size in case["sizes"]:

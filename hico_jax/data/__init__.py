@@ -1,4 +1,4 @@
-"""Data: shard records, video decoding and sampling, chat text, the Grain pipeline, synthetic data."""
+"""Data: the TFDS LongVid builder and source, video decoding and sampling, chat text, Grain, synthetic data."""
 
 import numpy as np
 

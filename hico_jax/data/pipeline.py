@@ -1,6 +1,7 @@
-"""The training input pipeline: shards -> samples -> packed rows -> global arrays on the mesh.
+"""The training input pipeline: a prepared TFDS dataset -> samples -> packed rows -> global arrays on the mesh.
 
-  source   MixedSource over the shard directory (datasets mixed by their sampling strategies)
+  source   LongVidSource over the TFDS ArrayRecord splits (datasets mixed by their sampling strategies);
+           each item is (header dict, list of media bytes)
   host     this host's slice, ds[process_index::process_count], before shuffling: hosts never overlap
   order    a seeded global shuffle, a new order every epoch
   decode   in worker processes: record -> sampled, resized frames (uint8) + token ids + shifted targets
@@ -24,7 +25,7 @@ import logging
 import grain
 import numpy as np
 
-from hico_jax.data import image, image_samples, records, shards, text, video
+from hico_jax.data import image, image_samples, text, tfds_longvid, video
 from hico_jax.data.order import unzigzag, zigzag  # pylint: disable=unused-import  # re-exported
 
 IGNORE = -100
@@ -32,7 +33,7 @@ IGNORE = -100
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  shards: str
+  shards: str                        # a prepared TFDS dataset (tools/build_shards.py --out), or its data_dir
   tokenizer_dir: str
   image_size: int = 224
   token_budget: int = 32768          # tokens per packed row
@@ -100,18 +101,17 @@ def _log_skip(record_id, reason):
 
 
 class DecodeSample(grain.transforms.Map):
-  """Record bytes -> training sample, or a skip marker {"skip": 1} with the reason logged."""
+  """(header dict, list of media bytes) -> training sample, or a skip marker {"skip": 1} with the reason logged."""
 
   def __init__(self, config: DataConfig):
     self.config = config
     self._tokenizer = None
 
-  def map(self, data: bytes) -> dict:
+  def map(self, record: tuple) -> dict:
     cfg = self.config
     record_id = "<unparsed>"
     try:
-      header, blobs = records.decode_record_parts(data)
-      media = blobs[0] if blobs else b""
+      header, blobs = record
       record_id = f"{header.get('dataset')}/{header['id']}"
       if self._tokenizer is None:                  # loaded in each worker process, not pickled
         from hico_jax.data.tokenizer import load_tokenizer
@@ -120,7 +120,7 @@ class DecodeSample(grain.transforms.Map):
       num_frames = duration = None
       tiles, image_tokens, orders = frames, None, []
       if header["media_type"] == "video":
-        frames, info = sample_frames(media, header, cfg)
+        frames, info = sample_frames(blobs[0], header, cfg)
         num_frames, duration = len(frames), info["duration"]
         if num_frames > cfg.frame_budget:
           raise text.SampleTooLongError(f"{num_frames} frames exceed data.frame_budget={cfg.frame_budget}")
@@ -130,7 +130,7 @@ class DecodeSample(grain.transforms.Map):
       sample = text.encode_sample(header["conversations"], self._tokenizer, num_frames=num_frames,
                                   duration=duration, template=cfg.template, max_length=cfg.token_budget,
                                   image_tokens=image_tokens)
-    except (ValueError, KeyError, TypeError) as e:   # VideoDecodeError, RecordError, SampleTooLongError are ValueErrors
+    except (ValueError, KeyError, TypeError, IndexError) as e:   # VideoDecodeError, SampleTooLongError are ValueErrors
       _log_skip(record_id, f"{type(e).__name__}: {e}")
       return {"skip": np.int32(1)}
     labels = sample["labels"]
@@ -220,12 +220,17 @@ def _finish_batch(batch: dict, seq_shards: int) -> dict:
   return out
 
 
+def open_source(config: DataConfig):
+  """The mixed random-access source of a config: item i is (header dict, list of media bytes)."""
+  return tfds_longvid.LongVidSource(config.shards, dict(config.strategies), config.seed)
+
+
 def make_dataset(config: DataConfig, *, batch_size: int, process_index: int = 0, process_count: int = 1,
                  seq_shards: int = 1) -> grain.IterDataset:
   """This host's packed batches of `batch_size` rows (the global batch divided by the process count)."""
   if config.token_budget % (2 * seq_shards) and seq_shards > 1:
     raise ValueError(f"data.token_budget={config.token_budget} must divide into 2·seq={2 * seq_shards} chunks")
-  source = shards.MixedSource(config.shards, dict(config.strategies), config.seed)
+  source = open_source(config)
   if len(source) < process_count:
     raise ValueError(f"{len(source)} records cannot feed {process_count} processes")
   ds = grain.MapDataset.source(source)[process_index::process_count]

@@ -15,7 +15,7 @@ does not depend on how many pictures or which tasks are asked for.
 
 `make_image_dataset` writes out_dir/images/<task>_<index>.png, out_dir/annotations/<task>.jsonl (LLaVA records
 {"id", "image", "conversations", "task"}; "image" a path relative to images/, or a list of two) and
-out_dir/data.yaml (media_type image), the layout `hico_jax.data.shards.build` reads.
+out_dir/data.yaml (media_type image), the layout `hico_jax.data.tfds_longvid.build` reads.
 """
 
 from __future__ import annotations

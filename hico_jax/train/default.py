@@ -1,4 +1,4 @@
-"""The embedded default: synthetic videos -> shards -> the tiny model through the stage sequence ->
+"""The embedded default: synthetic videos -> a TFDS build -> the tiny model through the stage sequence ->
 held-out accuracy per task next to chance -> an HF export. README's main command.
 
   python -m hico_jax.train.default [--workdir runs/tiny] [--stages stage1,stage2] [--steps 200]
@@ -12,11 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import time
 
 from absl import app, flags
 
-from hico_jax.data import shards, synthetic
+from hico_jax.data import synthetic, tfds_longvid
 from hico_jax.data.tokenizer import build_qwen2_tokenizer_json
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "where the stage run directories go")
@@ -38,15 +39,17 @@ def load_config_module(path: str):
 
 
 def prepare_data(root: str, train_videos: int, eval_videos: int, size: int, **options):
-  """Synthetic train/eval sets, their shards and the tokenizer, each made only if missing. `options` go to
-  synthetic.make_dataset (fps and duration ranges)."""
+  """Synthetic train/eval sets, their TFDS builds (what tools/build_shards.py makes, under shards/ and
+  eval_shards/) and the tokenizer, each made only if missing. `options` go to synthetic.make_dataset (fps and
+  duration ranges)."""
   start = time.perf_counter()
   for name, count, seed in (("train", train_videos, 0), ("eval", eval_videos, 1)):
     dataset = synthetic.make_dataset(os.path.join(root, name), num_videos=count, seed=seed, size=size, **options)
     out = os.path.join(root, "shards" if name == "train" else "eval_shards")
-    if not os.path.exists(os.path.join(out, shards.MANIFEST)) or not dataset.reused:
-      report = shards.build(str(dataset), out, log=lambda _: None)
-      print(f"{name} shards: {report.summary().splitlines()[-1]}")
+    if not dataset.reused or not tfds_longvid.is_prepared(out):
+      shutil.rmtree(out, ignore_errors=True)   # new videos, or a build of the old shard format or a crashed one
+      report = tfds_longvid.build(str(dataset), out, log=lambda _: None, quiet=True)
+      print(f"{name} dataset: {report.summary().splitlines()[-1]}")
   build_qwen2_tokenizer_json(os.path.join(root, "tokenizer"))
   print(f"data ready in {time.perf_counter() - start:.1f} s")
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hico_jax.data import pipeline, records, shards, text
+from hico_jax.data import pipeline, text, tfds_longvid
 from hico_jax.data.tokenizer import load_tokenizer
 from hico_jax.models.hico import HiCo
 from hico_jax.train.step import normalize_frames
@@ -47,7 +47,7 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
   """{task: {"choice", "choice_chance", "exact", "exact_chance", "count", "skipped"}} over
   eval_config.shards; "skipped" counts the records whose video did not decode."""
   tokenizer = load_tokenizer(data_config.tokenizer_dir)
-  source = shards.MixedSource(eval_config.shards)
+  source = tfds_longvid.LongVidSource(eval_config.shards)
   max_per_task = eval_config.get("max_per_task", 10**9)
   num_choices = eval_config.get("num_choices", 5)
   size, frame_budget = data_config.image_size, data_config.frame_budget
@@ -63,7 +63,7 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
     logits = jnp.einsum("bkd,dv->bkv", hidden, kernel, preferred_element_type=jnp.float32)
     return jax.nn.log_softmax(logits, axis=-1)
 
-  headers = [records.decode_record(source[i]) for i in range(len(source))]
+  headers = [source[i] for i in range(len(source))]
   answers = collections.defaultdict(list)
   for header, _ in headers:
     answers[header["dataset"]].append(header["conversations"][1]["value"].strip())
@@ -76,8 +76,8 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
       continue
     question, answer = header["conversations"][0], header["conversations"][1]
     try:
-      frames, info = pipeline.sample_frames(media, header, data_config)
-    except ValueError:   # a video that does not decode: counted and reported, not scored
+      frames, info = pipeline.sample_frames(media[0], header, data_config)
+    except (ValueError, IndexError):   # a video that does not decode: counted and reported, not scored
       skipped[task] += 1
       continue
     frames = frames[:frame_budget]

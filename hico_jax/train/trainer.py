@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 
 from hico_jax import sharding, validate
-from hico_jax.data import pipeline, shards
+from hico_jax.data import pipeline, tfds_longvid
 from hico_jax.models import vit
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.ops import xla_options
@@ -48,7 +48,7 @@ def train(config, workdir: str) -> dict:
     if path and not os.path.exists(path):
       raise FileNotFoundError(f"{what} {path!r} does not exist")
   if eval_shards:
-    shards.MixedSource(eval_shards)   # opened now: a bad evaluation set must not wait for the end of training
+    tfds_longvid.LongVidSource(eval_shards)   # opened now: a bad evaluation set must not wait for the end of training
 
   # -------------------------------------------------------------------------------------------------- mesh
   # jax.distributed.initialize() has already run (launch/) when there are several processes.
