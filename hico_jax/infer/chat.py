@@ -142,20 +142,16 @@ def check_video_model(model) -> None:
                      "its config.json); chatting with a video needs a VideoChat-Flash checkpoint")
 
 
-class VideoChat:
-  """One video and a conversation about it with a loaded VideoChat-Flash model (`hico_jax.from_pretrained`).
-  The video is encoded once, here (`chunk_clips` clips at a time: CausalLM.encode_video), and every question
-  reuses its visual tokens."""
+class _Conversation:
+  """A conversation with a loaded VideoChat-Flash model about media placed once, in the first user turn: the
+  prompt (chat()'s conv_qwen with its history), left padding to prompt buckets, generation and the answer.
+  Subclasses say what the first turn holds (`_first_turn`, `_placeholders`) and how the media reach
+  `generate` (`_media`)."""
+  what = "media"
 
-  def __init__(self, model, tokenizer, video: Video, *, system_prompt: str = text.DEFAULT_SYSTEM_PROMPT,
-               prompt_bucket: int = PROMPT_BUCKET, chunk_clips: int | None = None, progress: bool = False):
-    check_video_model(model)
-    self.model, self.tokenizer, self.video, self.system_prompt = model, tokenizer, video, system_prompt
+  def __init__(self, model, tokenizer, *, system_prompt: str, prompt_bucket: int):
+    self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
     self.prompt_bucket = prompt_bucket
-    size = model.config.vit.image_size
-    frames = video.frames if video.frames.shape[1:3] == (size, size) else video_io.resize_frames(video.frames, size)
-    # Encoded once: every turn of the reference reloads and re-encodes the same frames.
-    self.visual_tokens = model.encode_video(frames, chunk_clips=chunk_clips, progress=progress)[None]  # (1, 16·T, H)
     # chat() stops on the keyword `<|im_end|>` besides whatever eos the checkpoint's generation config names.
     self.stop_ids = tuple(dict.fromkeys([*model.eos_ids, tokenizer.eos_id]))
     self.history: list[dict] = []
@@ -165,14 +161,15 @@ class VideoChat:
     if not isinstance(question, str) or not question.strip():
       raise ValueError(f"question must be a non-empty string, got {question!r}")
     if text.IMAGE_TAG in question:
-      raise ValueError(f"question contains {text.IMAGE_TAG!r}, the video placeholder; the video is placed once, "
-                       "in the first turn")
+      raise ValueError(f"question contains {text.IMAGE_TAG!r}, the {self.what} placeholder; the {self.what} is "
+                       "placed once, in the first turn")
     history = self.history if keep_history else []
-    user_turn = question if history else first_user_turn(question, self.video.time_message())
+    user_turn = question if history else self._first_turn(question)
     ids = text.tokenize_image_prompt(prompt_text(history, user_turn, self.system_prompt), self.tokenizer)
-    if np.sum(ids == VIDEO_TOKEN_ID) != 1:
-      raise ValueError(f"the conversation holds {int(np.sum(ids == VIDEO_TOKEN_ID))} {text.IMAGE_TAG!r} tags (an "
-                       "earlier answer wrote one); a prompt takes the video once: start a new conversation")
+    found = int(np.sum(ids == VIDEO_TOKEN_ID))
+    if found != self._placeholders:
+      raise ValueError(f"the conversation holds {found} {text.IMAGE_TAG!r} tags for {self._placeholders} "
+                       f"{self.what} placeholder(s) (an earlier answer wrote one): start a new conversation")
     return ids, user_turn
 
   def ask(self, question: str, *, max_new_tokens: int = 1024, temperature: float = 0.0, top_p: float = 1.0,
@@ -183,14 +180,36 @@ class VideoChat:
     padding = -len(ids) % self.prompt_bucket
     padded = np.concatenate([np.full(padding, self.model.pad_id, np.int32), ids])   # masked: any id does
     mask = (np.arange(len(padded)) >= padding).astype(np.int32)
-    new_ids = self.model.generate(padded[None], visual_tokens=self.visual_tokens, attention_mask=mask[None],
-                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                  eos_ids=self.stop_ids)
+    new_ids = self.model.generate(padded[None], attention_mask=mask[None], max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed, eos_ids=self.stop_ids,
+                                  **self._media())
     answer_ids, answer = decode_answer(new_ids[0], self.tokenizer, self.stop_ids)
-    if not keep_history:
-      self.history = []
-    self.history += [{"role": USER, "content": user_turn}, {"role": ASSISTANT, "content": answer}]
+    self.history = (self.history if keep_history else []) + [
+        {"role": USER, "content": user_turn}, {"role": ASSISTANT, "content": answer}]
     return Turn(question=question, answer=answer, prompt_ids=ids, answer_ids=answer_ids)
+
+
+class VideoChat(_Conversation):
+  """One video and a conversation about it with a loaded VideoChat-Flash model (`hico_jax.from_pretrained`).
+  The video is encoded once, here (`chunk_clips` clips at a time: CausalLM.encode_video), and every question
+  reuses its visual tokens."""
+  what, _placeholders = "video", 1
+
+  def __init__(self, model, tokenizer, video: Video, *, system_prompt: str = text.DEFAULT_SYSTEM_PROMPT,
+               prompt_bucket: int = PROMPT_BUCKET, chunk_clips: int | None = None, progress: bool = False):
+    check_video_model(model)
+    super().__init__(model, tokenizer, system_prompt=system_prompt, prompt_bucket=prompt_bucket)
+    self.video = video
+    size = model.config.vit.image_size
+    frames = video.frames if video.frames.shape[1:3] == (size, size) else video_io.resize_frames(video.frames, size)
+    # Encoded once: every turn of the reference reloads and re-encodes the same frames.
+    self.visual_tokens = model.encode_video(frames, chunk_clips=chunk_clips, progress=progress)[None]  # (1, 16·T, H)
+
+  def _first_turn(self, question: str) -> str:
+    return first_user_turn(question, self.video.time_message())
+
+  def _media(self) -> dict:
+    return {"visual_tokens": self.visual_tokens}
 
 
 def image_user_turn(question: str, num_images: int) -> str:
@@ -199,10 +218,11 @@ def image_user_turn(question: str, num_images: int) -> str:
   return f"{text.IMAGE_TAG}\n" * num_images + question
 
 
-class ImageChat:
+class ImageChat(_Conversation):
   """A conversation about one or several still images (one: anyres_nopad tiles; several: 64 tokens each). The
   reference's HF chat() takes only videos; this builds its prompt the same way, with the image turn training
   uses and no time message."""
+  what = "image"
 
   def __init__(self, model, tokenizer, images: Sequence, *, system_prompt: str = text.DEFAULT_SYSTEM_PROMPT,
                prompt_bucket: int = PROMPT_BUCKET):
@@ -211,37 +231,12 @@ class ImageChat:
                        "its config.json); chatting about an image needs a VideoChat-Flash checkpoint")
     if not images:
       raise ValueError("ImageChat needs at least one image")
-    self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
-    self.prompt_bucket = prompt_bucket
+    super().__init__(model, tokenizer, system_prompt=system_prompt, prompt_bucket=prompt_bucket)
     self.images = [image_io.as_pil(im) for im in images]      # decoded once, before any turn
-    self.stop_ids = tuple(dict.fromkeys([*model.eos_ids, tokenizer.eos_id]))
-    self.history: list[dict] = []
+    self._placeholders = len(self.images)
 
-  def prompt_ids(self, question: str, *, keep_history: bool = True) -> tuple[np.ndarray, str]:
-    if not isinstance(question, str) or not question.strip():
-      raise ValueError(f"question must be a non-empty string, got {question!r}")
-    if text.IMAGE_TAG in question:
-      raise ValueError(f"question contains {text.IMAGE_TAG!r}, the image placeholder; the images are placed once, "
-                       "in the first turn")
-    history = self.history if keep_history else []
-    user_turn = question if history else image_user_turn(question, len(self.images))
-    ids = text.tokenize_image_prompt(prompt_text(history, user_turn, self.system_prompt), self.tokenizer)
-    if np.sum(ids == VIDEO_TOKEN_ID) != len(self.images):
-      raise ValueError(f"the conversation holds {int(np.sum(ids == VIDEO_TOKEN_ID))} {text.IMAGE_TAG!r} tags for "
-                       f"{len(self.images)} image(s) (an earlier answer wrote one): start a new conversation")
-    return ids, user_turn
+  def _first_turn(self, question: str) -> str:
+    return image_user_turn(question, len(self.images))
 
-  def ask(self, question: str, *, max_new_tokens: int = 1024, temperature: float = 0.0, top_p: float = 1.0,
-          seed: int = 0, keep_history: bool = True) -> Turn:
-    """As VideoChat.ask, with the images in place of the video."""
-    ids, user_turn = self.prompt_ids(question, keep_history=keep_history)
-    padding = -len(ids) % self.prompt_bucket
-    padded = np.concatenate([np.full(padding, self.model.pad_id, np.int32), ids])
-    mask = (np.arange(len(padded)) >= padding).astype(np.int32)
-    new_ids = self.model.generate(padded[None], images=[self.images], attention_mask=mask[None],
-                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                  eos_ids=self.stop_ids)
-    answer_ids, answer = decode_answer(new_ids[0], self.tokenizer, self.stop_ids)
-    self.history = (self.history if keep_history else []) + [
-        {"role": USER, "content": user_turn}, {"role": ASSISTANT, "content": answer}]
-    return Turn(question=question, answer=answer, prompt_ids=ids, answer_ids=answer_ids)
+  def _media(self) -> dict:
+    return {"images": [self.images]}
