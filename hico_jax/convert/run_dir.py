@@ -172,14 +172,27 @@ def copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
   return names
 
 
+def tokenizer_source(path: str, saved_config: dict | None = None) -> str | None:
+  """Where the model at `path` keeps its tokenizer: `path` itself when a tokenizer.json is there (an HF
+  export), else the training tokenizer its saved config names (a run directory); None when neither exists."""
+  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    return path
+  return tokenizer_dir_of(saved_config, path)
+
+
 def tokenizer_dir_of(saved_config: dict | None, run_dir: str | None = None) -> str | None:
   """The tokenizer a run was trained with, where its saved training config names one that still exists
-  (`data.tokenizer_dir`, relative paths tried as given and from the run directory's parent's parent, the
-  repository root of runs/<name>/<stage>); None otherwise."""
+  (`data.tokenizer_dir`; a relative path, as training wrote it from its working directory, is tried from here
+  and then from each directory above the run, runs/tiny/stage2 -> the repository root); None otherwise."""
   path = ((saved_config or {}).get("data") or {}).get("tokenizer_dir")
   if not path:
     return None
-  candidates = [path] + ([os.path.join(run_dir, "..", "..", path)] if run_dir and not os.path.isabs(path) else [])
+  candidates = [path]
+  if run_dir and not os.path.isabs(path):
+    parent = os.path.abspath(run_dir)
+    while os.path.dirname(parent) != parent:
+      parent = os.path.dirname(parent)
+      candidates.append(os.path.join(parent, path))
   for candidate in candidates:
     if os.path.isfile(os.path.join(candidate, "tokenizer.json")):
       return candidate

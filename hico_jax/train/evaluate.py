@@ -131,9 +131,7 @@ SIGNIFICANCE = 0.01
 
 
 def _format_p(p: float) -> str:
-  if p != p:
-    return "nan"
-  return f"{p:.3f}" if p >= 0.001 else f"{p:.0e}"
+  return f"{p:.2g}"      # two significant digits: 0.75, 0.0061, 1.3e-61
 
 
 def format_results(results: dict) -> str:
