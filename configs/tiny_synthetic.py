@@ -4,7 +4,7 @@
       --config.init.path=runs/tiny/stage1
 
 The whole sequence (data, stages, evaluation, export) is one command: python -m hico_jax.train.default
-Same code as the real presets, small sizes: UMT-like ViT of width 128 at 112 px, Qwen2-shaped decoder of 4
+Same code as the real presets, small sizes: UMT-like ViT of width 128 at 64 px, Qwen2-shaped decoder of 4
 layers of width 64 with the real 151,936-token vocabulary.
 """
 
