@@ -109,7 +109,8 @@ class CausalLM:
     decoder; in the dtype it was loaded in unless told otherwise (a run directory's: its params' dtype)."""
     dtype = dtype or self.checkpoint_dtype
     token_ids = {"eos_token_id": list(self.eos_ids) or None, "pad_token_id": self.pad_id}
-    run_dir.save_hf(out_dir, self.config, self.params, dtype=dtype, extra_fields=token_ids)
+    run_dir.save_hf(out_dir, self.config, self.params, dtype=dtype, extra_fields=token_ids,
+                    tokenizer_dir=getattr(self, "tokenizer_dir", None))   # from_pretrained's, when it found one
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(token_ids, f, indent=2)
 
@@ -294,5 +295,7 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
   eos = token_ids.get("eos_token_id")
   eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
   pad = token_ids.get("pad_token_id")
-  return CausalLM(config, params, eos_ids=eos_ids, pad_id=eos_ids[0] if pad is None and eos_ids else pad or 0,
-                  checkpoint_dtype=file_dtype)
+  model = CausalLM(config, params, eos_ids=eos_ids, pad_id=eos_ids[0] if pad is None and eos_ids else pad or 0,
+                   checkpoint_dtype=file_dtype)
+  model.tokenizer_dir = run_dir.tokenizer_source(path, run.saved_config if kind == "run" else None)
+  return model

@@ -252,6 +252,43 @@ def test_orbax_to_hf_takes_the_latest_step_or_the_one_asked_for(trained_run, tmp
   np.testing.assert_array_equal(step2.float().numpy(), torch.from_numpy(embedding(2)).bfloat16().float().numpy())
 
 
+def _tokenizer_dir(path: Path) -> Path:
+  """A small real Hugging Face tokenizer (word level, written by `tokenizers`) with a tokenizer_config.json."""
+  import tokenizers   # pylint: disable=import-outside-toplevel
+  vocab = {word: i for i, word in enumerate(["[UNK]", "red", "green", "blue", "circle", "<|im_end|>"])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  path.mkdir(parents=True)
+  tok.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32768, "eos_token": "<|im_end|>"}))
+  return path
+
+
+def test_every_export_carries_the_tokenizer_the_run_was_trained_with(tmp_path, monkeypatch):
+  """A run saved from a repository root names its tokenizer relative to it (data.tokenizer_dir, as the default
+  writes it): orbax-to-hf run from elsewhere finds it above the run, copies it beside the weights byte for byte,
+  and save_pretrained of the run or of the export writes it again; a run without one exports the weights alone."""
+  repo = tmp_path / "repo"
+  tokenizer = _tokenizer_dir(repo / "data" / "tok")
+  want = {name: (tokenizer / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+  model = presets.hico("tiny", dtype="float32", remat_policy="none")
+  model.vit.image_size, model.llm.vocab_size, model.encode_chunk = SIZE, VOCAB, 8
+  for name, data in (("with", {"tokenizer_dir": "data/tok"}), ("without", {"tokenizer_dir": "data/gone"})):
+    config = json.loads(ml_collections.ConfigDict({"model": model, "data": data}).to_json_best_effort())
+    checkpointer = ckpt.Checkpointer(str(repo / "runs" / name / "stage2"), async_save=False)
+    checkpointer.save(1, {"params": _fresh_params(), "step": np.asarray(1, np.int32)}, config=config, force=True)
+    checkpointer.close()
+  monkeypatch.chdir(tmp_path)        # not the repository root: data/tok is found from the run's place
+  run = repo / "runs" / "with" / "stage2"
+  assert convert("orbax-to-hf", run, tmp_path / "hf", "--dtype", "float32") == 0
+  hico_jax.from_pretrained(str(tmp_path / "hf")).save_pretrained(str(tmp_path / "again"))
+  hico_jax.from_pretrained(str(run)).save_pretrained(str(tmp_path / "from_run"))
+  for out in ("hf", "again", "from_run"):
+    assert {name: (tmp_path / out / name).read_bytes() for name in want} == want, out
+  assert convert("orbax-to-hf", repo / "runs" / "without" / "stage2", tmp_path / "bare") == 0
+  assert (tmp_path / "bare" / "config.json").is_file() and not (tmp_path / "bare" / "tokenizer.json").exists()
+
+
 def test_converted_videochat_flash_run_initialises_a_training_run(tmp_path):
   """hf-to-orbax's output is a training run's init.path: all params come from it."""
   config, params = _tiny_hico(tied=True), _fresh_params()

@@ -414,6 +414,9 @@ def test_export_is_the_trained_model_for_transformers_qwen2_and_from_pretrained(
   rounded = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), trained["params"])
   model = hico_jax.from_pretrained(str(export))
   assert model.checkpoint_dtype == "bfloat16"
+  # Complete: the tokenizer it was trained with beside the weights, as tools/chat.py reads it.
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    assert (export / name).read_bytes() == (Path(runs.config.data.tokenizer_dir) / name).read_bytes(), name
   jax.tree.map(np.testing.assert_array_equal, _numpy(model.params), rounded)
 
   rng = np.random.default_rng(0)

@@ -83,7 +83,8 @@ def orbax_to_hf(src: str, out: str, step: int | None, dtype: str) -> str:
   token_ids = run.token_ids
 
   def write(tmp):
-    run_dir.save_hf(tmp, run.config, run.params, dtype=dtype, extra_fields=token_ids or None)
+    run_dir.save_hf(tmp, run.config, run.params, dtype=dtype, extra_fields=token_ids or None,
+                    tokenizer_dir=run_dir.tokenizer_source(src, run.saved_config))
     if token_ids:
       with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump(token_ids, f, indent=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -29,6 +30,9 @@ TOKEN_IDS_FIELD = "hf_token_ids"
 # on a GPU must load on a CPU and compute what its HF export computes.
 _VIT_KERNELS = dict(attention_impl="xla", norm_impl="xla", block_loop="auto")
 _LLM_KERNELS = dict(attention_impl="xla", attention_block_impl="xla")
+# The files of a Hugging Face tokenizer directory (build_qwen2_tokenizer_json writes the first three).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def is_run_dir(path: str) -> bool:
@@ -144,11 +148,55 @@ def config_to_dict(config: HiCoConfig | Qwen2Config) -> dict:
 
 
 def save_hf(out_dir: str, config: HiCoConfig | Qwen2Config, params, dtype: str = "bfloat16",
-            extra_fields: dict | None = None):
+            extra_fields: dict | None = None, tokenizer_dir: str | None = None):
   """The HF layout of `config`: the official VideoChat-Flash layout for a HiCo model (its LLM keys load in
-  transformers' Qwen2ForCausalLM), plain Qwen2 for a decoder alone. `params` may live on devices."""
+  transformers' Qwen2ForCausalLM), plain Qwen2 for a decoder alone. `params` may live on devices.
+  `tokenizer_dir`, a directory with a tokenizer.json (the one the model was trained with), is copied beside
+  the weights, so that the export is complete: tools/chat.py and transformers read it from there."""
+  if tokenizer_dir is not None and not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+    raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir!r}: give the directory the model was trained "
+                            "with (the training config's data.tokenizer_dir), or none to export the weights alone")
   params = jax.tree.map(np.asarray, jax.device_get(params))
   if isinstance(config, HiCoConfig):
     videochat_flash.save(out_dir, config, params, dtype=dtype, extra_fields=extra_fields)
   else:
     qwen2_hf.save(out_dir, config, params, dtype=dtype, extra_fields=extra_fields)
+  if tokenizer_dir is not None:
+    copy_tokenizer(tokenizer_dir, out_dir)
+
+
+def copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
+  """Copies the tokenizer files present in `tokenizer_dir` into `out_dir`; returns their names."""
+  if os.path.abspath(tokenizer_dir) == os.path.abspath(out_dir):
+    return []
+  names = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, name))]
+  for name in names:
+    shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+  return names
+
+
+def tokenizer_source(path: str, saved_config: dict | None = None) -> str | None:
+  """Where the model at `path` keeps its tokenizer: `path` itself when a tokenizer.json is there (an HF
+  export), else the training tokenizer its saved config names (a run directory); None when neither exists."""
+  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    return path
+  return tokenizer_dir_of(saved_config, path)
+
+
+def tokenizer_dir_of(saved_config: dict | None, run_dir: str | None = None) -> str | None:
+  """The tokenizer a run was trained with, where its saved training config names one that still exists
+  (`data.tokenizer_dir`; a relative path, as training wrote it from its working directory, is tried from here
+  and then from each directory above the run, runs/tiny/stage2 -> the repository root); None otherwise."""
+  path = ((saved_config or {}).get("data") or {}).get("tokenizer_dir")
+  if not path:
+    return None
+  candidates = [path]
+  if run_dir and not os.path.isabs(path):
+    parent = os.path.abspath(run_dir)
+    while os.path.dirname(parent) != parent:
+      parent = os.path.dirname(parent)
+      candidates.append(os.path.join(parent, path))
+  for candidate in candidates:
+    if os.path.isfile(os.path.join(candidate, "tokenizer.json")):
+      return candidate
+  return None

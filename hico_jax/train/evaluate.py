@@ -110,11 +110,47 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
                  "count": seen[task], "skipped": skipped[task]} for task in sorted(set(seen) | set(skipped))}
 
 
+def guessing_p_value(hits: int, count: int, chance: float) -> float:
+  """P(at least `hits` of `count` right by guessing at `chance` per question): the binomial upper tail,
+  summed exactly in log space (math.lgamma) so that tails of 1e-40 stay accurate."""
+  if count <= 0:
+    return float("nan")
+  if hits <= 0:
+    return 1.0
+  if chance <= 0.0:
+    return 0.0
+  if chance >= 1.0:
+    return 1.0
+  log_terms = [math.lgamma(count + 1) - math.lgamma(k + 1) - math.lgamma(count - k + 1)
+               + k * math.log(chance) + (count - k) * math.log1p(-chance) for k in range(hits, count + 1)]
+  top = max(log_terms)
+  return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in log_terms))
+
+
+SIGNIFICANCE = 0.01
+
+
+def _format_p(p: float) -> str:
+  return f"{p:.2g}"      # two significant digits: 0.75, 0.0061, 1.3e-61
+
+
 def format_results(results: dict) -> str:
-  lines = [f"{'task':22s} {'choice':>8s} {'chance':>8s} {'exact':>8s} {'chance':>8s} {'n':>4s}"]
+  """The per-task table; `p` is the chance of choosing at least this well by guessing (binomial tail over the
+  task's `n` questions), `*` marks p < SIGNIFICANCE."""
+  lines = [f"{'task':22s} {'choice':>8s} {'chance':>8s} {'p':>8s}   {'exact':>8s} {'chance':>8s} {'n':>4s}"]
+  above, means = 0, []
   for task, r in results.items():
-    lines.append(f"{task:22s} {100 * r['choice']:7.1f}% {100 * r['choice_chance']:7.1f}% "
+    hits = int(round(r["choice"] * r["count"])) if r["count"] else 0
+    p = guessing_p_value(hits, r["count"], r["choice_chance"])
+    mark = "*" if p < SIGNIFICANCE else " "
+    above += p < SIGNIFICANCE
+    if r["count"]:
+      means.append(r["choice"])
+    lines.append(f"{task:22s} {100 * r['choice']:7.1f}% {100 * r['choice_chance']:7.1f}% {_format_p(p):>8s} {mark} "
                  f"{100 * r['exact']:7.1f}% {100 * r['exact_chance']:7.1f}% {r['count']:4d}")
+  mean = 100 * sum(means) / len(means) if means else float("nan")
+  lines.append(f"mean choice over {len(means)} tasks {mean:.1f}%; * = above chance at p < {SIGNIFICANCE} "
+               f"({above} of {len(results)} tasks; p: the chance of at least this many right by guessing)")
   skipped = {task: r["skipped"] for task, r in results.items() if r.get("skipped")}
   if skipped:
     lines.append("not scored, the video did not decode: " + ", ".join(f"{t} {n}" for t, n in skipped.items()))

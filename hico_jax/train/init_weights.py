@@ -126,7 +126,8 @@ def save_run(directory: str, params, saved: dict):
     json.dump(saved, f, indent=2)
 
 
-def export_hf(out_dir: str, model_config, params, dtype: str = "bfloat16"):
+def export_hf(out_dir: str, model_config, params, dtype: str = "bfloat16", tokenizer_dir: str | None = None):
   """The official VideoChat-Flash layout (loads back with hico_jax.from_pretrained; its LLM keys load in
-  transformers' Qwen2ForCausalLM). The same writer as tools/convert_checkpoint.py orbax-to-hf."""
-  run_dir.save_hf(out_dir, model_config, params, dtype=dtype)
+  transformers' Qwen2ForCausalLM), with the training tokenizer's files beside it when `tokenizer_dir` has
+  them. The same writer as tools/convert_checkpoint.py orbax-to-hf."""
+  run_dir.save_hf(out_dir, model_config, params, dtype=dtype, tokenizer_dir=tokenizer_dir)

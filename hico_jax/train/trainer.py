@@ -138,7 +138,10 @@ def train(config, workdir: str) -> dict:
     if config.get("eval") and config.eval.get("shards"):
       results["eval"] = evaluate.evaluate_qa(model, state["params"], config.eval, data_config)
     if config.get("export_hf"):
-      init_weights.export_hf(os.path.join(workdir, "hf"), model_config, state["params"])
+      tokenizer_dir = data_config.tokenizer_dir
+      has_tokenizer = bool(tokenizer_dir) and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json"))
+      init_weights.export_hf(os.path.join(workdir, "hf"), model_config, state["params"],
+                             tokenizer_dir=tokenizer_dir if has_tokenizer else None)
   return results
 
 
