@@ -336,8 +336,8 @@ class Qwen2ForCausalLM(nn.Module):
     stage's index. `prefill`: the cache is empty and these tokens are whole prompts, which then attend to
     themselves through the configured kernel (nothing of size L x L); `right_padded`: every row's real tokens
     come first (segment ids > 0, then padding), so causality alone keeps them off the padding and the
-    kernels run without a mask. `slots` (B, L): each token's index in the original row when the data pipeline reordered
-    the sequence (zig-zag for sequence parallelism); causality follows slots.
+    kernels run without a mask. `slots` (B, L): each token's index in the original row when the data
+    pipeline reordered the sequence (zig-zag for sequence parallelism); causality follows slots.
 
     Visual dropout runs when the model has a dropout config and `visual_mask` (B, L) marks visual tokens:
     `targets` (pre-shifted) select the training query rule and are moved with the tokens; with
