@@ -207,19 +207,12 @@ def run_torch_clip(case: dict) -> dict:
           "device": kind}
 
 
-def run_jax_train(case: dict) -> dict:
-  """A full HiCo train step (ViT + merge + projector + LLM, AdamW) on one row of `frames` frames and
-  `text_tokens` text tokens."""
+def _train_config(case: dict):
+  """The HiCo preset of a train case with its remat, kernels and chunks (cuDNN attention on GPUs)."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import ml_collections
-  import flax.linen as nn
   from hico_jax import presets
   from hico_jax.models import vit
-  from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
-  from hico_jax.ops import xla_options
-  from hico_jax.train import optimizer as optim, step as step_lib
+  from hico_jax.models.hico import HiCoConfig
 
   on_gpu = jax.devices()[0].platform == "gpu"
   fields = presets.hico(case["preset"], dtype="bfloat16", remat_policy=case["remat"],
@@ -229,27 +222,33 @@ def run_jax_train(case: dict) -> dict:
   fields.vit.block_loop = vit.training_block_loop(case.get("vit_block_loop", "auto"), jax.default_backend())
   fields.loss_chunk = case.get("loss_chunk") or fields.loss_chunk
   fields.encode_chunk = case.get("encode_chunk") or fields.encode_chunk
-  config = HiCoConfig.from_dict(dict(fields))
+  if case.get("image_size"):
+    fields.vit.image_size = case["image_size"]
+  return HiCoConfig.from_dict(dict(fields))
+
+
+def _time_train_step(case: dict, config, batch: dict, option_frames: int) -> dict:
+  """AdamW train steps of HiCo(config) on `batch` (the stage recipe's ViT rate scale): the first (compile)
+  and case["iters"] timed ones; XLA options sized for `option_frames` frames unless case["options"] is off."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import flax.linen as nn
+  from hico_jax.models.hico import HiCo, init_inputs
+  from hico_jax.ops import xla_options
+  from hico_jax.train import optimizer as optim, step as step_lib
+
   model = HiCo(config)
-  frames, visual = case["frames"], config.visual_tokens(case["frames"])
-  length = visual + case["text_tokens"]
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, config.llm.vocab_size, (1, length)).astype(np.int32)
-  ids[0, 8:8 + visual] = -200
-  batch = {"input_ids": ids, "targets": np.where(ids < 0, -100, np.roll(ids, -1)).astype(np.int32),
-           "segment_ids": np.ones((1, length), np.int32),
-           "positions": np.arange(length, dtype=np.int32)[None],
-           "frames": rng.integers(0, 255, (1, frames, config.vit.image_size, config.vit.image_size, 3), np.uint8)}
   batch = jax.tree.map(jnp.asarray, batch)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *init_inputs(config)))["params"]
   optim_config = ml_collections.ConfigDict(dict(
       lr=1e-5, total_steps=1000, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
       schedule=(("visual/vision_tower/.*", 0.2), (".*", 1.0))))
   tx, _ = optim.make_optimizer(optim_config, params)
-  frozen = optim.frozen_mask(params, optim_config.schedule)
   state = step_lib.init_state(params, tx)
-  options = xla_options.train_compiler_options(config, frames) if case.get("options", True) else {}
-  step = jax.jit(step_lib.make_train_step(model, tx, frozen), donate_argnums=(0,), compiler_options=options)
+  options = xla_options.train_compiler_options(config, option_frames) if case.get("options", True) else {}
+  step = jax.jit(step_lib.make_train_step(model, tx, optim.frozen_mask(params, optim_config.schedule)),
+                 donate_argnums=(0,), compiler_options=options)
 
   def run():
     nonlocal state
@@ -261,9 +260,27 @@ def run_jax_train(case: dict) -> dict:
   compile_s = time.perf_counter() - compile_start
   times = _time(run, case["warmup"], case["iters"])
   stats = jax.devices()[0].memory_stats() or {}
-  return {"loss": loss, "tokens": length, "supervised": int((batch["targets"] >= 0).sum()), "times": times,
-          "compile_s": compile_s, "encode_chunk": config.encode_chunk, "loss_chunk": config.loss_chunk,
+  return {"loss": loss, "supervised": int((batch["targets"] >= 0).sum()), "times": times, "compile_s": compile_s,
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
+
+
+def run_jax_train(case: dict) -> dict:
+  """A full HiCo train step (ViT + merge + projector + LLM, AdamW) on one row of `frames` frames and
+  `text_tokens` text tokens."""
+  import numpy as np
+
+  config = _train_config(case)
+  frames, visual = case["frames"], config.visual_tokens(case["frames"])
+  length = visual + case["text_tokens"]
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, config.llm.vocab_size, (1, length)).astype(np.int32)
+  ids[0, 8:8 + visual] = -200
+  batch = {"input_ids": ids, "targets": np.where(ids < 0, -100, np.roll(ids, -1)).astype(np.int32),
+           "segment_ids": np.ones((1, length), np.int32),
+           "positions": np.arange(length, dtype=np.int32)[None],
+           "frames": rng.integers(0, 255, (1, frames, config.vit.image_size, config.vit.image_size, 3), np.uint8)}
+  return {**_time_train_step(case, config, batch, frames), "tokens": length, "encode_chunk": config.encode_chunk,
+          "loss_chunk": config.loss_chunk}
 
 
 def _packed_row(config, rng, videos: int, frames: int, images: int, tiles: int, text_tokens: int) -> dict:
@@ -303,54 +320,15 @@ def _packed_row(config, rng, videos: int, frames: int, images: int, tiles: int, 
 
 def run_jax_train_mixed(case: dict) -> dict:
   """A full HiCo train step on one packed row of videos, with or without image samples."""
-  import jax
-  import jax.numpy as jnp
   import numpy as np
-  import ml_collections
-  import flax.linen as nn
-  from hico_jax import presets
-  from hico_jax.models import vit
-  from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
-  from hico_jax.ops import xla_options
-  from hico_jax.train import optimizer as optim, step as step_lib
 
-  on_gpu = jax.devices()[0].platform == "gpu"
-  fields = presets.hico(case["preset"], dtype="bfloat16", remat_policy=case["remat"],
-                        attention_impl="cudnn" if on_gpu else "xla")
-  fields.vit.remat_policy = case.get("vit_remat", case["remat"])
-  fields.vit.block_loop = vit.training_block_loop(case.get("vit_block_loop", "auto"), jax.default_backend())
-  if case.get("image_size"):
-    fields.vit.image_size = case["image_size"]
-  config = HiCoConfig.from_dict(dict(fields))
-  model = HiCo(config)
+  config = _train_config(case)
   batch = _packed_row(config, np.random.default_rng(0), case["videos"], case["frames"], case["images"],
                       case["tiles"], case["text_tokens"])
   frames = batch["frames"].shape[1]
-  batch = jax.tree.map(jnp.asarray, batch)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *init_inputs(config)))["params"]
-  optim_config = ml_collections.ConfigDict(dict(
-      lr=1e-5, total_steps=1000, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
-      schedule=(("visual/vision_tower/.*", 0.2), (".*", 1.0))))
-  tx, _ = optim.make_optimizer(optim_config, params)
-  state = step_lib.init_state(params, tx)
-  options = xla_options.train_compiler_options(config, frames + case["images"] * case["tiles"] // 4)
-  step = jax.jit(step_lib.make_train_step(model, tx, optim.frozen_mask(params, optim_config.schedule)),
-                 donate_argnums=(0,), compiler_options=options)
-
-  def run():
-    nonlocal state
-    state, metrics = step(state, batch)
-    return jax.block_until_ready(metrics["loss"])
-
-  compile_start = time.perf_counter()
-  loss = float(run())
-  compile_s = time.perf_counter() - compile_start
-  times = _time(run, case["warmup"], case["iters"])
-  stats = jax.devices()[0].memory_stats() or {}
-  return {"loss": loss, "tokens": int(batch["input_ids"].shape[1]), "frames_in_row": frames,
-          "supervised": int((batch["targets"] >= 0).sum()), "times": times, "compile_s": compile_s,
-          "image_size": config.vit.image_size, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-          "device": jax.devices()[0].device_kind}
+  result = _time_train_step(case, config, batch, frames + case["images"] * case["tiles"] // 4)
+  return {**result, "tokens": int(batch["input_ids"].shape[1]), "frames_in_row": frames,
+          "image_size": config.vit.image_size}
 
 
 def run_jax_ceilings(case: dict) -> dict:
