@@ -16,6 +16,7 @@ from hico_jax import presets
 from hico_jax.infer import generate as gen
 from hico_jax.models import qwen2, visual_dropout as vd
 from hico_jax.ops import attention as attention_ops, chunked_attention
+from tests.greedy_reference import rerun_greedy
 
 VOCAB = 320
 CARD = vd.VisualDropoutConfig(type="uniform0_attention", layers=(1, 2), ratios=(1.0, 0.75, 0.25))
@@ -99,24 +100,11 @@ def test_cached_generation_through_the_chunked_prefill_equals_rerunning_the_whol
   reference = qwen2.Qwen2ForCausalLM(_llm_config("xla"), dropout=dropout)
   rerun = jax.jit(lambda tokens, vis, seg, targets: reference.apply(
       params, tokens, visual_mask=vis if dropout else None, segment_ids=seg, targets=targets if dropout else None)[0])
-  expected = []
-  for row in range(3):
-    real = mask[row] > 0
-    prompt, prompt_len = ids[row][real], int(real.sum())
-    total = prompt_len + new
-    tokens, vis = np.zeros((1, total), np.int32), np.zeros((1, total), bool)
-    tokens[0, :prompt_len], vis[0, :prompt_len] = prompt, visual[row][real]
-    targets = np.full((1, total), -100, np.int32)
-    targets[0, prompt_len - 1] = 1                      # the query row the inference rule picks
-    for step in range(new):
-      length = prompt_len + step
-      logits = rerun(tokens, vis, (np.arange(total) < length).astype(np.int32)[None], targets)
-      tokens[0, length] = int(np.argmax(logits[0, length - 1]))
-    expected.append(tokens[0, prompt_len:])
+  expected = rerun_greedy(rerun, ids, mask, visual, new)
   model = qwen2.Qwen2ForCausalLM(_llm_config("chunked"), dropout=dropout)
   ours = gen.generate(model, params, np.where(mask > 0, ids, 0), mask, max_new_tokens=new,
                       visual_mask=jnp.asarray(visual) if dropout else None)
-  np.testing.assert_array_equal(ours, np.stack(expected))
+  np.testing.assert_array_equal(ours, expected)
 
 
 def _prefill_temp_bytes(impl, length):

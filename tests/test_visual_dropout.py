@@ -22,6 +22,7 @@ from hico_jax.models import qwen2, visual_dropout as vd
 from hico_jax.models.hico import HiCo, HiCoConfig
 from hico_jax.ops import loss as loss_ops
 from hico_jax.train import step as step_lib, trainer
+from tests.greedy_reference import rerun_greedy
 
 VOCAB = 320
 CARD = vd.VisualDropoutConfig(type="uniform0_attention", layers=(1, 2), ratios=(1.0, 0.75, 0.25))
@@ -195,33 +196,23 @@ def test_cached_generation_with_dropout_equals_rerunning_the_whole_sequence_each
   visual[0, 4:36] = True                                # 32 visual tokens
   visual[1, 9:33] = True                                # 24
   new = 6
-  # The reference: one forward over prompt + tokens so far, right-padded to one length (one compile). Only
-  # the last prompt token's target is supervised, so the training query rule picks the query row the
-  # prefill's inference rule picks, and the generated tokens change no selection.
+  # The reference: one forward over prompt + tokens so far, right-padded to one length (one compile).
   params = _params()
   rerun = jax.jit(lambda tokens, vis, seg, targets: model.apply(params, tokens, visual_mask=vis, segment_ids=seg,
                                                                 targets=targets)[0])
-  expected = []
-  for row in range(2):
-    real = mask[row] > 0
-    prompt, prompt_len = ids[row][real], int(real.sum())
-    total = prompt_len + new
-    tokens, vis = np.zeros((1, total), np.int32), np.zeros((1, total), bool)
-    tokens[0, :prompt_len], vis[0, :prompt_len] = prompt, visual[row][real]
-    targets = np.full((1, total), -100, np.int32)
-    targets[0, prompt_len - 1] = 1
-    for step in range(new):
-      length = prompt_len + step
-      logits = rerun(tokens, vis, (np.arange(total) < length).astype(np.int32)[None], targets)
-      tokens[0, length] = int(np.argmax(logits[0, length - 1]))
-    expected.append(tokens[0, prompt_len:])
+  expected = rerun_greedy(rerun, ids, mask, visual, new)
   for compact in (True, False):
     ours = gen.generate(model, _params(), np.where(mask > 0, ids, 0), mask, max_new_tokens=new,
                         visual_mask=jnp.asarray(visual), compact=compact)
-    np.testing.assert_array_equal(ours, np.stack(expected), err_msg=f"compact={compact}")
-  # The drops matter here: without them the prompt's last token predicts something else.
-  plain, _ = qwen2.Qwen2ForCausalLM(config).apply(params, tokens[:, :prompt_len])
-  dropped = rerun(tokens, vis, (np.arange(total) < prompt_len).astype(np.int32)[None], targets)
+    np.testing.assert_array_equal(ours, expected, err_msg=f"compact={compact}")
+  # The drops matter here: without them row 1's last prompt token predicts something else.
+  real = mask[1] > 0
+  prompt_len = int(real.sum())
+  tokens, vis = ids[1][real][None], visual[1][real][None]
+  targets = np.full((1, prompt_len), -100, np.int32)
+  targets[0, -1] = 1
+  plain, _ = qwen2.Qwen2ForCausalLM(config).apply(params, tokens)
+  dropped = rerun(tokens, vis, np.ones((1, prompt_len), np.int32), targets)
   assert np.abs(plain[0, -1] - dropped[0, prompt_len - 1]).max() > 1e-3
 
 
