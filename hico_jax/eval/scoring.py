@@ -3,7 +3,8 @@
 Per task: correct / counted, counted being the benchmark's official denominator (MVBench, MLVU, LVBench leave out
 empty generations; Video-MME and Perception Test count every question). Overall: lmms-eval's group score, the
 mean of the task scores weighted by each task's number of questions (for one-task benchmarks, the task).
-Questions whose video was missing are outside both (the official harness stops on them) and are named."""
+Questions whose video was missing are outside both (the official harness stops on them) and are named; so is
+what a benchmark's loader noted about a question it still asks (a Video-MME video without subtitles)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ def summarize(benchmark, questions: Sequence, records: dict[str, dict], bad_rows
       t["correct"] += int(record["correct"])
       if record["parsed"] not in ("A", "B", "C", "D", "E"):
         unparsed.append(q.qid)
+  notes = [f"{q.qid}: {q.meta['note']}" for q in questions if q.meta.get("note")]
   for t in tasks.values():
     t["accuracy"] = 100.0 * t["correct"] / t["counted"] if t["counted"] else 0.0
   sizes = sum(t["questions"] for t in tasks.values() if t["counted"])
   overall = (sum(t["accuracy"] * t["questions"] for t in tasks.values() if t["counted"]) / sizes) if sizes else 0.0
   return {"benchmark": benchmark.name, "column": benchmark.column, "overall": overall, "tasks": tasks,
           "questions": len(questions), "pending": pending, "unreadable_rows": list(bad_rows),
-          "missing_videos": no_video, "unparseable_answers": unparsed}
+          "missing_videos": no_video, "unparseable_answers": unparsed, "notes": notes}
 
 
 def markdown(summaries: Sequence[dict], model_name: str) -> str:
@@ -50,6 +52,8 @@ def markdown(summaries: Sequence[dict], model_name: str) -> str:
     labels = {"missing_videos": "missing or unreadable videos", "unreadable_rows": "unreadable rows or missing "
               "annotation files", "unparseable_answers": "answers without a parseable letter"}
     notes = [f"{len(s[k])} {label}" for k, label in labels.items() if s[k]]
+    if s.get("notes"):
+      notes.append(f"{len(s['notes'])} questions with a note (asked all the same)")
     if s["pending"]:
       notes.append(f"{s['pending']} not yet answered")
     if notes:

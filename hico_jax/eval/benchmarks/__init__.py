@@ -7,8 +7,8 @@ import importlib
 
 from hico_jax.eval.benchmarks.base import Benchmark, Question, Score
 
-# Table 2's column order.
-_MODULES = ("mvbench", "perceptiontest", "longvideobench", "mlvu", "videomme", "lvbench")
+# Table 2's column order (Video-MME's two columns: without and with subtitles).
+_MODULES = ("mvbench", "perceptiontest", "longvideobench", "mlvu", "videomme", "videomme_w_subtitle", "lvbench")
 
 
 def names() -> tuple[str, ...]:

@@ -20,18 +20,21 @@ def doc_to_text(row) -> str:
   return PREAMBLE + "\n" + question + POST_PROMPT
 
 
-def load(data_root: str):
+def load(data_root: str, name: str = "videomme", prompt=None):
+  """prompt(row, data_root) -> (doc_to_text, extra meta): the variant's (videomme_w_subtitle); default this one's."""
+  prompt = prompt or (lambda row, _: (doc_to_text(row), {}))
   path = tables.find_one(data_root, "videomme/test-*.parquet", "*.parquet")
   questions, bad = [], []
   for i, row in enumerate(tables.read_rows(path)):
     try:
       video = os.path.join(data_root, "videos", row["videoID"] + ".mp4")
+      text, extra = prompt(row, data_root)
       questions.append(Question(
-          benchmark="videomme", task=row["duration"], qid=str(row["question_id"]),
+          benchmark=name, task=row["duration"], qid=str(row["question_id"]),
           video=first_existing(video, video.replace("mp4", "MP4"), video.replace("mp4", "mkv")),
-          prompt=doc_to_text(row), answer=row["answer"],
-          meta={"domain": row.get("domain"), "task_type": row.get("task_type")}))
-    except (KeyError, TypeError) as e:
+          prompt=text, answer=row["answer"],
+          meta={"domain": row.get("domain"), "task_type": row.get("task_type"), **extra}))
+    except (KeyError, TypeError, OSError, UnicodeDecodeError) as e:
       bad.append(f"{os.path.basename(path)} row {i}: {type(e).__name__} {e}")
   order = {d: k for k, d in enumerate(DURATIONS)}
   return sorted(questions, key=lambda q: order.get(q.task, len(order))), bad
