@@ -23,7 +23,7 @@ import numpy as np
 
 from hico_jax.data import text
 from hico_jax.data import video as video_io
-from hico_jax.eval import benchmarks, results as results_io, scoring
+from hico_jax.eval import benchmarks, frame_folders, results as results_io, scoring
 from hico_jax.eval.benchmarks.base import MIN_FRAMES
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -59,9 +59,14 @@ class Options:
 
 
 def _decode(question, max_frames, image_size) -> Decoded:
-  if os.path.isdir(question.video):
-    # MVBench's episodic_reasoning (TVQA) ships frame folders, which only a video file reader is written for here.
-    return Decoded(question, None, error=f"frame folder, not a video file: {question.video}")
+  if os.path.isdir(question.video):     # MVBench's episodic_reasoning (TVQA) ships folders of frame images
+    try:
+      pixels, duration = frame_folders.read_frames(question.video, start=question.start, end=question.end,
+                                                   min_frames=MIN_FRAMES, max_frames=max_frames,
+                                                   clip_frames=CLIP_FRAMES, image_size=image_size)
+    except (OSError, ValueError) as e:
+      return Decoded(question, None, error=f"unreadable frame folder: {e}")
+    return Decoded(question, pixels, duration=duration)
   if not os.path.isfile(question.video):
     return Decoded(question, None, error=f"missing video {question.video}")
   try:
