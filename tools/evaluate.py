@@ -4,11 +4,13 @@
   python tools/evaluate.py --model DIR --benchmark mvbench --benchmark videomme \
       --data_root mvbench=/data/MVBench --data_root videomme=/data/Video-MME --out results/
 
---data_root: one folder (every benchmark's files under <root>/<name>/) or NAME=DIR per benchmark, each the
-benchmark's download as published (see hico_jax/eval/benchmarks/<name>.py for the files it reads). Answers go to
+--data_root: one folder (every benchmark's files under <root>/<name>/; videomme_w_subtitle reads videomme/,
+longvideobench_test longvideobench/) or NAME=DIR per benchmark, each the benchmark's download as published (see
+hico_jax/eval/benchmarks/<name>.py for the files it reads). Answers go to
 <out>/<benchmark>/results.*.jsonl as they come; a rerun skips what is there. Several processes (hosts or GPUs):
 give each --process_index i --process_count n (default: jax's), then run once more with --merge. Prints the
-Table 2 row and writes <out>/summary.md and <out>/summary.json.
+Table 2 row and writes <out>/summary.md and <out>/summary.json. longvideobench_test has no answers: it is not
+scored; <out>/submissions/ gets the official submission file for the LongVideoBench leaderboard.
 """
 
 import argparse
@@ -39,6 +41,7 @@ def _parse(argv):
 
 
 def data_roots(values, names):
+  from hico_jax.eval import benchmarks
   roots, default = {}, None
   for value in values:
     name, sep, path = value.partition("=")
@@ -50,7 +53,7 @@ def data_roots(values, names):
     if name not in roots:
       if default is None:
         raise ValueError(f"no --data_root for {name}: give {name}=DIR or one folder holding {name}/")
-      roots[name] = os.path.join(default, name)
+      roots[name] = os.path.join(default, benchmarks.get(name).folder or name)
   return roots
 
 

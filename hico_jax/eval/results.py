@@ -61,3 +61,16 @@ class Writer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def write_submission(out_dir: str, files: dict[str, dict]) -> dict[str, int]:
+  """Writes each {file name: JSON object} under out_dir/submissions/; returns path (relative to out_dir) -> the
+  number of answers it holds."""
+  os.makedirs(os.path.join(out_dir, "submissions"), exist_ok=True)
+  written = {}
+  for name, content in files.items():
+    rel = os.path.join("submissions", name)
+    with open(os.path.join(out_dir, rel), "w", encoding="utf-8") as f:
+      json.dump(content, f)
+    written[rel] = len(content)
+  return written

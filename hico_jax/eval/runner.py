@@ -184,13 +184,18 @@ def _progress(total, desc, enabled):
 
 def summarize(out_dir: str, names: Sequence[str], data_roots: dict[str, str], model_name: str,
               limit: int | None = None) -> list[dict]:
-  """Merges every process's records into out_dir/summary.json and summary.md (Table 2's layout)."""
+  """Merges every process's records into out_dir/summary.json and summary.md (Table 2's layout), and writes a
+  split without answers' submission files under out_dir/submissions/ (as the official generate_submission_file)."""
   summaries = []
   for name in names:
     bench = benchmarks.get(name)
     questions, bad = bench.load(data_roots[name])
     questions = questions if limit is None else questions[:limit]
-    summaries.append(scoring.summarize(bench, questions, results_io.read_records(out_dir, name), bad))
+    records = results_io.read_records(out_dir, name)
+    summary = scoring.summarize(bench, questions, records, bad)
+    if bench.submission is not None:
+      summary["submission_files"] = results_io.write_submission(out_dir, bench.submission(questions, records))
+    summaries.append(summary)
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump({"model": model_name, "written": time.strftime("%Y-%m-%d %H:%M:%S"), "benchmarks": summaries}, f,
               indent=2)

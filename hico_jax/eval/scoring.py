@@ -34,6 +34,8 @@ def summarize(benchmark, questions: Sequence, records: dict[str, dict], bad_rows
     t["accuracy"] = 100.0 * t["correct"] / t["counted"] if t["counted"] else 0.0
   sizes = sum(t["questions"] for t in tasks.values() if t["counted"])
   overall = (sum(t["accuracy"] * t["questions"] for t in tasks.values() if t["counted"]) / sizes) if sizes else 0.0
+  if benchmark.submission is not None:    # a split without answers: submitted, not scored
+    overall = None
   return {"benchmark": benchmark.name, "column": benchmark.column, "overall": overall, "tasks": tasks,
           "questions": len(questions), "pending": pending, "unreadable_rows": list(bad_rows),
           "missing_videos": no_video, "unparseable_answers": unparsed, "notes": notes}
@@ -43,12 +45,18 @@ def markdown(summaries: Sequence[dict], model_name: str) -> str:
   """Table 2's row for this model (benchmarks as columns), then each benchmark's tasks."""
   lines = ["| Model | " + " | ".join(s["column"] for s in summaries) + " |",
            "|---|" + "---|" * len(summaries),
-           f"| {model_name} | " + " | ".join(f"{s['overall']:.1f}" for s in summaries) + " |"]
+           f"| {model_name} | " + " | ".join("submit" if s["overall"] is None else f"{s['overall']:.1f}"
+                                             for s in summaries) + " |"]
   for s in summaries:
-    lines += ["", f"**{s['column']}**", "", "| task | correct / counted | accuracy |", "|---|---|---|"]
-    for name, t in s["tasks"].items():
-      lines.append(f"| {name} | {t['correct']} / {t['counted']} | {t['accuracy']:.1f} |")
-    lines.append(f"| overall | | {s['overall']:.1f} |")
+    lines += ["", f"**{s['column']}**", ""]
+    if s["overall"] is None:
+      files = ", ".join(f"{path} ({count} answers)" for path, count in s.get("submission_files", {}).items())
+      lines.append(f"No answers in this split: not scored; for the leaderboard: {files}.")
+    else:
+      lines += ["| task | correct / counted | accuracy |", "|---|---|---|"]
+      for name, t in s["tasks"].items():
+        lines.append(f"| {name} | {t['correct']} / {t['counted']} | {t['accuracy']:.1f} |")
+      lines.append(f"| overall | | {s['overall']:.1f} |")
     labels = {"missing_videos": "missing or unreadable videos", "unreadable_rows": "unreadable rows or missing "
               "annotation files", "unparseable_answers": "answers without a parseable letter"}
     notes = [f"{len(s[k])} {label}" for k, label in labels.items() if s[k]]

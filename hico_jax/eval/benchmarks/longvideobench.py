@@ -1,12 +1,18 @@
-"""LongVideoBench validation with interleaved subtitles (longvideobench/LongVideoBench: validation-*.parquet or
-lvb_val.json, videos/<video_path>, subtitles/<subtitle_path with _en.json>); tasks/longvideobench/
-(longvideobench_val_v) is the spec.
+"""LongVideoBench with interleaved subtitles (longvideobench/LongVideoBench: <split>-*.parquet or lvb_val.json /
+lvb_test_wo_gt.json, videos/<video_path>, subtitles/<subtitle_path with _en.json>); tasks/longvideobench/ is the
+spec: `longvideobench` is longvideobench_val_v, `longvideobench_test` is longvideobench_test_v.
 
 The prompt lists the subtitles that fall near the 512 frame times the official code assumes (duration/512
 apart), whatever frames the model is given. Parsing is MMMU's: bracketed letter, bare letter, "X.", then the
 option text; with none of those the official code picks a random letter, here one seeded by the question id
 (named in the summary). Every question counts; overall = correct / all (the official mean over duration groups
-and question categories, weighted by size, comes to the same)."""
+and question categories, weighted by size, comes to the same).
+
+The test split has no answers (correct_choice -1): the official task scores nothing and writes
+submissions/longvideobench_test_for_submission.json, {video_id: raw answer}. Its key is the video id, which
+1,556 of the 3,008 test videos share between questions, so that file keeps one answer per video (the last
+question's, as the official dict does); longvideobench_test_by_question_id.json beside it holds every answer
+under the question's own id."""
 
 from __future__ import annotations
 
@@ -104,9 +110,12 @@ def parse_choice(response: str, index2ans: dict[str, str], seed: str) -> tuple[s
   return candidates[where.index(max(where))], True    # the last mentioned; ties: the first, as np.argmax
 
 
-def load(data_root: str):
-  # The parquet is what the official task reads (its option0..4 columns); lvb_val.json holds the same questions.
-  path = tables.find_one(data_root, "validation-*.parquet", "lvb_val.json")
+SPLITS = {"validation": ("validation-*.parquet", "lvb_val.json"), "test": ("test-*.parquet", "lvb_test_wo_gt.json")}
+
+
+def load(data_root: str, split: str = "validation"):
+  # The parquet is what the official task reads (its option0..4 columns); the JSON files hold the same questions.
+  path = tables.find_one(data_root, *SPLITS[split])
   questions, bad = [], []
   for i, row in enumerate(tables.read_rows(path)):
     try:
@@ -114,11 +123,15 @@ def load(data_root: str):
       sub = sub if "_en.json" in sub else sub.replace(".json", "_en.json")
       with open(os.path.join(data_root, "subtitles", sub), encoding="utf-8") as f:
         subtitles = json.load(f)
+      # The test split: -1 in the parquet, no such field in lvb_test_wo_gt.json.
+      choice = int(row["correct_choice"] if split == "validation" else row.get("correct_choice", -1))
       questions.append(Question(
-          benchmark="longvideobench", task=str(row["duration_group"]), qid=str(row.get("id", row["video_id"])),
+          benchmark="longvideobench" if split == "validation" else "longvideobench_test",
+          task=str(row["duration_group"]), qid=str(row.get("id", row["video_id"])),
           video=os.path.join(data_root, "videos", row["video_path"]), prompt=doc_to_text(row, subtitles),
-          answer=chr(ord("A") + int(row["correct_choice"])),
-          meta={"options": options(row), "question_category": row.get("question_category")}))
+          answer=chr(ord("A") + choice) if choice >= 0 else None,
+          meta={"options": options(row), "question_category": row.get("question_category"),
+                "video_id": row["video_id"]}))
     except (KeyError, TypeError, ValueError, OSError) as e:
       bad.append(f"{os.path.basename(path)} row {i}: {type(e).__name__} {e}")
   return questions, bad
@@ -128,7 +141,21 @@ def score(question: Question, raw: str) -> Score:
   index2ans = {chr(ord("A") + i): c for i, c in enumerate(question.meta["options"])}
   letter, parsed = parse_choice(raw, index2ans, question.qid)
   # An answer drawn at random is recorded lower case, so the summary names it as unparsed; it still scores.
-  return Score(parsed=letter if parsed else letter.lower(), correct=letter == question.answer, counted=True)
+  # A test question (no answer) is parsed all the same but counts nowhere.
+  return Score(parsed=letter if parsed else letter.lower(), correct=letter == question.answer,
+               counted=question.answer is not None)
+
+
+SUBMISSION = "longvideobench_test_for_submission.json"
+SUBMISSION_BY_ID = "longvideobench_test_by_question_id.json"
+
+
+def submission(questions, records) -> dict[str, dict]:
+  """longvideobench_aggregate_results_for_submission's file (answered questions in the split's order), and the
+  same answers keyed by question id."""
+  answered = [(q, records[q.qid]) for q in questions if records.get(q.qid, {}).get("status") == "answered"]
+  return {SUBMISSION: {q.meta["video_id"]: r["raw"] for q, r in answered},
+          SUBMISSION_BY_ID: {q.qid: r["raw"] for q, r in answered}}
 
 
 BENCHMARK = Benchmark(name="longvideobench", column="LongVideoBench", load=load, score=score, max_new_tokens=32)

@@ -56,4 +56,4 @@ def load(data_root: str):
 
 
 BENCHMARK = Benchmark(name="videomme_w_subtitle", column="VideoMME (w/ sub.)", load=load, score=videomme.score,
-                      max_new_tokens=16)
+                      max_new_tokens=16, folder="videomme")
