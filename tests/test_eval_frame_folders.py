@@ -149,3 +149,20 @@ def test_the_tool_answers_episodic_reasoning_from_its_frame_folders(loaded, tmp_
   assert summary["missing_videos"] == [f"episodic_reasoning/2: {stray['error']}"]
   assert summary["tasks"]["episodic_reasoning"]["counted"] == sum(r["raw"] != "" for r in (castle, house))
   assert summary["tasks"]["episodic_reasoning"]["questions"] == 3
+
+
+def test_lvbench_reads_a_frame_folder_named_by_its_id_at_one_frame_a_second(loaded, tmp_path):
+  """The official LVBench task reads <cache_dir>/<id>/ frame folders (video_read_type "img"), no span."""
+  root = tmp_path / "lvbench"
+  _json(root / "json/lvbench_clean_tv.json", [
+      {"video": "00000038", "type": "tv", "question": "What type of video is this?",
+       "candidates": ["(A) News report", "(B) TV show"], "answer": "(B) TV show",
+       "question_type": ["event understanding"], "time_reference": "00:00-75:57"}])
+  write_frames(str(root / "videos/00000038"), 22, lambda i: f"00000038_{i}", ".jpg")
+  model, tokenizer = loaded
+  run = runner.Runner(model, tokenizer, str(tmp_path / "out"), runner.Options(batch_size=1, progress=False))
+  run.run("lvbench", str(root))
+  [record] = results_io.read_records(str(tmp_path / "out"), "lvbench").values()
+  # 22 images at 1 fps, no span: floor 64 -> 4 * (22 // 4) = 20 frames
+  assert record["status"] == "answered"
+  assert record["num_frames"] == len(reference_indices(22, 1.0, None)[0]) == 20

@@ -41,10 +41,10 @@ class Benchmark:
   score: Callable[[Question, str], Score]
   max_new_tokens: int = 16
   max_frames: int = DEFAULT_MAX_FRAMES
-  # A split without answers (LongVideoBench's test): (questions, answered records) -> {file name: JSON content},
-  # the files the official task writes for the leaderboard instead of a score.
   # The download it reads under one --data_root folder, when it shares another benchmark's (default: its name).
   folder: str | None = None
+  # A split without answers (LongVideoBench's test): (questions, result records) -> {file name: JSON content},
+  # the files the official task writes for the leaderboard instead of a score.
   submission: Callable[[list[Question], dict[str, dict]], dict[str, Any]] | None = None
 
 

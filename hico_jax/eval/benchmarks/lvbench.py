@@ -20,10 +20,12 @@ def doc_to_text(row) -> str:
 
 def load(data_root: str):
   def video_path(task, row):
-    # The official cache_dir holds extracted frame folders named by the id; users download <id>.mp4 files.
+    # The official cache_dir holds extracted frame folders named by the id (read at 1 fps, as
+    # hico_jax.eval.frame_folders does); users download <id>.mp4 files. Either is read, a video file first.
     vid = row["video"]
-    return first_existing(*(os.path.join(data_root, sub, vid + ext) for sub in ("videos", "video", "")
-                            for ext in (".mp4", ".mkv")))
+    subs = ("videos", "video", "")
+    return first_existing(*(os.path.join(data_root, sub, vid + ext) for sub in subs for ext in (".mp4", ".mkv")),
+                          *(os.path.join(data_root, sub, vid) for sub in subs))
   return choices.load_subtasks("lvbench", data_root, {t: f"json/lvbench_clean_{t}.json" for t in TASKS},
                                doc_to_text, video_path)
 
