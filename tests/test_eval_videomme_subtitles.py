@@ -84,6 +84,12 @@ def test_prompts_are_the_official_doc_to_text_with_subtitles(data_root):
   assert [q.task for q in questions] == ["short", "short", "medium", "long"]
 
 
+def test_a_download_without_its_subtitle_folder_is_a_one_line_error(tmp_path):
+  _parquet(str(tmp_path / "videomme/test-00000-of-00001.parquet"), ROWS)
+  with pytest.raises(FileNotFoundError, match="unzip Video-MME's subtitle.zip"):
+    benchmarks.get("videomme_w_subtitle").load(str(tmp_path))
+
+
 def test_crlf_subtitles_read_as_the_official_text_mode_open_reads_them(tmp_path, data_root):
   root = tmp_path / "crlf"
   _parquet(str(root / "videomme/test-00000-of-00001.parquet"), ROWS[:1])

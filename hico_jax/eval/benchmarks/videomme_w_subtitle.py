@@ -7,7 +7,7 @@ whatever frames are sampled (its frame-matched branch sits after a `raise NotImp
 A subtitle is the first `<font color="white" size=".72c">...</font>` span of an .srt line; lines without one
 (cue numbers, timings, untagged text) are left out. A video without a subtitle file is asked without subtitles,
 as the official code does (it prints and goes on), and is named in the summary's notes; an .srt with no tagged
-line keeps the subtitle header but the frames-only preamble, as there."""
+line keeps the subtitle header but the frames-only preamble, as there. No subtitle/ folder at all is an error."""
 
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def _prompt(row, data_root):
 
 
 def load(data_root: str):
+  # Single videos without subtitles are expected (the official task asks them without); a whole missing folder
+  # is a download not unpacked, which would quietly score the task without subtitles.
+  if not os.path.isdir(os.path.join(data_root, "subtitle")):
+    raise FileNotFoundError(f"videomme_w_subtitle: no subtitle/ folder under {data_root}: unzip Video-MME's "
+                            "subtitle.zip there (it holds subtitle/<videoID>.srt)")
   return videomme.load(data_root, name="videomme_w_subtitle", prompt=_prompt)
 
 
