@@ -240,17 +240,24 @@ def build(yaml_path: str, data_dir: str, *, verify_media: bool = True, num_threa
   config = LongVidConfig(name=split_name(os.path.splitext(os.path.basename(yaml_path))[0]),
                          annotation_yaml=os.path.basename(yaml_path), verify_media=verify_media,
                          num_threads=num_threads)
+  with quiet_tfds(quiet):
+    builder = LongVid(data_dir=data_dir, config=config, file_format="array_record", log=log)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.dirname(yaml_path)))
+  return builder.report
+
+
+@contextlib.contextmanager
+def quiet_tfds(quiet: bool = True):
+  """While preparing: no TFDS banners, progress bars or "Using custom data configuration" warnings."""
   with contextlib.ExitStack() as stack:
     if quiet:
       stack.enter_context(contextlib.redirect_stdout(io.StringIO()))     # TFDS prints its banners
       stack.enter_context(_progress_bars_off())
       absl_logger = logging.getLogger("absl")
       stack.callback(absl_logger.setLevel, absl_logger.level)
-      absl_logger.setLevel(logging.ERROR)                                # "Using custom data configuration"
-    builder = LongVid(data_dir=data_dir, config=config, file_format="array_record", log=log)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.path.dirname(yaml_path)))
-  return builder.report
+      absl_logger.setLevel(logging.ERROR)
+    yield
 
 
 @contextlib.contextmanager
