@@ -83,3 +83,62 @@ def test_unknown_benchmarks_and_unbuilt_paths_are_named(mvbench, tmp_path):
     tfds_benchmarks.build("mvbench2", str(mvbench), str(tmp_path / "tfds"))
   with pytest.raises(FileNotFoundError, match="no prepared benchmark"):
     tfds_benchmarks.BenchmarkSource(str(tmp_path))
+
+
+@pytest.fixture
+def niah_download(tmp_path):
+  root = tmp_path / "niah"
+  root.mkdir()
+  rng = np.random.default_rng(0)
+  writer = cv2.VideoWriter(str(root / "haystack.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 3.0, (48, 32))
+  assert writer.isOpened()
+  for _ in range(29):                     # at 3 fps: frames 0, 3, ..., 27, ten of them
+    writer.write(cv2.resize(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8), (48, 32)))
+  writer.release()
+  (root / "images").mkdir()
+  for i in range(3):
+    cv2.imwrite(str(root / "images" / f"n{i}.png"), rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+  cv2.imwrite(str(root / "images" / "n3.jpg"), rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+  _json(root / "single.json", [{"question": "What is in the needle?", "answer": "(A) a cat", "image": "n0.png"},
+                               {"question": "Ünïcode?", "answer": "(B) no", "image": "n3.jpg", "extra": [1, 2.5]}])
+  _json(root / "multi.json", [{"images": ["n1.png", "n2.png", "n0.png"], "question1": "First?", "answer1": "(A)",
+                               "question2": "Then?", "answer2": "(C)"}])
+  return root
+
+
+def test_a_prepared_niah_haystack_gives_the_frames_and_needles_the_files_give(niah_download, tmp_path):
+  from hico_jax.eval import niah, tfds_niah
+  path = tfds_niah.build(str(niah_download), str(tmp_path / "tfds"), haystack="haystack.mp4",
+                         single_hop="single.json", multi_hop="multi.json", image_root="images", quiet=True)
+  want = np.concatenate(list(niah.haystack_chunks(str(niah_download / "haystack.mp4"))))
+  assert want.shape == (10, 32, 48, 3)
+  chunks = list(tfds_niah.haystack_chunks(path, chunk_frames=4))
+  assert [len(c) for c in chunks] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate(chunks), want)          # lossless, frame for frame
+
+  def image(name):
+    return cv2.cvtColor(cv2.imread(str(niah_download / "images" / name), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+  items, images = tfds_niah.needles(path, "single_hop")
+  assert items == json.loads((niah_download / "single.json").read_text())
+  for got, name in zip(images, ("n0.png", "n3.jpg")):
+    np.testing.assert_array_equal(got, image(name))
+  items, images = tfds_niah.needles(path, "multi_hop")
+  assert items == json.loads((niah_download / "multi.json").read_text()) and len(images[0]) == 3
+  for got, name in zip(images[0], ("n1.png", "n2.png", "n0.png")):
+    np.testing.assert_array_equal(got, image(name))
+
+
+def test_niah_needle_records_without_their_fields_or_images_are_named(niah_download, tmp_path):
+  from hico_jax.eval import tfds_niah
+  _json(niah_download / "bad.json", [{"question": "Where?", "image": "n0.png"}])
+  with pytest.raises(ValueError, match=r"bad.json record 0 has no \['answer'\]"):
+    tfds_niah.build(str(niah_download), str(tmp_path / "a"), haystack="haystack.mp4", single_hop="bad.json",
+                    image_root="images", quiet=True)
+  _json(niah_download / "gone.json", [{"question": "Where?", "answer": "(A)", "image": "gone.png"}])
+  with pytest.raises(FileNotFoundError, match="needle image .*gone.png is missing"):
+    tfds_niah.build(str(niah_download), str(tmp_path / "b"), haystack="haystack.mp4", single_hop="gone.json",
+                    image_root="images", quiet=True)
+  path = tfds_niah.build(str(niah_download), str(tmp_path / "c"), haystack="haystack.mp4", quiet=True)
+  with pytest.raises(ValueError, match="has no 'single_hop' split"):
+    tfds_niah.needles(path, "single_hop")
