@@ -20,8 +20,9 @@ and renames it when done, so a crash never leaves a dataset that looks finished.
 expensive part: opening each video and decoding its first frame) run on a thread pool, since TFDS
 without Beam writes each split from one generator.
 
-Reading never imports TensorFlow: `tfds.builder_from_directory(...).as_data_source()` gives the same
-ArrayRecord data sources as `tfds.data_source`, found by directory so no registered name is needed.
+Reading never imports TensorFlow: `tfds.builder_from_directory(...)` finds the build by directory (no
+registered name needed), and LongVidSource reads the ArrayRecord files its dataset info names, the records
+`tfds.data_source` would serve, in its order.
 """
 
 from __future__ import annotations
