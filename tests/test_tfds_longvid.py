@@ -119,3 +119,60 @@ def test_the_fast_record_parser_agrees_with_tfds_decoding(dataset):
       if header["id"] == "m5":
         assert (header["start"], header["end"]) == (0.1, 2.7)      # float64 exactly, not float32's 0.100000001
   assert seen == 8
+
+
+def _protobuf_features(serialized):
+  """The reference: protobuf's own parser (upb) on the same bytes; float lists, no part of our features, as
+  empty."""
+  from tensorflow_datasets.proto import tf_example_pb2
+  out = {}
+  for key, feature in tf_example_pb2.Example.FromString(serialized).features.feature.items():
+    kind = feature.WhichOneof("kind")
+    out[key] = list(getattr(feature, kind).value) if kind in ("bytes_list", "int64_list") else []
+  return out
+
+
+def _varint_bytes(value):
+  out = bytearray()
+  while value >= 0x80:
+    out.append(value & 0x7F | 0x80)
+    value >>= 7
+  return bytes(out + bytes([value]))
+
+
+def test_the_record_parser_reads_what_protobuf_reads():
+  from tensorflow_datasets.proto import tf_example_pb2
+  example = tf_example_pb2.Example()
+  feature = example.features.feature
+  feature["id"].bytes_list.value.append("ünï-".encode() * 40)                   # length varint of 2 bytes
+  feature["index"].int64_list.value.extend([300, 2**40, -5, 0])                 # multi-byte and negative
+  feature["media"].bytes_list.value.extend([os.urandom(70_000), b"", os.urandom(130)])
+  feature["score"].float_list.value.extend([0.5, 2.0])                          # not ours: no values
+  feature["empty"].bytes_list.SetInParent()
+  feature["unset"].SetInParent()                                                # a Feature with no list
+  serialized = example.SerializeToString()
+  assert tfds_longvid._example_features(serialized) == _protobuf_features(serialized)
+  # Valid wire forms protobuf's serializer does not write: an int64 list not packed, a value before its key.
+  unpacked = bytes([0x1A, 5, 0x08, 0x7B, 0x08, 0xAC, 0x02])                    # int64_list: 123, 300 one by one
+  entry = bytes([0x12, len(unpacked)]) + unpacked + b"\x0a\x05count"
+  body = example.features.SerializeToString() + b"\x0a" + bytes([len(entry)]) + entry
+  handmade = b"\x0a" + _varint_bytes(len(body)) + body                       # Example.features, one more entry
+  assert tfds_longvid._example_features(handmade) == _protobuf_features(handmade)
+  assert _protobuf_features(handmade)["count"] == [123, 300]
+  with pytest.raises(ValueError, match="not a tf.train.Example"):
+    tfds_longvid._example_features(b"\x12\x00")
+
+
+def test_the_source_reads_what_tfds_data_source_serves_from_splits_of_several_files(dataset):
+  import tensorflow_datasets as tfds
+  config = tfds_longvid.LongVidConfig(name="data", annotation_yaml="data.yaml")
+  builder = tfds_longvid.LongVid(data_dir=str(dataset / "tfds"), config=config, file_format="array_record",
+                                 log=lambda _: None)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(dataset), num_shards=3))
+  assert len(builder.info.splits["good"].filepaths) == 3
+  decoded = tfds.builder_from_directory(builder.data_dir).as_data_source()     # what tfds.data_source serves
+  # (split, position in it) of each record the strategies choose: mixed keeps annotation lines 0, 5 and 8.
+  for strategies, want in (({}, [("good", i) for i in range(5)] + [("mixed", 0), ("mixed", 1)]),
+                           ({"good": "end:3", "mixed": "end:3"}, [("good", i) for i in (2, 3, 4)] + [("mixed", 2)])):
+    source = tfds_longvid.LongVidSource(str(dataset / "tfds"), strategies)
+    assert [source[i] for i in range(len(source))] == [tfds_longvid.to_header(decoded[split][i]) for split, i in want]

@@ -1,78 +1,94 @@
 #!/usr/bin/env python
-"""Records/s and decoded frames/s per worker core: the TFDS LongVid source against the legacy shard reader.
+"""Records/s and decoded frames/s per worker core: the TFDS LongVid source against the shard reader it replaced.
 
-  python tools/benchmark_data_source.py --workdir /tmp/bench_source --videos 8 --repeats 7
+  python tools/benchmark_data_source.py --workdir /tmp/bench_source --videos 6 --repeats 9
 
-Both read the same synthetic mp4s: the TFDS build, and the same records in the legacy shard format that the
-TFDS builder replaced (written by this script, read as the removed shard reader read them). One process, one
-thread, the two readers interleaved record by record (which goes first alternates), so a loaded machine
-slows both alike; per repeat it prints each reader's rates and the TFDS/legacy ratio, then the median and
-the spread (min..max) of each.
+The baseline is the removed shard format's own code, taken from git history (`git show` of
+hico_jax/data/records.py and shards.py at --legacy_commit, the last commit that had them) into
+<workdir>/legacy_code: its builder writes shards of the same synthetic annotations the TFDS builder
+reads, and its read path is what the training pipeline did per record then, `MixedSource[i]` and then
+`records.decode_record`. The TFDS side is `LongVidSource[i]`, what the pipeline does now. Both must give the
+same records (checked before timing). One process, one thread, the two readers interleaved record by record
+(which goes first alternates), so load from other work on the machine falls on both alike; per repeat it
+prints each reader's rate and the TFDS/shards ratio, then the median and the spread (min..max) of each.
   read     every record fetched (header + media bytes) in a seeded random order, `--read_passes` times
   decode   every record fetched, then what a data worker does with a video: dynamic_fps1 sampling
            (64-256 frames), OpenCV decoding, PIL resize to 224
 """
 
 import argparse
-import json
+import importlib
 import os
 import shutil
 import statistics
-import struct
+import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-
-# The legacy shard record, kept here only to measure against: b"HICOREC1" + uint32 header length + JSON header
-# + the media file's bytes, one record per ArrayRecord entry (what hico_jax/data/records.py wrote before the
-# TFDS builder replaced it; its reader below is the removed shards.MixedSource's read path).
-_MAGIC, _LENGTH = b"HICOREC1", struct.Struct("<I")
+# The parent of 9cd54ea ("remove the HICOREC1 shard format"): the last commit with the shard reader.
+LEGACY_COMMIT = "aa0489ea4b670223e962b6a5740cf9fea02f9ecc"
+LEGACY_IMPORT = "from hico_jax.data import annotations, records"
 
 
-def _write_legacy(tfds_source, path):
-  from array_record.python.array_record_module import ArrayRecordWriter
-  writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
-  for i in range(len(tfds_source)):
-    header, media = tfds_source[i]
-    body = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    writer.write(_MAGIC + _LENGTH.pack(len(body)) + body + (media[0] if media else b""))
-  writer.close()
-  os.replace(path + ".tmp", path)
+def load_legacy(commit: str, dest: str):
+  """The shard format's modules at `commit`, as the package `legacy_shards` under dest: (shards, records).
+  Their one import of each other is pointed at the copy; everything else is the file as committed."""
+  package = os.path.join(dest, "legacy_shards")
+  os.makedirs(package, exist_ok=True)
+  for name in ("records", "shards"):
+    try:
+      text = subprocess.run(["git", "show", f"{commit}:hico_jax/data/{name}.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+      raise SystemExit(f"benchmark_data_source: cannot read hico_jax/data/{name}.py at {commit} from git "
+                       f"({e}): run it in a clone with the project's history") from None
+    if name == "shards":
+      if LEGACY_IMPORT not in text:
+        raise SystemExit(f"benchmark_data_source: shards.py at {commit} lacks {LEGACY_IMPORT!r}")
+      text = text.replace(LEGACY_IMPORT, "from hico_jax.data import annotations\nfrom legacy_shards import records")
+    with open(os.path.join(package, f"{name}.py"), "w") as f:
+      f.write(text)
+  open(os.path.join(package, "__init__.py"), "w").close()
+  sys.path.insert(0, dest)
+  return importlib.import_module("legacy_shards.shards"), importlib.import_module("legacy_shards.records")
 
 
-def _legacy_reader(path):
-  from array_record.python.array_record_module import ArrayRecordReader
-  reader = ArrayRecordReader(path)
-
-  def read(i):
-    data = reader.read([i])[0]
-    (length,) = _LENGTH.unpack_from(data, len(_MAGIC))
-    start = len(_MAGIC) + _LENGTH.size
-    media = bytes(data[start + length:])
-    return json.loads(bytes(data[start:start + length]).decode("utf-8")), [media] if media else []
-  return read
-
-
-def _readers(dataset, root):
+def _readers(dataset, root, commit):
   from hico_jax.data import tfds_longvid
-  tfds_dir, shard = os.path.join(root, "tfds"), os.path.join(root, "legacy.array_record-00000-of-00001")
-  if not dataset.reused or not tfds_longvid.is_prepared(tfds_dir) or not os.path.exists(shard):
+  shards, records = load_legacy(commit, os.path.join(root, "legacy_code"))
+  tfds_dir, shard_dir = os.path.join(root, "tfds"), os.path.join(root, "shards")
+  if not dataset.reused or not tfds_longvid.is_prepared(tfds_dir) or \
+      not os.path.exists(os.path.join(shard_dir, shards.MANIFEST)):
     shutil.rmtree(tfds_dir, ignore_errors=True)
-    tfds_longvid.build(str(dataset), tfds_dir, log=lambda _: None)
-    _write_legacy(tfds_longvid.LongVidSource(tfds_dir), shard)
-  source = tfds_longvid.LongVidSource(tfds_dir)
-  return {"tfds": source.__getitem__, "legacy": _legacy_reader(shard)}, len(source)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    tfds_longvid.build(str(dataset), tfds_dir, log=lambda _: None, quiet=True)
+    shards.build(str(dataset), shard_dir, log=lambda _: None)
+  new, old = tfds_longvid.LongVidSource(tfds_dir), shards.MixedSource(shard_dir)
+
+  def read_old(i):
+    header, media = records.decode_record(old[i])
+    return header, [media] if media else []
+
+  if len(new) != len(old):
+    raise SystemExit(f"benchmark_data_source: {len(new)} TFDS records against {len(old)} in the shards")
+  for i in range(len(new)):      # the same records: the shard header held `source` as one path, not a list
+    (header, media), (old_header, old_media) = new[i], read_old(i)
+    old_header["source"] = [old_header["source"]] if old_header.get("source") else []
+    if (header, media) != (old_header, old_media):
+      raise SystemExit(f"benchmark_data_source: record {i} differs between the TFDS build and the shards")
+  return {"tfds": new.__getitem__, "shards": read_old}, len(new)
 
 
 def _decode(header, media):
   from hico_jax.data import video
-  raw, _ = video.decode_frames(media[0], mode="dynamic_fps1", min_frames=64, max_frames=256,
-                               start=header.get("start"), end=header.get("end"))
-  return len(video.resize_frames(raw, 224))
+  frames, _ = video.decode_frames(media[0], mode="dynamic_fps1", min_frames=64, max_frames=256,
+                                  start=header.get("start"), end=header.get("end"), size=224)
+  return len(frames)
 
 
 def _interleaved(readers, order, passes, decode):
@@ -93,10 +109,12 @@ def _interleaved(readers, order, passes, decode):
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="/tmp/bench_source")
-  parser.add_argument("--videos", type=int, default=8)
+  parser.add_argument("--videos", type=int, default=6)
   parser.add_argument("--source_px", type=int, default=640)
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--read_passes", type=int, default=20)
+  parser.add_argument("--no_decode", action="store_true", help="time bare reads only")
+  parser.add_argument("--legacy_commit", default=LEGACY_COMMIT, help="the commit to take the shard reader from")
   args = parser.parse_args()
   import cv2
   cv2.setNumThreads(1)                 # one worker core
@@ -104,30 +122,33 @@ def main() -> int:
   dataset = synthetic.make_dataset(os.path.join(args.workdir, "videos"), num_videos=args.videos, seed=0,
                                    size=args.source_px, fps_range=(24, 30), duration_range=(40.0, 70.0),
                                    tasks=("captioning",))
-  readers, n = _readers(dataset, args.workdir)
+  readers, n = _readers(dataset, args.workdir, args.legacy_commit)
   order = np.random.default_rng(0).permutation(n)
+  kinds = ("read",) if args.no_decode else ("read", "decode")
   for read in readers.values():        # warm-up: open files, codec set-up
     _decode(*read(int(order[0])))
-  results = {(name, kind): [] for name in readers for kind in ("read", "decode")}
+  results = {(name, kind): [] for name in readers for kind in kinds}
   for repeat in range(args.repeats):
     seconds, _ = _interleaved(readers, order, args.read_passes, decode=False)
     for name in readers:
       results[(name, "read")].append(args.read_passes * n / seconds[name])
-    seconds, frames = _interleaved(readers, order, 1, decode=True)
-    for name in readers:
-      results[(name, "decode")].append(frames[name] / seconds[name])
+    if "decode" in kinds:
+      seconds, frames = _interleaved(readers, order, 1, decode=True)
+      for name in readers:
+        results[(name, "decode")].append(frames[name] / seconds[name])
     print(f"repeat {repeat}: " + "  ".join(
-        f"{kind} tfds {results[('tfds', kind)][-1]:.1f} legacy {results[('legacy', kind)][-1]:.1f} "
-        f"ratio {results[('tfds', kind)][-1] / results[('legacy', kind)][-1]:.3f}" for kind in ("read", "decode")),
-        flush=True)
-  print(f"{n} videos of {args.source_px} px; per core, median (min..max) over {args.repeats} repeats")
-  for kind, unit in (("read", "records/s"), ("decode", "frames/s")):
-    ratios = [t / o for t, o in zip(results[("tfds", kind)], results[("legacy", kind)])]
+        f"{kind} tfds {results[('tfds', kind)][-1]:.1f} shards {results[('shards', kind)][-1]:.1f} "
+        f"ratio {results[('tfds', kind)][-1] / results[('shards', kind)][-1]:.3f}" for kind in kinds), flush=True)
+  sizes = [len(readers["tfds"](i)[1][0]) for i in range(n)]
+  print(f"{n} videos of {args.source_px} px ({min(sizes) / 1e3:.0f}-{max(sizes) / 1e3:.0f} kB); per core, "
+        f"median (min..max) over {args.repeats} repeats; shard reader from {args.legacy_commit[:10]}")
+  for kind, unit in (("read", "records/s"), ("decode", "frames/s"))[:len(kinds)]:
+    ratios = [t / o for t, o in zip(results[("tfds", kind)], results[("shards", kind)])]
     line = [f"{kind:6s}"]
     for name in readers:
       values = results[(name, kind)]
       line.append(f"{name} {statistics.median(values):.1f} ({min(values):.1f}..{max(values):.1f}) {unit}")
-    line.append(f"tfds/legacy {statistics.median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f})")
+    line.append(f"tfds/shards {statistics.median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f})")
     print("  ".join(line))
   return 0
 

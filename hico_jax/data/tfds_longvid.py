@@ -20,8 +20,9 @@ and renames it when done, so a crash never leaves a dataset that looks finished.
 expensive part: opening each video and decoding its first frame) run on a thread pool, since TFDS
 without Beam writes each split from one generator.
 
-Reading never imports TensorFlow: `tfds.builder_from_directory(...).as_data_source()` gives the same
-ArrayRecord data sources as `tfds.data_source`, found by directory so no registered name is needed.
+Reading never imports TensorFlow: `tfds.builder_from_directory(...)` finds the build by directory (no
+registered name needed), and LongVidSource reads the ArrayRecord files its dataset info names, the records
+`tfds.data_source` would serve, in its order.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordReader
 
 from hico_jax.data import annotations
 
@@ -239,17 +241,24 @@ def build(yaml_path: str, data_dir: str, *, verify_media: bool = True, num_threa
   config = LongVidConfig(name=split_name(os.path.splitext(os.path.basename(yaml_path))[0]),
                          annotation_yaml=os.path.basename(yaml_path), verify_media=verify_media,
                          num_threads=num_threads)
+  with quiet_tfds(quiet):
+    builder = LongVid(data_dir=data_dir, config=config, file_format="array_record", log=log)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.dirname(yaml_path)))
+  return builder.report
+
+
+@contextlib.contextmanager
+def quiet_tfds(quiet: bool = True):
+  """While preparing: no TFDS banners, progress bars or "Using custom data configuration" warnings."""
   with contextlib.ExitStack() as stack:
     if quiet:
       stack.enter_context(contextlib.redirect_stdout(io.StringIO()))     # TFDS prints its banners
       stack.enter_context(_progress_bars_off())
       absl_logger = logging.getLogger("absl")
       stack.callback(absl_logger.setLevel, absl_logger.level)
-      absl_logger.setLevel(logging.ERROR)                                # "Using custom data configuration"
-    builder = LongVid(data_dir=data_dir, config=config, file_format="array_record", log=log)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.path.dirname(yaml_path)))
-  return builder.report
+      absl_logger.setLevel(logging.ERROR)
+    yield
 
 
 @contextlib.contextmanager
@@ -303,8 +312,9 @@ def to_header(example: dict) -> tuple[dict, list]:
   return header, [bytes(m) for m in example["media"]]
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-  result = shift = 0
+def _varint(buf: bytes, pos: int, first: int) -> tuple[int, int]:
+  """The value of a varint whose first byte, `first` (>= 0x80), was already read, and the position after it."""
+  result, shift = first & 0x7F, 7
   while True:
     byte = buf[pos]
     pos += 1
@@ -314,46 +324,84 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     shift += 7
 
 
-def _fields(buf: bytes, pos: int, end: int):
-  """(field number, (start, end) of a length-delimited value, or the varint) of one protobuf message."""
-  while pos < end:
-    tag, pos = _varint(buf, pos)
-    number, wire = tag >> 3, tag & 7
-    if wire == 2:
-      length, pos = _varint(buf, pos)
-      yield number, (pos, pos + length)
-      pos += length
-    elif wire == 0:
-      value, pos = _varint(buf, pos)
-      yield number, value
-    elif wire in (1, 5):              # fixed64 / fixed32 (float_list values); not used by our features
-      pos += 8 if wire == 1 else 4
-    else:
-      raise ValueError(f"unexpected protobuf wire type {wire}")
-
-
 def _example_features(buf: bytes) -> dict:
   """A serialized tf.train.Example -> {key: [bytes values] or [int64 values]}, each media file copied once.
-  Example(1: Features(1: map entry(1: key, 2: Feature(1: BytesList(1: bytes*), 3: Int64List(1: int64*))))."""
+
+  Example(1: Features(1: map entry(1: key, 2: Feature(1: BytesList(1: bytes*), 3: Int64List(1: int64*))))).
+  One flat loop rather than a generic field iterator: a record's ~10 features and ~20 values made the
+  generic one's generator calls cost more than reading the record (docs/benchmarks.md). Every field number
+  here is below 16, so each tag is one byte; lengths and ints are varints of any size, read inline when they
+  fit one byte. Entries may come in any order (a repeated key: the last wins, as for a protobuf map); a
+  float_list feature, no part of ours, has no values here; anything else is an error."""
   out = {}
-  for _, (f_start, f_end) in _fields(buf, 0, len(buf)):                 # Example.features
-    for _, (e_start, e_end) in _fields(buf, f_start, f_end):            # Features.feature entries
-      key, values = None, []
-      for number, span in _fields(buf, e_start, e_end):
-        if number == 1:
-          key = buf[span[0]:span[1]].decode("utf-8")
+  pos, end = 0, len(buf)
+  while pos < end:
+    tag, length = buf[pos], buf[pos + 1]
+    pos += 2
+    if length >= 0x80:
+      length, pos = _varint(buf, pos, length)
+    if tag != 0x0A:                                      # Example has one field, features
+      raise ValueError(f"not a tf.train.Example: field tag {tag:#x} at byte {pos}")
+    features_end = pos + length
+    while pos < features_end:                            # Features.feature: one map entry each
+      tag, length = buf[pos], buf[pos + 1]
+      pos += 2
+      if length >= 0x80:
+        length, pos = _varint(buf, pos, length)
+      if tag != 0x0A:
+        raise ValueError(f"not a tf.train.Features entry: field tag {tag:#x} at byte {pos}")
+      entry_end = pos + length
+      key, values = "", []
+      while pos < entry_end:
+        tag, length = buf[pos], buf[pos + 1]
+        pos += 2
+        if length >= 0x80:
+          length, pos = _varint(buf, pos, length)
+        if tag == 0x0A:                                  # the key
+          key = buf[pos:pos + length].decode("utf-8")
+          pos += length
           continue
-        for kind, (l_start, l_end) in _fields(buf, *span):              # Feature: which list
-          for value_number, value in _fields(buf, l_start, l_end):
-            if kind == 1:
-              values.append(buf[value[0]:value[1]])
-            elif kind == 3 and isinstance(value, tuple):                # packed int64s
-              pos = value[0]
-              while pos < value[1]:
-                number_value, pos = _varint(buf, pos)
-                values.append(number_value)
-            elif kind == 3:
-              values.append(value)
+        if tag != 0x12:
+          raise ValueError(f"not a tf.train.Features entry: field tag {tag:#x} at byte {pos}")
+        feature_end, values = pos + length, []           # the Feature: one of its lists
+        while pos < feature_end:
+          kind, length = buf[pos], buf[pos + 1]
+          pos += 2
+          if length >= 0x80:
+            length, pos = _varint(buf, pos, length)
+          list_end = pos + length
+          if kind == 0x0A:                               # bytes_list: (tag, length, bytes)*
+            while pos < list_end:
+              length = buf[pos + 1]
+              pos += 2
+              if length >= 0x80:
+                length, pos = _varint(buf, pos, length)
+              values.append(buf[pos:pos + length])
+              pos += length
+          elif kind == 0x1A:                             # int64_list: packed (tag 0x0A) or one by one (0x08)
+            while pos < list_end:
+              tag = buf[pos]
+              pos += 1
+              if tag == 0x0A:
+                length = buf[pos]
+                pos += 1
+                if length >= 0x80:
+                  length, pos = _varint(buf, pos, length)
+                stop = pos + length
+              elif tag == 0x08:
+                stop = pos + 1                           # one varint, however long
+              else:
+                raise ValueError(f"not a tf.train.Int64List: field tag {tag:#x} at byte {pos}")
+              while pos < stop:
+                value = buf[pos]
+                pos += 1
+                if value >= 0x80:
+                  value, pos = _varint(buf, pos, value)
+                values.append(value - (1 << 64) if value >= 1 << 63 else value)
+          elif kind == 0x12:                             # float_list
+            pos = list_end
+          else:
+            raise ValueError(f"not a tf.train.Feature: field tag {kind:#x} at byte {pos}")
       out[key] = values
   return out
 
@@ -363,27 +411,32 @@ def parse_record(serialized: bytes) -> tuple[dict, list]:
   because TFDS's generic decoding builds numpy arrays of every feature and copies each media file twice
   more, which made a record's read ~3x (small records) to ~2x (MB videos) slower than the shard format it
   replaced (docs/benchmarks.md). The keys are TFDS's flattening of the FeaturesDict above."""
-  feature = _example_features(bytes(serialized))
-
-  def texts(key):
-    return [v.decode("utf-8") for v in feature.get(key, [])]
-
-  (record_id,), (dataset,), (media_type,) = texts("id"), texts("dataset"), texts("media_type")
-  header = {"id": record_id, "index": int(feature["index"][0]), "dataset": dataset, "media_type": media_type,
-            "conversations": [{"from": f, "value": v}
-                              for f, v in zip(texts("conversations/from"), texts("conversations/value"))],
-            "source": texts("source")}
-  for key in ("start", "end"):
-    (value,) = texts(key)
-    if value:
-      header[key] = float(value)
+  feature = _example_features(serialized if isinstance(serialized, bytes) else bytes(serialized))
+  start, end = feature["start"][0], feature["end"][0]
+  header = {"id": feature["id"][0].decode("utf-8"), "index": feature["index"][0],
+            "dataset": feature["dataset"][0].decode("utf-8"), "media_type": feature["media_type"][0].decode("utf-8"),
+            "conversations": [{"from": f.decode("utf-8"), "value": v.decode("utf-8")}
+                              for f, v in zip(feature.get("conversations/from", ()),
+                                              feature.get("conversations/value", ()))],
+            "source": [s.decode("utf-8") for s in feature.get("source", ())]}
+  if start:
+    header["start"] = float(start.decode("ascii"))
+  if end:
+    header["end"] = float(end.decode("ascii"))
   return header, feature.get("media", [])
 
 
 class LongVidSource:
   """Random access over the records that each dataset's sampling strategy keeps, datasets concatenated in
   the YAML's order (the reference concatenates its sampled lists the same way); item i is (header, list of
-  media bytes). Picklable: the TFDS data sources are opened lazily in each process that reads."""
+  media bytes).
+
+  The records are those `tfds.data_source` serves, in its order: each split's files and their record counts
+  come from TFDS's own dataset info (its file instructions). They are read with array_record's reader,
+  opened with the options array_record's data source uses for random access, straight into parse_record:
+  the two data-source layers between (TFDS's deserialisation switch, array_record's key -> file lookup)
+  cost as much again as the parsing on a small record. Picklable: files are opened lazily in each process
+  that reads."""
 
   def __init__(self, path: str, strategies: dict[str, str] | None = None, seed: int = 0):
     self.path = prepared_dir(path)
@@ -393,30 +446,43 @@ class LongVidSource:
     unknown = sorted(set(strategies) - {d["name"] for d in self.datasets})
     if unknown:
       raise ValueError(f"sampling strategies name unknown dataset(s) {unknown}")
-    parts = []
-    for number, dataset in enumerate(self.datasets):
+    splits = tfds.builder_from_directory(self.path).info.splits
+    self._files, parts = [], []
+    for dataset in self.datasets:
       kept = np.asarray(dataset["kept"], np.int64)
       chosen = annotations.select(dataset["num_raw"], strategies.get(dataset["name"], dataset["sampling_strategy"]),
                                   seed)
-      position = np.searchsorted(kept, chosen)
-      present = (position < len(kept)) & (kept[np.minimum(position, len(kept) - 1)] == chosen) if len(kept) else \
-          np.zeros(len(chosen), bool)
-      parts.append(np.stack([np.full(present.sum(), number), position[present]], axis=1))
-    self._index = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
-    self._sources = None
+      if not len(kept):             # TFDS wrote no split for it: nothing to choose from
+        continue
+      position = np.searchsorted(kept, chosen)          # in the split, where the chosen indices were kept
+      position = position[(position < len(kept)) & (kept[np.minimum(position, len(kept) - 1)] == chosen)]
+      instructions = splits[dataset["split"]].file_instructions
+      if sum(fi.take for fi in instructions) != len(kept):
+        raise ValueError(f"{self.path}: split {dataset['split']!r} holds {sum(fi.take for fi in instructions)} "
+                         f"records where metadata.json keeps {len(kept)}: the build is damaged, rebuild it")
+      takes = np.asarray([fi.take for fi in instructions], np.int64)
+      skips = np.asarray([fi.skip for fi in instructions], np.int64)
+      shard = np.searchsorted(np.cumsum(takes), position, side="right")
+      in_file = skips[shard] + position - (np.cumsum(takes) - takes)[shard]
+      parts.append(np.stack([len(self._files) + shard, in_file], axis=1))
+      self._files += [fi.filename for fi in instructions]
+    self._rows = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)    # (file, record in file)
+    self._readers = None
 
   def __len__(self) -> int:
-    return len(self._index)
+    return len(self._rows)
 
   def __getitem__(self, i: int) -> tuple[dict, list]:
-    number, position = self._index[i]
-    if self._sources is None:       # serialized records; parse_record decodes them
-      sources = tfds.builder_from_directory(self.path).as_data_source(
-          deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-      self._sources = [sources.get(d["split"]) for d in self.datasets]
-    return parse_record(self._sources[number][int(position)])
+    file, position = self._rows[i].tolist()
+    if self._readers is None:
+      self._readers = [None] * len(self._files)
+    reader = self._readers[file]
+    if reader is None:
+      reader = self._readers[file] = ArrayRecordReader(self._files[file], options="readahead_buffer_size:0",
+                                                       file_reader_buffer_size=32768)
+    return parse_record(reader.read([position])[0])
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_sources"] = None
+    state["_readers"] = None        # file handles do not cross process boundaries
     return state

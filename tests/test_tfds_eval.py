@@ -1,0 +1,144 @@
+"""Evaluation data as TFDS builders over ArrayRecord, as training's: MVBench in its published layout (JSON per
+task, videos per source folder, a frame folder, a missing video, a broken row) read back question by question
+against the benchmark's own loader and the files on disk, and a NIAH haystack whose frames come back as the
+direct reader samples them."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from hico_jax.eval import benchmarks, tfds_benchmarks
+
+
+def _write_mp4(path, seed, frames=8, size=32):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rng = np.random.default_rng(seed)
+  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (size, size))
+  assert writer.isOpened()
+  for _ in range(frames):
+    writer.write(cv2.resize(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), (size, size)))
+  writer.release()
+
+
+def _json(path, rows):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(rows, f)
+
+
+@pytest.fixture
+def mvbench(tmp_path):
+  root = tmp_path / "MVBench"
+  _json(root / "json/action_count.json", [
+      {"video": "v1.mp4", "question": "How many launches?", "candidates": ["3", "2", "4"], "answer": "2"},
+      {"video": "gone.mp4", "question": "Where?", "candidates": ["Here", "There"], "answer": "Here"},
+      {"video": "v1.mp4", "question": "No candidates in this row."},
+      {"video": "v1.mp4", "question": "Again the first video?", "candidates": ["Yes", "No"], "answer": "Yes"}])
+  _json(root / "json/moving_count.json", [
+      {"video": "c1.mp4", "question": "How many cubes move?", "candidates": ["0", "1"], "answer": "1",
+       "start": 0.5, "end": 1.75}])
+  _json(root / "json/episodic_reasoning.json", [
+      {"video": "s01e01_seg1", "question": "Who speaks?", "candidates": ["A", "B"], "answer": "B"}])
+  _write_mp4(root / "video/perception/videos/v1.mp4", 1)
+  _write_mp4(root / "video/clevrer/video_validation/c1.mp4", 2)
+  os.makedirs(root / "video/tvqa/frames_fps3_hq/s01e01_seg1")        # TVQA ships frame folders
+  return root
+
+
+def test_a_prepared_benchmark_gives_the_loaders_questions_and_the_video_files(mvbench, tmp_path):
+  logged = []
+  path = tfds_benchmarks.build("mvbench", str(mvbench), str(tmp_path / "tfds"), log=logged.append, quiet=True)
+  assert path.endswith(os.path.join("eval_benchmark", "mvbench", "1.0.0"))
+  source = tfds_benchmarks.BenchmarkSource(path)
+  questions, _ = benchmarks.get("mvbench").load(str(mvbench))
+  by_qid = {q.qid: q for q in questions}
+  # Hand count, in mvbench.yaml's task order: moving_count/0, then action_count/0 and /3 (one video, stored
+  # once); the rest skipped.
+  got = [source[i] for i in range(len(source))]
+  assert [q.qid for q, _ in got] == ["moving_count/0", "action_count/0", "action_count/3"]
+  files = {"action_count/0": "video/perception/videos/v1.mp4", "action_count/3": "video/perception/videos/v1.mp4",
+           "moving_count/0": "video/clevrer/video_validation/c1.mp4"}
+  for question, video_bytes in got:
+    want = by_qid[question.qid]
+    assert question == type(want)(**{**want.__dict__, "video": files[question.qid]})
+    assert video_bytes == (mvbench / files[question.qid]).read_bytes()
+  assert (got[0][0].start, got[0][0].end, got[1][0].answer) == (0.5, 1.75, "B")
+  skipped = json.loads(open(os.path.join(path, "metadata.json")).read())["skipped"]
+  assert len(logged) == len(skipped) == 17 + 3      # 17 of MVBench's 20 task files are not in this download
+  skipped = [line for line in skipped if not line.endswith("missing annotation file")]
+  assert "action_count.json row 2" in skipped[0]
+  assert "episodic_reasoning/0: frame folder" in skipped[1] and "action_count/1: missing video" in skipped[2]
+  info = json.loads(open(os.path.join(path, "dataset_info.json")).read())
+  assert [sum(int(n) for n in s["shardLengths"]) for s in info["splits"]] == [3]
+  # The shared video's bytes are in the first question's record only.
+  raw = [source._source[i] for i in range(3)]     # pylint: disable=protected-access
+  assert [len(r["video_bytes"]) for r in raw] == [1, 1, 0] and int(raw[2]["video_record"]) == 1
+
+
+def test_unknown_benchmarks_and_unbuilt_paths_are_named(mvbench, tmp_path):
+  with pytest.raises(ValueError, match="unknown benchmark 'mvbench2'"):
+    tfds_benchmarks.build("mvbench2", str(mvbench), str(tmp_path / "tfds"))
+  with pytest.raises(FileNotFoundError, match="no prepared benchmark"):
+    tfds_benchmarks.BenchmarkSource(str(tmp_path))
+
+
+@pytest.fixture
+def niah_download(tmp_path):
+  root = tmp_path / "niah"
+  root.mkdir()
+  rng = np.random.default_rng(0)
+  writer = cv2.VideoWriter(str(root / "haystack.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 3.0, (48, 32))
+  assert writer.isOpened()
+  for _ in range(29):                     # at 3 fps: frames 0, 3, ..., 27, ten of them
+    writer.write(cv2.resize(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8), (48, 32)))
+  writer.release()
+  (root / "images").mkdir()
+  for i in range(3):
+    cv2.imwrite(str(root / "images" / f"n{i}.png"), rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+  cv2.imwrite(str(root / "images" / "n3.jpg"), rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+  _json(root / "single.json", [{"question": "What is in the needle?", "answer": "(A) a cat", "image": "n0.png"},
+                               {"question": "Ünïcode?", "answer": "(B) no", "image": "n3.jpg", "extra": [1, 2.5]}])
+  _json(root / "multi.json", [{"images": ["n1.png", "n2.png", "n0.png"], "question1": "First?", "answer1": "(A)",
+                               "question2": "Then?", "answer2": "(C)"}])
+  return root
+
+
+def test_a_prepared_niah_haystack_gives_the_frames_and_needles_the_files_give(niah_download, tmp_path):
+  from hico_jax.eval import niah, tfds_niah
+  path = tfds_niah.build(str(niah_download), str(tmp_path / "tfds"), haystack="haystack.mp4",
+                         single_hop="single.json", multi_hop="multi.json", image_root="images", quiet=True)
+  want = np.concatenate(list(niah.haystack_chunks(str(niah_download / "haystack.mp4"))))
+  assert want.shape == (10, 32, 48, 3)
+  chunks = list(tfds_niah.haystack_chunks(path, chunk_frames=4))
+  assert [len(c) for c in chunks] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate(chunks), want)          # lossless, frame for frame
+
+  def image(name):
+    return cv2.cvtColor(cv2.imread(str(niah_download / "images" / name), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+  items, images = tfds_niah.needles(path, "single_hop")
+  assert items == json.loads((niah_download / "single.json").read_text())
+  for got, name in zip(images, ("n0.png", "n3.jpg")):
+    np.testing.assert_array_equal(got, image(name))
+  items, images = tfds_niah.needles(path, "multi_hop")
+  assert items == json.loads((niah_download / "multi.json").read_text()) and len(images[0]) == 3
+  for got, name in zip(images[0], ("n1.png", "n2.png", "n0.png")):
+    np.testing.assert_array_equal(got, image(name))
+
+
+def test_niah_needle_records_without_their_fields_or_images_are_named(niah_download, tmp_path):
+  from hico_jax.eval import tfds_niah
+  _json(niah_download / "bad.json", [{"question": "Where?", "image": "n0.png"}])
+  with pytest.raises(ValueError, match=r"bad.json record 0 has no \['answer'\]"):
+    tfds_niah.build(str(niah_download), str(tmp_path / "a"), haystack="haystack.mp4", single_hop="bad.json",
+                    image_root="images", quiet=True)
+  _json(niah_download / "gone.json", [{"question": "Where?", "answer": "(A)", "image": "gone.png"}])
+  with pytest.raises(FileNotFoundError, match="needle image .*gone.png is missing"):
+    tfds_niah.build(str(niah_download), str(tmp_path / "b"), haystack="haystack.mp4", single_hop="gone.json",
+                    image_root="images", quiet=True)
+  path = tfds_niah.build(str(niah_download), str(tmp_path / "c"), haystack="haystack.mp4", quiet=True)
+  with pytest.raises(ValueError, match="has no 'single_hop' split"):
+    tfds_niah.needles(path, "single_hop")
