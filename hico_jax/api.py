@@ -68,19 +68,31 @@ class CausalLM:
 
   def generate(self, input_ids, video=None, attention_mask=None, *, max_new_tokens: int = 32,
                temperature: float = 0.0, top_p: float = 1.0, eos_ids: Sequence[int] | None = None,
-               pad_id: int | None = None, seed: int = 0, images=None, visual_tokens=None) -> np.ndarray:
+               pad_id: int | None = None, seed: int = 0, images=None, visual_tokens=None,
+               prefix: generation.PromptCache | None = None, return_cache: bool = False):
     """New token ids (B, max_new_tokens); a row that produced an eos id is pad_id after it. visual_tokens and
     images as in __call__. A request the device cannot hold fails first, with the estimate and the frames that
-    fit."""
+    fit.
+
+    A prompt's KV cache can serve the next prompt that starts with it (a chat's follow-up question): with
+    return_cache=True this returns (ids, cache), and `prefix=cache` then takes input_ids that are only the
+    new tokens after that prompt (no video, one row), which attend to the cached prompt instead of running the
+    video through the decoder again. Only without visual dropout, whose kept tokens depend on the question."""
+    if prefix is not None and (video is not None or visual_tokens is not None or images is not None):
+      raise ValueError("with prefix=, input_ids are the tokens after the cached prompt, which already holds "
+                       "its video or images: give no video, visual_tokens or images")
     self._check_memory(input_ids, video, visual_tokens, max_new_tokens)
     if images is not None:
       ids, mask, embeddings = self._prepare_images(input_ids, images, attention_mask, video)
     else:
       ids, mask, embeddings = self._prepare(input_ids, video, attention_mask, visual_tokens)
+    given = np.asarray(input_ids)
+    given_mask = np.ones_like(given) if attention_mask is None else np.asarray(attention_mask)
     return generation.generate(
         self.llm, {"params": self.llm_params}, np.maximum(ids, 0), mask, embeddings=embeddings,
         visual_mask=self._visual_mask(ids), max_new_tokens=max_new_tokens, eos_ids=self.eos_ids if eos_ids is None else eos_ids,
-        pad_id=self.pad_id if pad_id is None else pad_id, temperature=temperature, top_p=top_p, seed=seed)
+        pad_id=self.pad_id if pad_id is None else pad_id, temperature=temperature, top_p=top_p, seed=seed,
+        prefix=prefix, return_cache=return_cache, prompt_ids=given[0][given_mask[0] > 0] if return_cache else None)
 
   def encode_video(self, frames_uint8, *, chunk_clips: int | None = None, progress: bool = True):
     """A video's visual tokens (16·T, H), a device array in the LLM's compute dtype, for `visual_tokens=`:

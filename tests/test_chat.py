@@ -195,22 +195,35 @@ def test_stdin_questions_without_history_each_get_the_single_question_answer(che
   assert out == f"{answer}\n{answer}\n"
 
 
-def test_a_follow_up_question_reuses_the_first_turns_compiled_generation(checkpoint, video_file):
-  """Prompts padded to a bucket: the second, longer turn compiles nothing. Unbucketed, each turn compiles."""
+def test_follow_up_questions_run_only_their_new_tokens_and_compile_once(checkpoint, video_file):
+  """A follow-up's prompt starts with the last prompt: only the last answer and the new question go through the
+  decoder, against the cached prompt; the turns after it share its compiled program (bucketed lengths, a cache
+  grown in steps). Each answer equals a fresh conversation's given the same history (a full prefill)."""
   model, tokenizer = hico_jax.from_pretrained(checkpoint), tk.load_tokenizer(checkpoint)
   video = chat.read_video(video_file)
   compiled = lambda: generation._generate._cache_size()
+  runs = []
+  original = generation._generate
+  counting = lambda *args, **kwargs: runs.append(args[2].shape) or original(*args, **kwargs)
 
   conversation = chat.VideoChat(model, tokenizer, video)
-  first = conversation.ask(Q1, max_new_tokens=NEW_TOKENS)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(generation, "_generate", counting)
+    turns = [conversation.ask(q, max_new_tokens=NEW_TOKENS) for q in (Q1, Q2, Q1 + " Again?")]
+  assert [t.cached_ids for t in turns] == [0, len(turns[0].prompt_ids), len(turns[1].prompt_ids)]
+  # The first turn runs its whole bucketed prompt with the video's 64 tokens; the others their new tokens only.
+  assert runs[0][1] >= 64 and all(shape[1] == chat.CONTINUATION_BUCKET for shape in runs[1:])
   before = compiled()
-  second = conversation.ask(Q2, max_new_tokens=NEW_TOKENS)
-  assert len(second.prompt_ids) > len(first.prompt_ids) and compiled() == before
+  conversation.ask(Q2 + " Once more?", max_new_tokens=NEW_TOKENS)
+  assert compiled() == before
 
-  unbucketed = chat.VideoChat(model, tokenizer, video, prompt_bucket=1)
-  assert unbucketed.ask(Q1, max_new_tokens=NEW_TOKENS).answer == first.answer
-  assert unbucketed.ask(Q2, max_new_tokens=NEW_TOKENS).answer == second.answer
-  assert compiled() == before + 2
+  for i, turn in enumerate(turns[1:], start=1):
+    fresh = chat.VideoChat(model, tokenizer, video)
+    fresh.history = conversation.history[:2 * i]
+    again = fresh.ask(turn.question, max_new_tokens=NEW_TOKENS)
+    assert again.cached_ids == 0
+    np.testing.assert_array_equal(again.prompt_ids, turn.prompt_ids)
+    assert again.answer_ids.tolist() == turn.answer_ids.tolist()
 
 
 @pytest.fixture

@@ -69,3 +69,35 @@ def test_top_p_sampling_only_draws_from_the_nucleus():
   assert abs(np.mean(draws == 0) - 0.625) < 0.04
   greedy = np.asarray(gen.sample_token(jax.numpy.asarray(logits), jax.random.key(0), 0.0, 1.0))
   assert np.all(greedy == 0)
+
+
+# 4: the continuation (21 cached + 16 new + 32 to come) outgrows the first cache (24 + 4 slots) and gets a
+# longer one; 60: it fits in the first cache's 84 slots, overwriting the first answer's.
+@pytest.mark.parametrize("first_new_tokens", [4, 60])
+def test_a_continuation_of_a_cached_prompt_generates_what_transformers_does_for_the_whole_prompt(
+    models, first_new_tokens):
+  hf_model, model, params = models
+  rng = np.random.default_rng(5)
+  first, later = rng.integers(1, 320, (1, 21)), rng.integers(1, 320, (1, 11))
+  padded = np.concatenate([np.zeros((1, 3), np.int64), first], axis=1)     # left-padded, as chat pads
+  mask = (np.arange(24)[None] >= 3).astype(np.int64)
+  _, cache = gen.generate(model, params, padded, mask, max_new_tokens=first_new_tokens, return_cache=True)
+  assert cache.length == 21 and cache.ids.tolist() == first[0].tolist()
+  slots = cache.cache[0]["segment_ids"].shape[1]
+
+  # Only the 11 new tokens go in (left-padded to 16); the 21 cached ones are not run again.
+  later_padded = np.concatenate([np.zeros((1, 5), np.int64), later], axis=1)
+  later_mask = (np.arange(16)[None] >= 5).astype(np.int64)
+  ours, after = gen.generate(model, params, later_padded, later_mask, max_new_tokens=32, prefix=cache,
+                             return_cache=True)
+  whole = np.concatenate([first, later], axis=1)
+  np.testing.assert_array_equal(ours, _hf_greedy(hf_model, whole))
+  assert after.length == 32 and after.ids.tolist() == whole[0].tolist()
+  grown = after.cache[0]["segment_ids"].shape[1]
+  assert grown == (slots if first_new_tokens == 60 else gen.CACHE_GROWTH)
+
+
+def test_a_prompt_cache_is_refused_for_batches_and_visual_dropout(models):
+  _, model, params = models
+  with pytest.raises(ValueError, match="one row of a model without visual dropout"):
+    gen.generate(model, params, np.ones((2, 5), np.int64), max_new_tokens=2, return_cache=True)

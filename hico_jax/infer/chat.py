@@ -22,7 +22,9 @@ The generation settings are the caller's (`generation_config` in the reference);
 
 Unlike the reference, which loads and encodes the video again for every question, a conversation encodes its
 video once (`VideoChat` at construction) and every turn reuses the visual tokens; the frames are resized as
-they are decoded (`read_video(..., size=)`), so a long video is never held at full size.
+they are decoded (`read_video(..., size=)`), so a long video is never held at full size. A follow-up question
+whose prompt starts with the last prompt (the history kept, no visual dropout) also reuses that prompt's KV
+cache: only the last answer and the new question run through the decoder, not the video's tokens again.
 
 Two numbers were not read from the reference's own files (the HF `mm_utils.load_video` is not in our sources,
 see §5): the 64-frame floor is what `load_video` passes according to a third-party harness that calls the HF
@@ -53,6 +55,9 @@ STOP = "<|im_end|>"
 # prompt length, and each turn of a conversation is longer than the last, so without buckets every turn
 # would compile the model again (tens of seconds for a 7B). A padded row generates as it would alone.
 PROMPT_BUCKET = 256
+# A follow-up question's new tokens (the last answer and the question) are padded to a multiple of this: they
+# run against the cached prompt, and their (new x cached) scores are the step's largest buffer.
+CONTINUATION_BUCKET = 64
 # A decode faster than this shows no progress bar.
 PROGRESS_DELAY_S = 3.0
 
@@ -79,6 +84,7 @@ class Turn:
   answer: str
   prompt_ids: np.ndarray  # (L,) int32, one VIDEO_TOKEN_ID where the video goes
   answer_ids: np.ndarray  # (N,) int32, the generated ids before the first stop id
+  cached_ids: int = 0     # how many of prompt_ids came from the last prompt's KV cache instead of a prefill
 
 
 def check_frame_limits(max_num_frames: int, min_num_frames: int) -> None:
@@ -155,6 +161,9 @@ class _Conversation:
     # chat() stops on the keyword `<|im_end|>` besides whatever eos the checkpoint's generation config names.
     self.stop_ids = tuple(dict.fromkeys([*model.eos_ids, tokenizer.eos_id]))
     self.history: list[dict] = []
+    # The last prompt's KV cache; kept only where it can serve the next turn (no visual dropout).
+    self._prompt_cache = None
+    self._keeps_cache = getattr(model, "dropout", None) is None
 
   def prompt_ids(self, question: str, *, keep_history: bool = True) -> tuple[np.ndarray, str]:
     """(prompt ids, the user turn as the history records it) for `question` after this conversation."""
@@ -177,16 +186,23 @@ class _Conversation:
     """Answers `question`; with keep_history it follows the conversation so far (chat()'s chat_history),
     without it it starts afresh (chat_history=None). Either way the turn is added to the history."""
     ids, user_turn = self.prompt_ids(question, keep_history=keep_history)
-    padding = -len(ids) % self.prompt_bucket
-    padded = np.concatenate([np.full(padding, self.model.pad_id, np.int32), ids])   # masked: any id does
+    cached = self._prompt_cache
+    reuse = (keep_history and cached is not None and len(ids) > len(cached.ids)
+             and np.array_equal(ids[:len(cached.ids)], cached.ids))
+    new = ids[len(cached.ids):] if reuse else ids
+    padding = -len(new) % (CONTINUATION_BUCKET if reuse else self.prompt_bucket)
+    padded = np.concatenate([np.full(padding, self.model.pad_id, np.int32), new])   # masked: any id does
     mask = (np.arange(len(padded)) >= padding).astype(np.int32)
-    new_ids = self.model.generate(padded[None], attention_mask=mask[None], max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, seed=seed, eos_ids=self.stop_ids,
-                                  **self._media())
+    out = self.model.generate(padded[None], attention_mask=mask[None], max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed, eos_ids=self.stop_ids,
+                              **({"prefix": cached} if reuse else self._media()),
+                              return_cache=self._keeps_cache)
+    new_ids, self._prompt_cache = out if self._keeps_cache else (out, None)
     answer_ids, answer = decode_answer(new_ids[0], self.tokenizer, self.stop_ids)
     self.history = (self.history if keep_history else []) + [
         {"role": USER, "content": user_turn}, {"role": ASSISTANT, "content": answer}]
-    return Turn(question=question, answer=answer, prompt_ids=ids, answer_ids=answer_ids)
+    return Turn(question=question, answer=answer, prompt_ids=ids, answer_ids=answer_ids,
+                cached_ids=len(cached.ids) if reuse else 0)
 
 
 class VideoChat(_Conversation):
