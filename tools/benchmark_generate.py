@@ -155,6 +155,8 @@ def case_jax(case):
           begin = time.perf_counter()
           jax.block_until_ready(model.encode_video(pixels))
           row["encode_s"] = time.perf_counter() - begin
+      if frames in case.get("chat", ()):
+        row.update(_chat_turns(model, tokenizer, video[0]))
     except Exception as e:  # pylint: disable=broad-except  # a request that does not fit is a result here
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     del video
@@ -163,6 +165,24 @@ def case_jax(case):
   return {"load_s": load_s, "load_host_anon_peak_gib": load_host_gib, "load_maxrss_gib": maxrss_gib,
           "weights_gib": weights_gib,
           "device": jax.devices()[0].device_kind, "rows": results}
+
+
+def _chat_turns(model, tokenizer, frames) -> dict:
+  """Seconds of a first question and of a follow-up in hico_jax.infer.chat (the follow-up reuses the first
+  prompt's KV cache), in a second conversation after a first one compiled both."""
+  import numpy as np
+  from hico_jax.infer import chat
+  video = chat.Video(frames=frames, duration=float(len(frames)), indices=np.arange(len(frames)), source="bench")
+  times = {}
+  for attempt in range(2):
+    conversation = chat.VideoChat(model, tokenizer, video)
+    for name, question in (("chat_first_s", QUESTION), ("chat_follow_up_s", "And what happens at the end?")):
+      begin = time.perf_counter()
+      turn = conversation.ask(question, max_new_tokens=MAX_NEW_TOKENS)
+      times[name] = time.perf_counter() - begin
+      times[name.replace("_s", "_new_tokens")] = int(len(turn.answer_ids))
+  times["chat_follow_up_cached_tokens"] = int(turn.cached_ids)
+  return times
 
 
 def case_torch(case):
@@ -300,6 +320,8 @@ def main():
   parser.add_argument("--torch_frames", type=int, nargs="*", default=[1000, 10000])
   parser.add_argument("--split_frames", type=int, nargs="*", default=[1000, 10000],
                       help="frame counts also timed with one new token (vision + prefill), to split off decoding")
+  parser.add_argument("--chat_frames", type=int, nargs="*", default=[10000],
+                      help="frame counts also timed as a chat: a first question, then a follow-up (dropout none)")
   parser.add_argument("--niah_frames", type=int, default=0, help="0: no NIAH case")
   parser.add_argument("--timeout", type=int, default=1800)
   args = parser.parse_args()
@@ -313,7 +335,8 @@ def main():
     cases = [] if os.path.exists(os.path.join(model_dir, "config.json")) else [
         {"kind": "write", "preset": preset, "dir": model_dir}]
     cases += [{"kind": "jax", "model": model_dir, "preset": preset, "frames": args.frames, "dropout": d,
-               "split": args.split_frames} for d in args.dropout if args.frames]
+               "split": args.split_frames, "chat": args.chat_frames if d == "none" else []}
+              for d in args.dropout if args.frames]
     if args.torch_frames:
       cases.append({"kind": "torch", "model": model_dir, "preset": preset, "frames": args.torch_frames})
     if args.niah_frames:
