@@ -13,8 +13,9 @@ from typing import Sequence
 from absl import logging
 import flax.linen as nn
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 # Slowest to fastest varying: data-parallel replicas outermost, tensor parallelism on the fastest links.
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
@@ -93,7 +94,6 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[jax.Devi
   shape = tuple(sizes[name] for name in MESH_AXES)
   try:
     # Knows the physical topology (ICI rings on TPU, NVLink islands on GPU) when devices are all local.
-    from jax.experimental import mesh_utils
     device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception as e:  # pylint: disable=broad-except  # e.g. a multi-slice TPU layout it does not know
     # Still a valid mesh, but collectives may cross slower links than they need to: say so.

@@ -6,9 +6,11 @@ stops here with one message listing each offending pair of numbers.
 
 from __future__ import annotations
 
+import jax
 from jax.sharding import Mesh
 
 from hico_jax.models.qwen2 import Qwen2Config
+from hico_jax.train import optimizer
 
 
 class ConfigError(ValueError):
@@ -59,7 +61,6 @@ def validate(config, mesh: Mesh) -> Qwen2Config:
 def validate_training(config, model_config, mesh: Mesh) -> None:
   """The numbers of a HiCo training config against the mesh (and the process count), all reported
   together before anything compiles."""
-  import jax  # pylint: disable=import-outside-toplevel
   problems = []
   size = dict(mesh.shape)
   tensor, seq = size.get("tensor", 1), size.get("seq", 1)
@@ -113,7 +114,6 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
     problems.append(f"data.image_size={config.data.image_size} differs from model.vit.image_size={vit.image_size}")
   if config.total_steps < 1:
     problems.append(f"total_steps={config.total_steps} must be >= 1")
-  from hico_jax.train import optimizer  # pylint: disable=import-outside-toplevel
   problems += optimizer.config_problems(config.get("optim") or {})
   if problems:
     raise ConfigError("config does not fit the mesh " + str(size) + ":\n  " + "\n  ".join(problems))

@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
 
 from hico_jax.models import qwen2, vit  # noqa: E402
-from hico_jax.models.qwen2 import REMAT_POLICIES  # noqa: E402
+from hico_jax.models.layers import REMAT_POLICIES  # noqa: E402
 from hico_jax.ops import rope  # noqa: E402
 
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.models import tome
-from hico_jax.models.layers import Projection, constrain, exact_gelu
-from hico_jax.models.qwen2 import DTYPES, Qwen2Config, Qwen2ForCausalLM
+from hico_jax.models.layers import DTYPES, Projection, constrain, exact_gelu
+from hico_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.models.vit import UMTViT, ViTConfig
 from hico_jax.ops import loss as loss_ops

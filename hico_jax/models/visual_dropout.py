@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hico_jax.ops.attention import attention_mask
+from hico_jax.ops.attention_blocks import attention_mask
 
 TYPES = ("uniform", "attention", "uniform0_attention", "uniform1_attention")
 

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from hico_jax.models import position_tables
-from hico_jax.models.layers import (LayerNorm, Projection, add_bias, constrain, dataclass_from_dict, exact_gelu,
-                                    normal_init)
-from hico_jax.models.qwen2 import ATTENTION_INPUT_NAMES, DTYPES, MLP_HIDDEN_NAME, REMAT_POLICIES
+from hico_jax.models.layers import (ATTENTION_INPUT_NAMES, DTYPES, MLP_HIDDEN_NAME, REMAT_POLICIES, LayerNorm,
+                                    Projection, add_bias, constrain, dataclass_from_dict, exact_gelu, normal_init)
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import layer_norm as layer_norm_ops
 
