@@ -2,6 +2,8 @@
 
 # The reference's IMAGE_TOKEN_INDEX: marks, once per sample, where the video's visual tokens go.
 VIDEO_TOKEN_ID = -200
+# The reference's IGNORE_INDEX: the label of a token the loss does not supervise (prompt, visual, padding).
+IGNORE_INDEX = -100
 
 
 def from_pretrained(path: str, **kwargs):

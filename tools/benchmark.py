@@ -41,11 +41,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import flops  # noqa: E402  # tools/flops.py: the one FLOP count
+from hico_jax import IGNORE_INDEX, VIDEO_TOKEN_ID, flops
 
 
 def _token_ids(vocab: int, seq_len: int, seed: int = 0):
@@ -179,8 +175,9 @@ def run_jax_clip(case: dict) -> dict:
 
 def run_torch_clip(case: dict) -> dict:
   import torch
-  sys.path.insert(0, os.path.join(REPO, "tests"))
-  from torch_reference.videochat_flash import ClipEncoder
+  # The reference's own encoder lives with the tests, outside the installed package: this comparison runs from
+  # the repo root with PYTHONPATH=. (the only part of tools/ that needs it).
+  from tests.torch_reference.videochat_flash import ClipEncoder
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   config = _clip_configs({**case, "on_gpu": device == "cuda"})
@@ -274,8 +271,8 @@ def run_jax_train(case: dict) -> dict:
   length = visual + case["text_tokens"]
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.llm.vocab_size, (1, length)).astype(np.int32)
-  ids[0, 8:8 + visual] = -200
-  batch = {"input_ids": ids, "targets": np.where(ids < 0, -100, np.roll(ids, -1)).astype(np.int32),
+  ids[0, 8:8 + visual] = VIDEO_TOKEN_ID
+  batch = {"input_ids": ids, "targets": np.where(ids < 0, IGNORE_INDEX, np.roll(ids, -1)).astype(np.int32),
            "segment_ids": np.ones((1, length), np.int32),
            "positions": np.arange(length, dtype=np.int32)[None],
            "frames": rng.integers(0, 255, (1, frames, config.vit.image_size, config.vit.image_size, 3), np.uint8)}
@@ -295,7 +292,7 @@ def _packed_row(config, rng, videos: int, frames: int, images: int, tiles: int, 
     is_video = s < videos
     visual = config.visual_tokens(frames) if is_video else tiles * per_tile
     ids = rng.integers(0, config.llm.vocab_size, 8 + visual + text_tokens - 8).astype(np.int32)
-    ids[8:8 + visual] = -200
+    ids[8:8 + visual] = VIDEO_TOKEN_ID
     index = np.zeros(len(ids), np.int32)
     if is_video:
       index[8:8 + visual] = video_rank + np.arange(visual)
@@ -307,8 +304,8 @@ def _packed_row(config, rng, videos: int, frames: int, images: int, tiles: int, 
     segments.append(np.full(len(ids), s + 1, np.int32))
   ids = np.concatenate([p[0] for p in pieces])[None]
   seg = np.concatenate(segments)[None]
-  targets = np.where(ids < 0, -100, np.roll(ids, -1)).astype(np.int32)
-  targets[0, np.flatnonzero(np.diff(seg[0]) != 0)] = -100             # no target across samples
+  targets = np.where(ids < 0, IGNORE_INDEX, np.roll(ids, -1)).astype(np.int32)
+  targets[0, np.flatnonzero(np.diff(seg[0]) != 0)] = IGNORE_INDEX            # no target across samples
   batch = {"input_ids": ids, "targets": targets, "segment_ids": seg,
            "positions": np.concatenate([np.arange(len(p[0]), dtype=np.int32) for p in pieces])[None],
            "frames": rng.integers(0, 255, (1, max(videos * frames, 4), size, size, 3), np.uint8)}

@@ -22,9 +22,7 @@ import struct
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 # The legacy shard record, kept here only to measure against: b"HICOREC1" + uint32 header length + JSON header

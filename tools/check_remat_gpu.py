@@ -12,18 +12,15 @@ at 256 frames of 448 px. Prints every residual with its size; exits 1 if a check
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from jax._src.ad_checkpoint import saved_residuals
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
-
-from hico_jax.models import qwen2, vit  # noqa: E402
-from hico_jax.models.layers import REMAT_POLICIES  # noqa: E402
-from hico_jax.ops import rope  # noqa: E402
+from hico_jax.models import qwen2, vit
+from hico_jax.models.layers import REMAT_POLICIES
+from hico_jax.ops import rope
 
 
 def kept_residuals(f, *args) -> list[tuple[str, int, str]]:
