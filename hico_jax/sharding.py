@@ -103,6 +103,16 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[jax.Devi
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def axis_size(mesh: Mesh, logical_name: str, rules=LOGICAL_RULES) -> int:
+  """Devices along the mesh axes that `logical_name` maps to (1 for none): e.g. "act_batch" -> data*fsdp,
+  the rows a batch is split over; "act_len" -> seq; "embed" -> fsdp*seq. Code outside this module asks this
+  rather than multiplying mesh axes it would have to know by name."""
+  entry = nn.logical_to_mesh_axes((logical_name,), rules)[0]
+  entry = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  shape = dict(mesh.shape)
+  return math.prod(shape.get(a, 1) for a in entry)
+
+
 def ambient_axes(logical_name: str | None, divides: int | None = None) -> tuple[str, ...]:
   """The axes of the ambient mesh (`jax.set_mesh`) that the active logical rules (or LOGICAL_RULES) give
   `logical_name`, leaving out those the mesh lacks; with `divides`, trailing axes are dropped until their

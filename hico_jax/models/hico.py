@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from hico_jax import VIDEO_TOKEN_ID
+from hico_jax.config_dicts import check_fields
 from hico_jax.models import tome
 from hico_jax.models.layers import DTYPES, Projection, constrain, exact_gelu
 from hico_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -44,9 +45,7 @@ class HiCoConfig:
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "HiCoConfig":
     fields = dict(fields)
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown HiCo config field(s) {unknown}")
+    check_fields(cls, fields, "HiCo")
     dropout = fields.pop("visual_dropout", None)
     if dropout is not None and not isinstance(dropout, VisualDropoutConfig):
       dropout = VisualDropoutConfig.from_dict(dict(dropout))

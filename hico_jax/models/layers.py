@@ -1,9 +1,7 @@
-"""Building blocks shared by the decoder and the vision tower: layers, the dtype and remat-policy tables, config
-reading."""
+"""Building blocks shared by the decoder and the vision tower: layers, the dtype and remat-policy tables."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -127,12 +125,3 @@ class LayerNorm(nn.Module):
                       self.param_dtype)
     impl = self.impl if layer_norm_ops.pallas_supported(x.shape, self.rows_name) else "xla"
     return layer_norm_ops.layer_norm(x, scale, bias, self.epsilon, impl, self.rows_name).astype(self.dtype)
-
-
-def dataclass_from_dict(cls, fields, what: str):
-  """cls(**fields), refusing unknown fields by name (a typo in a config must not pass silently)."""
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f"unknown {what} config field(s) {unknown}; known fields are {sorted(known)}")
-  return cls(**fields)

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from hico_jax.config_dicts import dataclass_from_dict
 from hico_jax.models import visual_dropout
 from hico_jax.models.layers import (ATTENTION_INPUT_NAMES, DTYPES, MLP_HIDDEN_NAME, REMAT_POLICIES, Projection,
-                                    constrain, dataclass_from_dict, normal_init)
+                                    constrain, normal_init)
 from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import rope

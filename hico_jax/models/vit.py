@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from hico_jax.config_dicts import dataclass_from_dict
 from hico_jax.models import position_tables
 from hico_jax.models.layers import (ATTENTION_INPUT_NAMES, DTYPES, MLP_HIDDEN_NAME, REMAT_POLICIES, LayerNorm,
-                                    Projection, add_bias, constrain, dataclass_from_dict, exact_gelu, normal_init)
+                                    Projection, add_bias, constrain, exact_gelu, normal_init)
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import layer_norm as layer_norm_ops
 
