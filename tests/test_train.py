@@ -34,7 +34,7 @@ from hico_jax import VIDEO_TOKEN_ID, presets, sharding
 from hico_jax.convert import qwen2_hf, videochat_flash
 from hico_jax.data import pipeline, synthetic, tfds_longvid, tokenizer, video as video_lib
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
-from hico_jax.train import checkpoint as ckpt, init_weights, recipe, step as step_lib, trainer
+from hico_jax.train import checkpoint as ckpt, init_weights, recipe, step as step_lib, train_state, trainer
 from hico_jax.validate import ConfigError
 from tests.hf_reference import qwen2_dir_from_videochat_flash
 from tests.random_params import random_hico_params
@@ -74,19 +74,14 @@ def _initial_params():
 
 
 def _build(mesh_config, optim_config, accumulation_steps=1):
-  """Model, state, state shardings and the jitted step on a mesh, as trainer.train makes them; but the step
-  does not donate (a test may step the same state twice), and the initial params, the same values whatever the
-  mesh, are made once and placed on each mesh rather than compiled per mesh."""
+  """Model, state, state shardings and the jitted step on a mesh, built as trainer.train builds them; but the
+  step does not donate (a test may step the same state twice), and the initial params, the same values
+  whatever the mesh, are made once and placed on each mesh rather than compiled per mesh."""
   model_config = _small_model()
   mesh = sharding.make_mesh(mesh_config)
-  model = HiCo(model_config)
-  built = trainer.init_train_state(model, model_config, optim_config, mesh, params=_initial_params())
-  state = built.state
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    jitted = jax.jit(step_lib.make_train_step(model, built.optimizer, built.frozen,
-                                              accumulation_steps=accumulation_steps, schedules=built.schedules),
-                     out_shardings=(state_shardings, None))
+  built = train_state.build_train_step(model_config, optim_config, mesh, accumulation_steps=accumulation_steps,
+                                       params=_initial_params(), donate=False)
+  model, state, state_shardings, jitted = built.model, built.state, built.state_shardings, built.train_step
 
   def step(state, batch):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -340,12 +335,10 @@ def _train(config, workdir, kill_after=None):
     return to_global(batch, mesh)
 
   previous = signal.getsignal(signal.SIGTERM)
-  try:
-    with pytest.MonkeyPatch.context() as patch:
-      patch.setattr(pipeline, "to_global", recording)
-      result = trainer.train(config, str(workdir))
-  finally:
-    signal.signal(signal.SIGTERM, previous)       # train() installs its handler and leaves it installed
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pipeline, "to_global", recording)
+    result = trainer.train(config, str(workdir))
+  assert signal.getsignal(signal.SIGTERM) is previous      # train() puts back the handler it found
   return result, batches
 
 
@@ -395,6 +388,26 @@ def test_run_preempted_after_2_of_4_steps_and_resumed_is_bit_identical_to_4_stra
     assert np.array_equal(got, want), f"{jax.tree_util.keystr(path)} differs after the resume"
   assert int(state["step"]) == 4 and int(state["skipped_updates"]) == 0
   assert data == expected_data and data
+
+
+def test_run_resources_are_all_closed_when_the_loop_stops_on_a_non_finite_loss(tmp_path):
+  """The trainer's non-finite stop raises out of RunResources: the save in flight completes, the metric writer
+  closes and the SIGTERM handler the run found is back. (The runs above cover the loop's end and SIGTERM.)"""
+  config = ml_collections.ConfigDict({"checkpoint": dict(keep=2, every=1, async_save=True)})
+  previous = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(FloatingPointError):
+    with trainer.RunResources(str(tmp_path), config) as run:
+      writer = run.open_writer(total_steps=2, start_step=0, flops_per_step=lambda supervised: 0.0)
+      assert signal.getsignal(signal.SIGTERM) is not previous
+      os.kill(os.getpid(), signal.SIGTERM)                 # a preemption now only asks the loop to stop
+      assert run.stop_requested
+      run.checkpointer.save(1, {"w": np.arange(3.0)}, force=True)
+      raise FloatingPointError("loss or gradient non-finite 5 steps in a row")
+  assert signal.getsignal(signal.SIGTERM) is previous
+  assert writer._writer.all_writers is None                # tensorboardX's SummaryWriter after close()
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]     # finished and renamed from its temporary name
+  np.testing.assert_array_equal(ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "1" / "state")["w"],
+                                np.arange(3.0))
 
 
 def test_logged_tokens_are_the_real_tokens_of_every_step_since_the_last_log_line(runs):

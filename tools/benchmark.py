@@ -228,34 +228,31 @@ def _time_train_step(case: dict, config, batch: dict, option_frames: int) -> dic
   """AdamW train steps of HiCo(config) on `batch` (the stage recipe's ViT rate scale): the first (compile)
   and case["iters"] timed ones; XLA options sized for `option_frames` frames unless case["options"] is off."""
   import jax
-  import jax.numpy as jnp
   import ml_collections
   import flax.linen as nn
-  from hico_jax.models.hico import HiCo, init_inputs
+  from hico_jax import sharding
   from hico_jax.ops import xla_options
-  from hico_jax.train import optimizer as optim, step as step_lib
+  from hico_jax.train import train_state
 
-  model = HiCo(config)
-  batch = jax.tree.map(jnp.asarray, batch)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *init_inputs(config)))["params"]
   optim_config = ml_collections.ConfigDict(dict(
       lr=1e-5, total_steps=1000, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
       schedule=(("visual/vision_tower/.*", 0.2), (".*", 1.0))))
-  tx, _ = optim.make_optimizer(optim_config, params)
-  state = step_lib.init_state(params, tx)
   options = xla_options.train_compiler_options(config, option_frames) if case.get("options", True) else {}
-  step = jax.jit(step_lib.make_train_step(model, tx, optim.frozen_mask(params, optim_config.schedule)),
-                 donate_argnums=(0,), compiler_options=options)
+  mesh = sharding.make_mesh((("fsdp", -1),), jax.devices()[:1])      # one device
+  built = train_state.build_train_step(config, optim_config, mesh, compiler_options=options)   # the trainer's step
+  state = built.state
+  batch = jax.device_put(batch, sharding.replicated(mesh))
 
   def run():
     nonlocal state
-    state, metrics = step(state, batch)
+    state, metrics = built.train_step(state, batch)
     return jax.block_until_ready(metrics["loss"])
 
-  compile_start = time.perf_counter()
-  loss = float(run())
-  compile_s = time.perf_counter() - compile_start
-  times = _time(run, case["warmup"], case["iters"])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    compile_start = time.perf_counter()
+    loss = float(run())
+    compile_s = time.perf_counter() - compile_start
+    times = _time(run, case["warmup"], case["iters"])
   stats = jax.devices()[0].memory_stats() or {}
   return {"loss": loss, "supervised": int((batch["targets"] >= 0).sum()), "times": times, "compile_s": compile_s,
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
