@@ -8,7 +8,7 @@
   python tools/benchmark.py ceilings  # the device's bf16 matmul rate (jax, torch) and copy bandwidth
 
 `llm`: forward + backward (no optimizer) of the Qwen2 decoder, random init, bf16 compute, remat; tokens/s and
-MFU (FLOPs from tools/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
+MFU (FLOPs from hico_jax/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
 Qwen2ForCausalLM (bf16, sdpa, gradient checkpointing) on the same token ids. Every case runs in its own
 subprocess so one framework's memory never crowds the other. Prints a markdown table; --out appends JSON lines.
 
@@ -41,7 +41,8 @@ import subprocess
 import sys
 import time
 
-from hico_jax import IGNORE_INDEX, VIDEO_TOKEN_ID, flops
+from hico_jax import flops
+from hico_jax.tokens import IGNORE_INDEX, VIDEO_TOKEN_ID
 
 
 def _token_ids(vocab: int, seq_len: int, seed: int = 0):

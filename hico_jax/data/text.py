@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hico_jax import IGNORE_INDEX, VIDEO_TOKEN_ID
+from hico_jax.tokens import IGNORE_INDEX, VIDEO_TOKEN_ID
 
 VISUAL_TOKENS_PER_FRAME = 16   # 4-frame clips of 64 tokens after the HiCo merge (§1)
 IMAGE_TAG = "<image>"

@@ -13,6 +13,7 @@ from hico_jax.ops import attention_blocks, layer_norm as layer_norm_ops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+
 def _attention_outputs(prim, *args, **params):
   """The attention's outputs: for cuDNN, its flash-attention forward primitive (output and softmax
   statistics; it lives inside jax, out of reach of checkpoint_name), for the other implementations the value

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hico_jax import IGNORE_INDEX
 from hico_jax.config_dicts import dataclass_from_dict
 from hico_jax.ops.attention_blocks import attention_mask
+from hico_jax.tokens import IGNORE_INDEX
 
 TYPES = ("uniform", "attention", "uniform0_attention", "uniform1_attention")
 

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hico_jax import IGNORE_INDEX
+from hico_jax.tokens import IGNORE_INDEX
 
 
 def token_cross_entropy(logits, labels):
