@@ -24,6 +24,7 @@ q_slots (b, t), kv_slots (b, s)); lse (b, t, n); `scale` multiplies q·k.
 
 from __future__ import annotations
 
+from einops import rearrange
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -74,11 +75,10 @@ def attention_mask(q_len, kv_len, q_segment_ids=None, kv_segment_ids=None, q_slo
 
 def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_slots=None, causal=True,
                   kv_slots=None):
-  batch, q_len, num_heads, head_dim = q.shape
+  q_len, head_dim = q.shape[1], q.shape[3]
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  groups = num_heads // num_kv_heads
-  # Group the query heads by the K/V head they share, instead of repeating K/V `groups` times in memory.
-  q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+  # Group the query heads by the K/V head they share, instead of repeating K/V for each in memory.
+  q = rearrange(q, "b t (k g) h -> b t k g h", k=num_kv_heads)
   logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
   logits = logits * (head_dim ** -0.5)
   if causal or q_segment_ids is not None:
@@ -87,7 +87,7 @@ def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_slots=None
     logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+  return rearrange(out, "b t k g h -> b t (k g) h").astype(q.dtype)
 
 
 def cudnn_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=True, mask=None):
@@ -129,7 +129,7 @@ def backward(impl, q, k, v, rows, causal, scale, out, lse, dout):
 def _group(x, kv_heads):
   """(b, t, n, ...) -> (b, t, kv_heads, n // kv_heads, ...): query heads grouped by their K/V head, instead
   of repeating K/V in memory."""
-  return x.reshape(x.shape[:2] + (kv_heads, x.shape[2] // kv_heads) + x.shape[3:])
+  return rearrange(x, "b t (k g) ... -> b t k g ...", k=kv_heads)
 
 
 # --- xla ------------------------------------------------------------------------------------------------
@@ -271,8 +271,7 @@ def _splash_map(fn, q, k, v, q_seg, kv_seg):
 
 def _ungroup(x):
   """(b, kh, g, t, ...) -> (b, t, n, ...)."""
-  x = jnp.moveaxis(x, 3, 1)
-  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+  return rearrange(x, "b k g t ... -> b t (k g) ...")
 
 
 def _splash_case(rows, causal):
