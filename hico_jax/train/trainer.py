@@ -100,6 +100,7 @@ def train(config, workdir: str) -> dict:
       # The step skipped its update if the loss or gradient was not finite; several in a row stop the run.
       nonfinite_in_a_row = 0 if bool(step_metrics["finite"]) else nonfinite_in_a_row + 1
       if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+        checkpointer.wait()           # a save still in flight is the last good checkpoint the message names
         raise FloatingPointError(f"loss or gradient non-finite {nonfinite_in_a_row} steps in a row, last at step "
                                  f"{step}; the last good checkpoint is step {checkpointer.latest_step()}")
       if step % config.log_every == 0 or step == config.total_steps:
