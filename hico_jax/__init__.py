@@ -1,7 +1,6 @@
 """hico_jax: VideoChat-Flash (HiCo) long-video multimodal LLMs in JAX/Flax."""
 
-# The reference's IMAGE_TOKEN_INDEX: marks, once per sample, where the video's visual tokens go.
-VIDEO_TOKEN_ID = -200
+from hico_jax.tokens import IGNORE_INDEX, VIDEO_TOKEN_ID  # noqa: F401  # the package's public names
 
 
 def from_pretrained(path: str, **kwargs):

@@ -13,8 +13,9 @@ from typing import Sequence
 from absl import logging
 import flax.linen as nn
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 # Slowest to fastest varying: data-parallel replicas outermost, tensor parallelism on the fastest links.
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
@@ -93,7 +94,6 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[jax.Devi
   shape = tuple(sizes[name] for name in MESH_AXES)
   try:
     # Knows the physical topology (ICI rings on TPU, NVLink islands on GPU) when devices are all local.
-    from jax.experimental import mesh_utils
     device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception as e:  # pylint: disable=broad-except  # e.g. a multi-slice TPU layout it does not know
     # Still a valid mesh, but collectives may cross slower links than they need to: say so.
@@ -101,6 +101,16 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[jax.Devi
                     shape, e)
     device_grid = np.asarray(devices).reshape(shape)
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def axis_size(mesh: Mesh, logical_name: str, rules=LOGICAL_RULES) -> int:
+  """Devices along the mesh axes that `logical_name` maps to (1 for none): e.g. "act_batch" -> data*fsdp,
+  the rows a batch is split over; "act_len" -> seq; "embed" -> fsdp*seq. Code outside this module asks this
+  rather than multiplying mesh axes it would have to know by name."""
+  entry = nn.logical_to_mesh_axes((logical_name,), rules)[0]
+  entry = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  shape = dict(mesh.shape)
+  return math.prod(shape.get(a, 1) for a in entry)
 
 
 def ambient_axes(logical_name: str | None, divides: int | None = None) -> tuple[str, ...]:

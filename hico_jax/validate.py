@@ -6,9 +6,13 @@ stops here with one message listing each offending pair of numbers.
 
 from __future__ import annotations
 
+import jax
 from jax.sharding import Mesh
 
+from hico_jax import sharding
+from hico_jax.data.order import zigzag_problem
 from hico_jax.models.qwen2 import Qwen2Config
+from hico_jax.train import optimizer
 
 
 class ConfigError(ValueError):
@@ -24,8 +28,8 @@ def validate(config, mesh: Mesh) -> Qwen2Config:
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from None
   size = dict(mesh.shape)
-  tensor, fsdp_seq = size.get("tensor", 1), size.get("fsdp", 1) * size.get("seq", 1)
-  batch_axes = size.get("data", 1) * size.get("fsdp", 1)
+  tensor, embed_shards = sharding.axis_size(mesh, "heads"), sharding.axis_size(mesh, "embed")
+  batch_shards, seq = sharding.axis_size(mesh, "act_batch"), sharding.axis_size(mesh, "act_len")
 
   def divides(count, what, axis_value, axis_desc):
     if count % axis_value:
@@ -35,11 +39,11 @@ def validate(config, mesh: Mesh) -> Qwen2Config:
   divides(model.num_kv_heads, "model.num_kv_heads", tensor, "mesh tensor")
   divides(model.intermediate_size, "model.intermediate_size", tensor, "mesh tensor")
   divides(model.vocab_size, "model.vocab_size", tensor, "mesh tensor")
-  divides(model.hidden_size, "model.hidden_size", fsdp_seq, "mesh fsdp*seq (embed sharding)")
+  divides(model.hidden_size, "model.hidden_size", embed_shards, "mesh fsdp*seq (embed sharding)")
   if "batch_size" in config:
-    divides(config.batch_size, "batch_size", batch_axes, "mesh data*fsdp")
+    divides(config.batch_size, "batch_size", batch_shards, "mesh data*fsdp")
   if "seq_len" in config:
-    divides(config.seq_len, "seq_len", size.get("seq", 1), "mesh seq")
+    divides(config.seq_len, "seq_len", seq, "mesh seq")
     if config.seq_len > model.max_position_embeddings:
       problems.append(f"seq_len={config.seq_len} exceeds model.max_position_embeddings="
                       f"{model.max_position_embeddings}")
@@ -59,12 +63,10 @@ def validate(config, mesh: Mesh) -> Qwen2Config:
 def validate_training(config, model_config, mesh: Mesh) -> None:
   """The numbers of a HiCo training config against the mesh (and the process count), all reported
   together before anything compiles."""
-  import jax  # pylint: disable=import-outside-toplevel
   problems = []
   size = dict(mesh.shape)
-  tensor, seq = size.get("tensor", 1), size.get("seq", 1)
-  rows = size.get("data", 1) * size.get("fsdp", 1)
-  clip_devices = rows * seq
+  tensor, seq = sharding.axis_size(mesh, "heads"), sharding.axis_size(mesh, "act_len")
+  rows, clip_devices = sharding.axis_size(mesh, "act_batch"), sharding.axis_size(mesh, "act_clips")
   llm, vit = model_config.llm, model_config.vit
   try:
     validate(type(config)({"model": dict(llm.__dict__)}), mesh)
@@ -82,8 +84,8 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
                     "with 'xla', 'cudnn' (GPU), 'splash' (TPU), 'ring' or 'all_gather'")
   if llm.attention_impl == "splash" and platforms != ["tpu"]:
     problems.append(f"model.llm.attention_impl='splash' is a TPU kernel; this mesh has {platforms} devices")
-  if vit.width % (size.get("fsdp", 1) * seq):
-    problems.append(f"model.vit.width={vit.width} is not divisible by mesh fsdp*seq={size.get('fsdp', 1) * seq}")
+  if vit.width % (embed_shards := sharding.axis_size(mesh, "embed")):
+    problems.append(f"model.vit.width={vit.width} is not divisible by mesh fsdp*seq={embed_shards}")
   # The tower's steps take min(encode_chunk, the micro-batch's clips) clips: rows carry data.frame_budget
   # frames each, so a micro-batch smaller than one chunk is one step of all its clips.
   micro_batch_clips = (config.batch_size // config.accumulation_steps * config.data.frame_budget
@@ -104,8 +106,8 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
   if batch % jax.process_count():
     problems.append(f"batch_size={batch} is not divisible by the {jax.process_count()} processes")
   budget = config.data.token_budget
-  if seq > 1 and budget % (2 * seq):
-    problems.append(f"data.token_budget={budget} is not divisible by 2*mesh seq={2 * seq} (zig-zag chunks)")
+  if zigzag := zigzag_problem(budget, seq):
+    problems.append(zigzag)
   if budget > llm.max_position_embeddings:
     problems.append(f"data.token_budget={budget} exceeds model.llm.max_position_embeddings="
                     f"{llm.max_position_embeddings}")
@@ -113,7 +115,6 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
     problems.append(f"data.image_size={config.data.image_size} differs from model.vit.image_size={vit.image_size}")
   if config.total_steps < 1:
     problems.append(f"total_steps={config.total_steps} must be >= 1")
-  from hico_jax.train import optimizer  # pylint: disable=import-outside-toplevel
   problems += optimizer.config_problems(config.get("optim") or {})
   if problems:
     raise ConfigError("config does not fit the mesh " + str(size) + ":\n  " + "\n  ".join(problems))

@@ -16,3 +16,19 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # parity tests compare fp32 to 1e-4
 assert jax.device_count() == 8, f"tests need 8 simulated devices, got {jax.device_count()}"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+  """30 short synthetic videos at 64 px, their shards and the real Qwen2 tokenizer: the trainer-level tests'
+  data (tests/train_setup.py), made once per test process."""
+  # Here, not at the top: every test process loads this file, most of them never need TFDS or OpenCV.
+  from hico_jax.data import synthetic, tfds_longvid, tokenizer  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("synthetic")
+  dataset = synthetic.make_dataset(root / "videos", num_videos=30, seed=0, size=64, fps_range=(4, 8),
+                                   duration_range=(4.0, 12.0))
+  tfds_longvid.build(str(dataset), str(root / "shards"), log=lambda _: None)
+  tokenizer.build_qwen2_tokenizer_json(root / "tokenizer")
+  return root

@@ -8,7 +8,6 @@ hand below) and normalised with the ImageNet constants; the answer is transforme
 on the torch ClipEncoder's visual tokens spliced into the prompt embeddings (as in test_hico).
 """
 
-import importlib.util
 import io
 import json
 import os
@@ -32,15 +31,12 @@ from hico_jax.infer import chat
 from hico_jax.infer import generate as generation
 from hico_jax.infer import visual
 from hico_jax.models import hico, vit
+from hico_jax.cli import chat as chat_tool
 from tests.hf_reference import make_hf_qwen2
 from tests.random_params import random_hico_params
 from tests.test_video import faststart
 from tests.torch_reference.videochat_flash import ClipEncoder, load_official
 
-_spec = importlib.util.spec_from_file_location(
-    "tools_chat", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "chat.py"))
-chat_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(chat_tool)
 
 IMAGE = -200                    # the reference's IMAGE_TOKEN_INDEX
 IM_END, ENDOFTEXT = 151645, 151643

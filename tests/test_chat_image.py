@@ -1,7 +1,6 @@
 """tools/chat.py --image: the prompt training gives an image turn, the reference's anyres tiles and layout, and
 transformers' greedy answer on those embeddings (torch tower + merge + projector), for one image and for two."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,15 +15,12 @@ from safetensors.numpy import load_file
 from hico_jax import api, presets
 from hico_jax.data import tokenizer as tk
 from hico_jax.models import hico
+from hico_jax.cli import chat as chat_tool
 from tests.random_params import random_hico_params
 from tests.torch_reference.llava_anyres import (ref_expand2square, ref_process_anyres_image_nopad,
                                                 ref_processor_pixels, ref_spatial_nopad_layout)
 from tests.torch_reference.videochat_flash import ClipEncoder, load_official
 
-_spec = importlib.util.spec_from_file_location(
-    "tools_chat_image", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "chat.py"))
-chat_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(chat_tool)
 
 IMAGE, IM_END, ENDOFTEXT = -200, 151645, 151643
 SIZE, NEW_TOKENS = 224, 5

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 import pytest
 
 from hico_jax import sharding
+from hico_jax.cli import sweep_default
 from hico_jax.data.pipeline import DataConfig
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.models.qwen2 import Qwen2Config
@@ -66,11 +67,8 @@ def test_sweep_overrides_reach_the_stage2_config():
   """tools/sweep_default.py: dotted overrides land where named (lists become the tuples configs use), a data
   root rewires shards, tokenizer and held-out shards together, and a misspelt key fails instead of being
   ignored."""
-  spec = importlib.util.spec_from_file_location("sweep_default", "tools/sweep_default.py")
-  sweep = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(sweep)
   base = _config("configs/tiny_synthetic.py", "stage2")
-  config = sweep.stage2_config({"data": "/d", "model.llm.num_layers": 6, "optim.lr": 1e-3,
+  config = sweep_default.stage2_config({"data": "/d", "model.llm.num_layers": 6, "optim.lr": 1e-3,
                                 "optim.schedule": [["visual/vision_tower/.*", 1.0], [".*", 1.0]]}, 3, 7)
   assert config.model.llm.num_layers == 6 != base.model.llm.num_layers
   assert config.optim.lr == 1e-3 and config.optim.schedule == (("visual/vision_tower/.*", 1.0), (".*", 1.0))
@@ -79,7 +77,7 @@ def test_sweep_overrides_reach_the_stage2_config():
   assert (config.seed, config.data.seed, config.eval.max_per_task) == (3, 3, 7)
   assert config.model.vit.width == base.model.vit.width            # what was not named stays the default's
   with pytest.raises((AttributeError, KeyError)):
-    sweep.stage2_config({"model.llm.num_layer": 6}, 0, 1)
+    sweep_default.stage2_config({"model.llm.num_layer": 6}, 0, 1)
 
 
 def test_every_model_field_named_in_the_readme_overrides_from_the_command_line(monkeypatch):

@@ -11,7 +11,6 @@ training config as JSON), which takes a second where a trainer run takes minutes
 """
 
 import functools
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -32,14 +31,12 @@ from hico_jax.data import video as video_lib
 from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
 from hico_jax.models.qwen2 import Qwen2ForCausalLM
 from hico_jax.train import checkpoint as ckpt, init_weights
+from hico_jax.cli import convert_checkpoint as tool
 from tests.hf_reference import make_hf_qwen2, qwen2_dir_from_videochat_flash
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, SIZE = 320, 64
 
-_spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools" / "convert_checkpoint.py")
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
 
 
 def convert(*argv) -> int:

@@ -1,9 +1,7 @@
 """Needle in a video haystack: the reference's needle placement, and its teacher-forced scoring recomputed with
 the torch clip encoder and transformers' Qwen2 on the same checkpoint."""
 
-import importlib.util
 import json
-import os
 
 import cv2
 import jax
@@ -17,13 +15,10 @@ from hico_jax import api, presets
 from hico_jax.data import tokenizer as tk
 from hico_jax.eval import niah
 from hico_jax.models import hico
+from hico_jax.cli import niah as niah_tool
 from tests.hf_reference import make_hf_qwen2, videochat_flash_reference
 from tests.random_params import random_hico_params
 
-_spec = importlib.util.spec_from_file_location(
-    "niah_tool", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "niah.py"))
-niah_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(niah_tool)
 
 
 def _frame_ids(sequence, width):

@@ -324,6 +324,16 @@ def test_frame_counts_off_whole_clips_are_config_errors(built):
       _config(built, sampling="middle", **{"num_frames": 4, field: value})
 
 
+def test_whole_clips_are_the_vision_towers_clips_given_to_the_data_config(built):
+  """The clip length comes from the model (model.vit.clip_frames), never from the data section."""
+  fields = dict(shards=built["shards"], tokenizer_dir=built["tokenizer"], frame_budget=24, min_frames=8, max_frames=16)
+  assert pipeline.DataConfig.from_dict(fields, clip_frames=8).clip_frames == 8
+  with pytest.raises(ValueError, match=r"data\.frame_budget=12 must be a multiple of 8 \(whole clips\)"):
+    pipeline.DataConfig.from_dict({**fields, "frame_budget": 12}, clip_frames=8)
+  with pytest.raises(ValueError, match=r"data\.clip_frames is the vision tower's: set model\.vit\.clip_frames"):
+    pipeline.DataConfig.from_dict({**fields, "clip_frames": 8})
+
+
 def test_records_failing_at_decode_time_are_skipped_and_counted(built, reference):
   good_keys, good_samples = reference
   videos = built["dataset"].out_dir / "videos"

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from hico_jax.models import qwen2, vit
-from hico_jax.models.qwen2 import REMAT_POLICIES
+from hico_jax.models.layers import REMAT_POLICIES
 from tools.check_remat_gpu import decoder_layer_residuals, vision_block_residuals
 
 

@@ -216,7 +216,7 @@ def test_unsupported_rope_type_in_a_checkpoint_is_refused_by_from_pretrained(tmp
 @pytest.mark.parametrize("rope,named", [
     ({"factor": 0.5}, r"YaRN factor must be >= 1, got 0\.5"),
     ({"original_max_position_embeddings": 64}, r"YaRN needs the key 'factor'"),
-    ({"factor": 4.0, "short_factor": [1.0]}, r"unknown YaRN key\(s\) \['short_factor'\]"),
+    ({"factor": 4.0, "short_factor": [1.0]}, r"unknown YaRN config field\(s\) \['short_factor'\]"),
     ({"factor": 4.0, "beta_fast": 1.0, "beta_slow": 8.0}, r"beta_fast=1\.0 must be >= beta_slow=8\.0"),
     ({"factor": 4.0, "attention_factor": -1.0}, r"attention_factor must be > 0"),
     ({"factor": 4.0, "partial_rotary_factor": 0.5}, r"partial_rotary_factor = 0\.5 is not supported"),

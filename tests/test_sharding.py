@@ -73,6 +73,15 @@ def test_ambient_axes_follow_the_rules_on_the_mesh_in_use_and_drop_what_does_not
       assert sharding.ambient_axes("act_clips") == ("tensor",)
 
 
+def test_axis_size_of_a_logical_name_is_the_product_of_its_mesh_axes():
+  """Sizes by logical name, against a hand count on (data 2, seq 2, tensor 2): the rows a batch splits over,
+  the tokens of a row, the devices that share the clips, the embedding's shards, a replicated name."""
+  mesh = sharding.make_mesh([("data", 2), ("seq", 2), ("tensor", 2)])
+  sizes = {name: sharding.axis_size(mesh, name) for name in ("act_batch", "act_len", "act_clips", "embed", "heads",
+                                                               "act_emb")}
+  assert sizes == {"act_batch": 2, "act_len": 2, "act_clips": 4, "embed": 2, "heads": 2, "act_emb": 1}
+
+
 def test_mesh_with_non_positive_size_is_rejected_naming_it():
   with pytest.raises(ValueError, match=r"'fsdp' has size 0"):
     sharding.mesh_shape([("fsdp", 0), ("tensor", -1)], 8)

@@ -298,7 +298,8 @@ def test_bad_arguments_name_the_problem(tmp_path):
 
 def test_cli_builds_reports_counts_and_rejects_bad_arguments(tmp_path):
   tool = [sys.executable, str(REPO / "tools" / "make_synthetic_data.py")]
-  env = {**os.environ, "PYTHONPATH": ""}
+  # hico_jax importable as `pip install -e .` makes it (README); the script edits no sys.path of its own.
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
   assert subprocess.run(tool + ["--help"], capture_output=True, env=env).returncode == 0
   ok = subprocess.run(tool + ["--out", str(tmp_path / "d"), "--num_videos", "5", "--duration", "4,6"],
                       capture_output=True, text=True, env=env)

@@ -19,9 +19,9 @@ from hico_jax import VIDEO_TOKEN_ID, presets, sharding
 from hico_jax.data import pipeline
 from hico_jax.infer import generate as gen
 from hico_jax.models import qwen2, visual_dropout as vd
-from hico_jax.models.hico import HiCo, HiCoConfig
+from hico_jax.models.hico import HiCoConfig
 from hico_jax.ops import loss as loss_ops
-from hico_jax.train import step as step_lib, trainer
+from hico_jax.train import train_state
 from tests.greedy_reference import rerun_greedy
 
 VOCAB = 320
@@ -226,7 +226,6 @@ def test_training_steps_with_dropout_on_an_8_device_mesh_reduce_the_loss_on_a_fi
                                  "encode_chunk": 8, "visual_dropout": dict(type="uniform0_attention",
                                                                            layers=[1], ratios=[1.0, 0.5])})
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
-  model = HiCo(config)
   rows, length = 8, 96
   rng = np.random.default_rng(0)
   ids = rng.integers(0, VOCAB, (rows, length)).astype(np.int32)
@@ -239,10 +238,9 @@ def test_training_steps_with_dropout_on_an_8_device_mesh_reduce_the_loss_on_a_fi
   optim_config = ml_collections.ConfigDict(dict(
       optimizer="adamw", lr=3e-3, schedule_type="constant", warmup_ratio=0.0, total_steps=10, b1=0.9, b2=0.999,
       eps=1e-8, weight_decay=0.0, grad_clip=1.0, schedule=((".*", 1.0),)))
-  built = trainer.init_train_state(model, config, optim_config, mesh)
-  state = built.state
+  built = train_state.build_train_step(config, optim_config, mesh)    # as the trainer builds it
+  state, step = built.state, built.train_step
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    step = jax.jit(step_lib.make_train_step(model, built.optimizer, built.frozen))
     global_batch = pipeline.to_global(batch, mesh)
     losses = []
     for _ in range(6):

@@ -8,7 +8,7 @@
   python tools/benchmark.py ceilings  # the device's bf16 matmul rate (jax, torch) and copy bandwidth
 
 `llm`: forward + backward (no optimizer) of the Qwen2 decoder, random init, bf16 compute, remat; tokens/s and
-MFU (FLOPs from tools/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
+MFU (FLOPs from hico_jax/flops.py, against the 989 TFLOP/s bf16 peak) for hico_jax and for transformers'
 Qwen2ForCausalLM (bf16, sdpa, gradient checkpointing) on the same token ids. Every case runs in its own
 subprocess so one framework's memory never crowds the other. Prints a markdown table; --out appends JSON lines.
 
@@ -41,11 +41,8 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import flops  # noqa: E402  # tools/flops.py: the one FLOP count
+from hico_jax import flops
+from hico_jax.tokens import IGNORE_INDEX, VIDEO_TOKEN_ID
 
 
 def _token_ids(vocab: int, seq_len: int, seed: int = 0):
@@ -179,8 +176,9 @@ def run_jax_clip(case: dict) -> dict:
 
 def run_torch_clip(case: dict) -> dict:
   import torch
-  sys.path.insert(0, os.path.join(REPO, "tests"))
-  from torch_reference.videochat_flash import ClipEncoder
+  # The reference's own encoder lives with the tests, outside the installed package: this comparison runs from
+  # the repo root with PYTHONPATH=. (the only part of tools/ that needs it).
+  from tests.torch_reference.videochat_flash import ClipEncoder
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   config = _clip_configs({**case, "on_gpu": device == "cuda"})
@@ -231,34 +229,31 @@ def _time_train_step(case: dict, config, batch: dict, option_frames: int) -> dic
   """AdamW train steps of HiCo(config) on `batch` (the stage recipe's ViT rate scale): the first (compile)
   and case["iters"] timed ones; XLA options sized for `option_frames` frames unless case["options"] is off."""
   import jax
-  import jax.numpy as jnp
   import ml_collections
   import flax.linen as nn
-  from hico_jax.models.hico import HiCo, init_inputs
+  from hico_jax import sharding
   from hico_jax.ops import xla_options
-  from hico_jax.train import optimizer as optim, step as step_lib
+  from hico_jax.train import train_state
 
-  model = HiCo(config)
-  batch = jax.tree.map(jnp.asarray, batch)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *init_inputs(config)))["params"]
   optim_config = ml_collections.ConfigDict(dict(
       lr=1e-5, total_steps=1000, warmup_ratio=0.03, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
       schedule=(("visual/vision_tower/.*", 0.2), (".*", 1.0))))
-  tx, _ = optim.make_optimizer(optim_config, params)
-  state = step_lib.init_state(params, tx)
   options = xla_options.train_compiler_options(config, option_frames) if case.get("options", True) else {}
-  step = jax.jit(step_lib.make_train_step(model, tx, optim.frozen_mask(params, optim_config.schedule)),
-                 donate_argnums=(0,), compiler_options=options)
+  mesh = sharding.make_mesh((("fsdp", -1),), jax.devices()[:1])      # one device
+  built = train_state.build_train_step(config, optim_config, mesh, compiler_options=options)   # the trainer's step
+  state = built.state
+  batch = jax.device_put(batch, sharding.replicated(mesh))
 
   def run():
     nonlocal state
-    state, metrics = step(state, batch)
+    state, metrics = built.train_step(state, batch)
     return jax.block_until_ready(metrics["loss"])
 
-  compile_start = time.perf_counter()
-  loss = float(run())
-  compile_s = time.perf_counter() - compile_start
-  times = _time(run, case["warmup"], case["iters"])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    compile_start = time.perf_counter()
+    loss = float(run())
+    compile_s = time.perf_counter() - compile_start
+    times = _time(run, case["warmup"], case["iters"])
   stats = jax.devices()[0].memory_stats() or {}
   return {"loss": loss, "supervised": int((batch["targets"] >= 0).sum()), "times": times, "compile_s": compile_s,
           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": jax.devices()[0].device_kind}
@@ -274,8 +269,8 @@ def run_jax_train(case: dict) -> dict:
   length = visual + case["text_tokens"]
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.llm.vocab_size, (1, length)).astype(np.int32)
-  ids[0, 8:8 + visual] = -200
-  batch = {"input_ids": ids, "targets": np.where(ids < 0, -100, np.roll(ids, -1)).astype(np.int32),
+  ids[0, 8:8 + visual] = VIDEO_TOKEN_ID
+  batch = {"input_ids": ids, "targets": np.where(ids < 0, IGNORE_INDEX, np.roll(ids, -1)).astype(np.int32),
            "segment_ids": np.ones((1, length), np.int32),
            "positions": np.arange(length, dtype=np.int32)[None],
            "frames": rng.integers(0, 255, (1, frames, config.vit.image_size, config.vit.image_size, 3), np.uint8)}
@@ -295,7 +290,7 @@ def _packed_row(config, rng, videos: int, frames: int, images: int, tiles: int, 
     is_video = s < videos
     visual = config.visual_tokens(frames) if is_video else tiles * per_tile
     ids = rng.integers(0, config.llm.vocab_size, 8 + visual + text_tokens - 8).astype(np.int32)
-    ids[8:8 + visual] = -200
+    ids[8:8 + visual] = VIDEO_TOKEN_ID
     index = np.zeros(len(ids), np.int32)
     if is_video:
       index[8:8 + visual] = video_rank + np.arange(visual)
@@ -307,8 +302,8 @@ def _packed_row(config, rng, videos: int, frames: int, images: int, tiles: int, 
     segments.append(np.full(len(ids), s + 1, np.int32))
   ids = np.concatenate([p[0] for p in pieces])[None]
   seg = np.concatenate(segments)[None]
-  targets = np.where(ids < 0, -100, np.roll(ids, -1)).astype(np.int32)
-  targets[0, np.flatnonzero(np.diff(seg[0]) != 0)] = -100             # no target across samples
+  targets = np.where(ids < 0, IGNORE_INDEX, np.roll(ids, -1)).astype(np.int32)
+  targets[0, np.flatnonzero(np.diff(seg[0]) != 0)] = IGNORE_INDEX            # no target across samples
   batch = {"input_ids": ids, "targets": targets, "segment_ids": seg,
            "positions": np.concatenate([np.arange(len(p[0]), dtype=np.int32) for p in pieces])[None],
            "frames": rng.integers(0, 255, (1, max(videos * frames, 4), size, size, 3), np.uint8)}

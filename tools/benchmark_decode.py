@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import flax.linen as nn
@@ -87,9 +86,8 @@ def main():
 
 def _print_profile(run, tokens):
   """The largest kernels of one traced call, per generated token (the prefill's share included)."""
-  import sys, tempfile   # pylint: disable=import-outside-toplevel,multiple-imports
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import profile_gpu     # pylint: disable=import-outside-toplevel
+  import tempfile        # pylint: disable=import-outside-toplevel
+  import profile_gpu     # pylint: disable=import-outside-toplevel  # tools/, the script's own directory
   trace_dir = tempfile.mkdtemp()
   with jax.profiler.trace(trace_dir):
     run()

@@ -13,22 +13,19 @@ frames at the preset's size. Prints seconds, frames per second and the device's 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from hico_jax.convert.videochat_flash import UMT_L  # noqa: E402
-from hico_jax.infer import visual  # noqa: E402
-from hico_jax.models import hico  # noqa: E402
-from hico_jax.models.qwen2 import Qwen2Config  # noqa: E402
-from hico_jax.models.vit import ViTConfig  # noqa: E402
+from hico_jax.convert.videochat_flash import UMT_L
+from hico_jax.infer import visual
+from hico_jax.models import hico
+from hico_jax.models.qwen2 import Qwen2Config
+from hico_jax.models.vit import ViTConfig
 
 # (image size, the LLM's hidden size: the projector's output), as hico_jax.presets has them; written out here
 # because presets needs ml_collections, which the GPU machines lack. "tiny" is a smoke test for the CPU.

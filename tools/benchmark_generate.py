@@ -32,8 +32,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 CARD = {"type": "uniform0_attention", "layers": [4, 18], "ratios": [1.0, 0.75, 0.25]}
 QUESTION = "What happens in the video? Describe it in detail."
 MAX_NEW_TOKENS = 16
@@ -194,6 +192,8 @@ def case_torch(case):
   from hico_jax.convert import videochat_flash
   from hico_jax.data import tokenizer as tokenizer_lib, video as video_lib
   from hico_jax import VIDEO_TOKEN_ID
+  # The reference's own code lives with the tests, outside the installed package: this comparison runs from the
+  # repo root with PYTHONPATH=. (the only part of tools/ that needs it).
   from tests.hf_reference import VISION_KEY_PREFIXES
   from tests.torch_reference.videochat_flash import ClipEncoder, load_official
 

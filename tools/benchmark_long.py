@@ -20,16 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-from benchmark import _run_case_in_subprocess, _time  # noqa: E402  # one timer, one subprocess runner
+from benchmark import _run_case_in_subprocess, _time  # one timer, one subprocess runner
 
 CARD = {"type": "uniform0_attention", "layers": (4, 18), "ratios": (1.0, 0.75, 0.25)}
 TEXT_TOKENS = 128

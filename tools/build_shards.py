@@ -17,8 +17,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

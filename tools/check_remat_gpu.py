@@ -12,18 +12,15 @@ at 256 frames of 448 px. Prints every residual with its size; exits 1 if a check
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from jax._src.ad_checkpoint import saved_residuals
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax._src.ad_checkpoint import saved_residuals  # noqa: E402
-
-from hico_jax.models import qwen2, vit  # noqa: E402
-from hico_jax.models.qwen2 import REMAT_POLICIES  # noqa: E402
-from hico_jax.ops import rope  # noqa: E402
+from hico_jax.models import qwen2, vit
+from hico_jax.models.layers import ATTENTION_INPUT_NAMES, DTYPES, REMAT_POLICIES
+from hico_jax.ops import rope
 
 
 def kept_residuals(f, *args) -> list[tuple[str, int, str]]:
@@ -39,7 +36,7 @@ def kept_residuals(f, *args) -> list[tuple[str, int, str]]:
 def vision_block_residuals(config: vit.ViTConfig, clips: int = 2):
   """What one remat'ed vision block keeps under config.remat_policy -> (residuals, attention output shape)."""
   x = jax.random.normal(jax.random.key(0), (clips, config.clip_frames * config.tokens_per_frame, config.width),
-                        qwen2.DTYPES[config.dtype])
+                        DTYPES[config.dtype])
   params = vit.ViTBlock(config).init(jax.random.key(1), x, None)
   f = jax.checkpoint(lambda p, x: vit.ViTBlock(config).apply(p, x, None)[0].astype(jnp.float32).sum(),
                      policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
@@ -50,7 +47,7 @@ def decoder_layer_residuals(config: qwen2.Qwen2Config, length: int):
   """What one remat'ed decoder layer keeps under config.remat_policy -> (residuals, attention output shape)."""
   cos, sin = rope.rope_cos_sin(jnp.arange(length)[None], config.head_dim, config.rope_theta)
   meta = {"cos": cos, "sin": sin, "segment_ids": None, "slots": None}
-  x = jax.random.normal(jax.random.key(0), (1, length, config.hidden_size), qwen2.DTYPES[config.dtype])
+  x = jax.random.normal(jax.random.key(0), (1, length, config.hidden_size), DTYPES[config.dtype])
   layer = qwen2.DecoderLayer(config)
   params = layer.init(jax.random.key(1), x, meta, None)
   f = jax.checkpoint(lambda p, x: layer.apply(p, x, meta, None)[0].astype(jnp.float32).sum(),
@@ -84,7 +81,7 @@ def main():
       b, l, n, h = out_shape   # the fused kernel may hand its output over heads-major
       shapes = {f"[{b},{l},{n},{h}]", f"[{b},{n},{l},{h}]"}
       # (q, k and v have the output's shape too: kept by name, or as projection outputs under the dots policies)
-      inputs = {f"named '{name}'" for name in qwen2.ATTENTION_INPUT_NAMES} | {"output of dot_general"}
+      inputs = {f"named '{name}'" for name in ATTENTION_INPUT_NAMES} | {"output of dot_general"}
       outputs = [s for s in kept if s[0][s[0].index("["):] in shapes and s[2] not in inputs]
       if not from_kernel:
         failures.append(f"{what}, {policy}: the fused attention forward's outputs are not kept")

@@ -19,21 +19,18 @@ packed segment ids, and of the blockwise path for scale. Exits 1 if a check fail
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from hico_jax import sharding  # noqa: E402
-from hico_jax.ops import ring_attention  # noqa: E402
-from hico_jax.ops.attention import attention  # noqa: E402
+from hico_jax import sharding
+from hico_jax.ops import ring_attention
+from hico_jax.ops.attention import attention
 
 TOLERANCE = 2e-2  # bf16 inputs against an fp32 reference, relative to the reference's largest entry
 

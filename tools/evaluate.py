@@ -17,8 +17,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _parse(argv):
   from hico_jax.eval import benchmarks

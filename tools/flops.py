@@ -7,17 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hico_jax.flops import *  # noqa: E402,F401,F403  # re-exported for tools/benchmark.py
+from hico_jax import presets
+from hico_jax.flops import qwen2_forward_flops, qwen2_matmul_params_per_token, qwen2_train_flops
+from hico_jax.models.qwen2 import Qwen2Config
 
 
 def main():
-  from hico_jax import presets
-  from hico_jax.models.qwen2 import Qwen2Config
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="qwen2_5_1_5b", choices=sorted(presets.LLM_PRESETS))
   parser.add_argument("--seq_len", type=int, default=4096)

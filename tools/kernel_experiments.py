@@ -27,16 +27,11 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax import lax
 
 CLIPS, HEADS, HEAD_DIM, CLIP_TOKENS = 64, 16, 64, 3136
 WIDTH, MLP_DIM = 1024, 4096

@@ -11,13 +11,10 @@ folder already built with the same parameters is left as it is.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hico_jax.data import synthetic  # noqa: E402
+from hico_jax.data import synthetic
 
 
 def _range(kind):

@@ -22,8 +22,6 @@ import re
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 KINDS = (  # first match wins; names as cuDNN, cuBLAS (nvjet, cutlass, xmma) and XLA's fusion emitter write them
     ("attention", ("cudnn", "fmha", "sdpa", "flash")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.data import image as image_io
 from hico_jax.data.text import SampleTooLongError, VISUAL_TOKENS_PER_FRAME
+from hico_jax.tokens import VIDEO_TOKEN_ID
 
 TOKENS_PER_TILE = image_io.TOKENS_PER_TILE
 

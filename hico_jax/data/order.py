@@ -8,6 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def zigzag_problem(length: int, num_shards: int, what: str = "data.token_budget") -> str | None:
+  """Why rows of `length` tokens cannot be zig-zagged over `num_shards` sequence shards (None: they can). The
+  one statement of the rule, for the config check before compiling and the pipeline alike."""
+  if num_shards > 1 and length % (2 * num_shards):
+    return f"{what}={length} is not divisible by 2*mesh seq={2 * num_shards} (zig-zag chunks)"
+  return None
+
+
 def zigzag(x, num_shards: int, axis: int = 1):
   """Reorders the sequence axis for causal load balance over `num_shards` sequence shards: the axis is cut
   into 2·n chunks and shard i holds chunks i and 2n−1−i, so every shard has as much early (cheap) as late

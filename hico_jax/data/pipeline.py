@@ -25,8 +25,10 @@ import logging
 import grain
 import numpy as np
 
+from hico_jax.config_dicts import check_fields
 from hico_jax.data import image, image_samples, text, tfds_longvid, video
 from hico_jax.data.order import unzigzag, zigzag  # pylint: disable=unused-import  # re-exported
+from hico_jax.data.order import zigzag_problem
 
 IGNORE = -100
 
@@ -37,7 +39,7 @@ class DataConfig:
   tokenizer_dir: str
   image_size: int = 224
   token_budget: int = 32768          # tokens per packed row
-  frame_budget: int = 512            # frames per packed row (a multiple of 4)
+  frame_budget: int = 512            # frames per packed row (whole clips)
   max_samples_per_row: int = 64
   sampling: str = "dynamic_fps1"     # or "middle"
   num_frames: int | None = None      # "middle": frames to take
@@ -55,24 +57,29 @@ class DataConfig:
   num_workers: int = 0
   seed: int = 0
   num_epochs: int | None = None      # None: repeat forever
+  # The vision tower's frames per clip (model.vit.clip_frames), given to from_dict by whoever builds the
+  # model: rows hold whole clips, so frame counts are multiples of it.
+  clip_frames: int = 4
 
   @classmethod
-  def from_dict(cls, fields) -> "DataConfig":
+  def from_dict(cls, fields, clip_frames: int = 4) -> "DataConfig":
+    """`fields`: the config's data section; `clip_frames`: the vision tower's (model.vit.clip_frames)."""
     fields = dict(fields)
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown data config field(s) {unknown}")
+    if "clip_frames" in fields:
+      raise ValueError("data.clip_frames is the vision tower's: set model.vit.clip_frames instead")
+    fields["clip_frames"] = clip_frames
+    check_fields(cls, fields, "data")
     if "strategies" in fields:
       fields["strategies"] = tuple(tuple(x) for x in (fields["strategies"].items() if isinstance(
           fields["strategies"], dict) else fields["strategies"]))
     config = cls(**fields)
-    # Whole clips of 4 frames (the model encodes clip by clip): the row's budget, and the counts a sample asks
+    # Whole clips (the model encodes clip by clip): the row's budget, and the counts a sample asks
     # for. min_frames is only a floor (stage 2's is 1); video.whole_clips pads a count the floor leaves odd.
     counts = {"frame_budget": config.frame_budget, "num_frames": config.num_frames,
               "max_frames": config.max_frames if config.max_frames > 0 else None}   # <= 0: no cap
     for name, value in counts.items():
-      if value is not None and value % 4:
-        raise ValueError(f"data.{name}={value} must be a multiple of 4 (whole clips)")
+      if value is not None and value % config.clip_frames:
+        raise ValueError(f"data.{name}={value} must be a multiple of {config.clip_frames} (whole clips)")
     if config.packing not in ("first_fit", "best_fit"):
       raise ValueError(f"data.packing={config.packing!r} is not first_fit or best_fit")
     if config.tile_budget < 0:
@@ -87,8 +94,8 @@ def sample_frames(media: bytes, header: dict, cfg: DataConfig):
   (frames, decode info)."""
   frames, info = video.decode_frames(media, mode=cfg.sampling, num_frames=cfg.num_frames, min_frames=cfg.min_frames,
                                      max_frames=cfg.max_frames, start=header.get("start"), end=header.get("end"),
-                                     size=cfg.image_size)
-  return video.whole_clips(frames), info
+                                     size=cfg.image_size, clip_frames=cfg.clip_frames)
+  return video.whole_clips(frames, cfg.clip_frames), info
 
 
 _logged_once: set = set()
@@ -228,8 +235,8 @@ def open_source(config: DataConfig):
 def make_dataset(config: DataConfig, *, batch_size: int, process_index: int = 0, process_count: int = 1,
                  seq_shards: int = 1) -> grain.IterDataset:
   """This host's packed batches of `batch_size` rows (the global batch divided by the process count)."""
-  if config.token_budget % (2 * seq_shards) and seq_shards > 1:
-    raise ValueError(f"data.token_budget={config.token_budget} must divide into 2·seq={2 * seq_shards} chunks")
+  if problem := zigzag_problem(config.token_budget, seq_shards):
+    raise ValueError(problem)
   source = open_source(config)
   if len(source) < process_count:
     raise ValueError(f"{len(source)} records cannot feed {process_count} processes")

@@ -27,10 +27,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hico_jax import VIDEO_TOKEN_ID
+from hico_jax.tokens import IGNORE_INDEX, VIDEO_TOKEN_ID
 
 VISUAL_TOKENS_PER_FRAME = 16   # 4-frame clips of 64 tokens after the HiCo merge (§1)
-IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 TEMPLATES = ("qwen_2", "plain")

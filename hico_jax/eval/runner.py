@@ -20,6 +20,7 @@ import time
 from typing import Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from hico_jax.data import text
 from hico_jax.data import video as video_io
@@ -178,7 +179,6 @@ def _record(bench, d: Decoded, raw: str | None) -> dict:
 
 
 def _progress(total, desc, enabled):
-  from tqdm import tqdm     # lazily: a library import stays light
   return tqdm(total=total, desc=desc, unit="q", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 

@@ -19,16 +19,18 @@ import dataclasses
 import math
 from typing import Any
 
+from einops import rearrange
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hico_jax import VIDEO_TOKEN_ID
+from hico_jax.config_dicts import check_fields
 from hico_jax.models import tome
-from hico_jax.models.layers import Projection, constrain, exact_gelu
-from hico_jax.models.qwen2 import DTYPES, Qwen2Config, Qwen2ForCausalLM
+from hico_jax.models.layers import DTYPES, Projection, constrain, exact_gelu
+from hico_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.models.vit import UMTViT, ViTConfig
 from hico_jax.ops import loss as loss_ops
+from hico_jax.tokens import VIDEO_TOKEN_ID
 
 @dataclasses.dataclass(frozen=True)
 class HiCoConfig:
@@ -44,9 +46,7 @@ class HiCoConfig:
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "HiCoConfig":
     fields = dict(fields)
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown HiCo config field(s) {unknown}")
+    check_fields(cls, fields, "HiCo")
     dropout = fields.pop("visual_dropout", None)
     if dropout is not None and not isinstance(dropout, VisualDropoutConfig):
       dropout = VisualDropoutConfig.from_dict(dict(dropout))
@@ -106,16 +106,16 @@ class HiCo(nn.Module):
     cfg = self.config
     batch, videos, frames = video.shape[:3]
     check_video_shape(cfg, video.shape)
-    clips = video.reshape(batch * videos * frames // cfg.clip_frames, cfg.clip_frames, *video.shape[3:])
+    clips = rearrange(video, "b v (k f) ... -> (b v k) f ...", f=cfg.clip_frames)
     num_clips = clips.shape[0]
     chunk = min(cfg.encode_chunk, num_clips)
     num_chunks = math.ceil(num_clips / chunk)
     pad = num_chunks * chunk - num_clips          # zero clips fill the last chunk; their tokens are dropped
     if pad:
       clips = jnp.concatenate([clips, jnp.zeros((pad,) + clips.shape[1:], clips.dtype)])
-    _, tokens = self.visual(None, clips.reshape(num_chunks, chunk, *clips.shape[1:]))
-    tokens = tokens.reshape(num_chunks * chunk, cfg.tokens_per_clip, -1)[:num_clips]
-    return tokens.reshape(batch, videos * cfg.visual_tokens(frames), -1)
+    _, tokens = self.visual(None, rearrange(clips, "(m c) ... -> m c ...", c=chunk))
+    tokens = rearrange(tokens, "m c t d -> (m c) t d")[:num_clips]
+    return rearrange(tokens, "(b k) t d -> b (k t) d", b=batch)
 
   def encode_clips(self, clips):
     """(n, 4, S, S, 3) normalised clips -> (n, 64, H): one step of encode_video's loop, for callers that
@@ -129,15 +129,15 @@ class HiCo(nn.Module):
     cfg = self.config
     batch, num_tiles = tiles.shape[:2]
     check_tile_shape(cfg, tiles.shape)
-    tiles = tiles.reshape(batch * num_tiles, 1, *tiles.shape[2:])
+    tiles = rearrange(tiles, "b n ... -> (b n) 1 ...")
     chunk = min(cfg.encode_chunk * cfg.clip_frames, tiles.shape[0])   # a tile is a quarter of a clip's tokens
     num_chunks = math.ceil(tiles.shape[0] / chunk)
     pad = num_chunks * chunk - tiles.shape[0]
     if pad:
       tiles = jnp.concatenate([tiles, jnp.zeros((pad,) + tiles.shape[1:], tiles.dtype)])
-    _, tokens = self.visual(None, tiles.reshape(num_chunks, chunk, *tiles.shape[1:]))
-    tokens = tokens.reshape(num_chunks * chunk, cfg.tokens_per_clip, -1)[:batch * num_tiles]
-    return tokens.reshape(batch, num_tiles * cfg.tokens_per_clip, -1)
+    _, tokens = self.visual(None, rearrange(tiles, "(m c) ... -> m c ...", c=chunk))
+    tokens = rearrange(tokens, "m c t d -> (m c) t d")[:batch * num_tiles]
+    return rearrange(tokens, "(b n) t d -> b (n t) d", b=batch)
 
   def visual_tokens_of_row(self, video=None, images=None):
     """(B, N, H): a row's video tokens (clips in time order), then its image tiles' tokens (tile by tile)."""

@@ -21,51 +21,13 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from hico_jax.config_dicts import dataclass_from_dict
 from hico_jax.models import visual_dropout
-from hico_jax.models.layers import Projection, constrain, dataclass_from_dict, normal_init
+from hico_jax.models.layers import (ATTENTION_INPUT_NAMES, DTYPES, MLP_HIDDEN_NAME, REMAT_POLICIES, Projection,
+                                    constrain, normal_init)
 from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import rope
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-def _attention_outputs(prim, *args, **params):
-  """The attention's outputs: for cuDNN, its flash-attention forward primitive (output and softmax
-  statistics; it lives inside jax, out of reach of checkpoint_name), for the other implementations the value
-  ops/attention names. Keeping them spares the backward pass from re-running the attention forward."""
-  return (prim.name.startswith("dot_product_attention_fwd")
-          or jax.checkpoint_policies.save_only_these_names(attention_ops.OUTPUT_NAME)(prim, *args, **params))
-
-
-# The names the layers give the values a policy may keep: the attention's inputs (after their biases) and the
-# MLP's pre-activations (the vision tower's fc1 output after its bias; the decoder's gate and up).
-ATTENTION_INPUT_NAMES = ("query", "key", "value")
-MLP_HIDDEN_NAME = "mlp_hidden"
-
-# What the backward pass may keep instead of recomputing, per decoder layer or vision block. "dots" keeps every
-# projection output (q, k, v, o, gate, up, down) as the matmul leaves it, before any bias: most memory, least
-# recompute; "dots_attn" also keeps the attention's outputs, so nothing but elementwise work is recomputed.
-# "qkv_attn" keeps the attention inputs and outputs, recomputing the MLP. "qkv_mlp_attn" also keeps the MLP's
-# pre-activations, so only the attention's output projection is recomputed; kept after their biases, unlike
-# "dots", so the biases stay in the matmuls' epilogues. "attn" keeps only the attention outputs. "full" keeps
-# only the layer input.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_attn": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _attention_outputs),
-    "qkv_attn": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names(*ATTENTION_INPUT_NAMES), _attention_outputs),
-    # Seven of the vision block's twelve activation widths, all that `attn` remakes but the out projection's:
-    # for GPUs with memory to spare (which policy where: docs/benchmarks.md, the train step on an H200).
-    "qkv_mlp_attn": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names(*ATTENTION_INPUT_NAMES, MLP_HIDDEN_NAME), _attention_outputs),
-    # Only the attention's outputs: for the vision tower at 448 px, where attention is a third of the FLOPs
-    # and saving every projection would not fit.
-    "attn": _attention_outputs,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:

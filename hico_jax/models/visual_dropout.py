@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hico_jax.ops.attention import attention_mask
+from hico_jax.config_dicts import dataclass_from_dict
+from hico_jax.ops.attention_blocks import attention_mask
+from hico_jax.tokens import IGNORE_INDEX
 
 TYPES = ("uniform", "attention", "uniform0_attention", "uniform1_attention")
 
@@ -46,14 +48,11 @@ class VisualDropoutConfig:
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "VisualDropoutConfig":
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown visual_dropout config field(s) {unknown}")
     fields = dict(fields)
     for name in ("layers", "ratios"):
       if name in fields:
         fields[name] = tuple(fields[name])
-    return cls(**fields)
+    return dataclass_from_dict(cls, fields, "visual_dropout")
 
   def check(self, num_layers: int):
     if self.type not in TYPES:
@@ -253,7 +252,7 @@ def apply_masked(state: DropState, keep) -> DropState:
     source = jnp.take_along_axis(jnp.pad(prev_current[:, :-1], ((0, 0), (1, 0)), constant_values=-1),
                                  next_survivor, axis=1)
     moved = jnp.take_along_axis(targets, jnp.clip(source, 0, length - 1), axis=1)
-    targets = _from_original(jnp.where(current & ~dropping, moved, -100), slots)
+    targets = _from_original(jnp.where(current & ~dropping, moved, IGNORE_INDEX), slots)
   return DropState(_from_original(new_seg, slots), positions, state.visual & keep, state.num_visual, targets,
                    slots)
 
@@ -267,7 +266,7 @@ def compact(hidden, state: DropState, length: int):
   take = lambda x: jnp.take_along_axis(x, order, axis=1)
   segment_ids = take(state.segment_ids)
   segment_ids = jnp.where(segment_ids < 0, 0, segment_ids)
-  targets = None if state.targets is None else jnp.where(segment_ids > 0, take(state.targets), -100)
+  targets = None if state.targets is None else jnp.where(segment_ids > 0, take(state.targets), IGNORE_INDEX)
   return (jnp.take_along_axis(hidden, order[:, :, None], axis=1),
           DropState(segment_ids, take(state.positions), take(state.visual) & (segment_ids > 0),
                     take(state.num_visual), targets, None))

@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from einops import rearrange
 import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from hico_jax.config_dicts import dataclass_from_dict
 from hico_jax.models import position_tables
-from hico_jax.models.layers import (LayerNorm, Projection, add_bias, constrain, dataclass_from_dict, exact_gelu,
-                                    normal_init)
-from hico_jax.models.qwen2 import ATTENTION_INPUT_NAMES, DTYPES, MLP_HIDDEN_NAME, REMAT_POLICIES
+from hico_jax.models.layers import (ATTENTION_INPUT_NAMES, DTYPES, MLP_HIDDEN_NAME, REMAT_POLICIES, LayerNorm,
+                                    Projection, add_bias, constrain, exact_gelu, normal_init)
 from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import layer_norm as layer_norm_ops
 
@@ -151,14 +152,14 @@ class UMTViT(nn.Module):
       raise ValueError(f"the vision tower takes clips of {cfg.clip_frames} frames (or 1 image), got {t}")
 
     # Conv3d with kernel = stride = (1, 16, 16) is a matmul over each frame's 16x16x3 patches.
-    g, p = cfg.grid, cfg.patch_size
-    patches = frames.astype(dtype).reshape(n, t, g, p, g, p, channels)
+    p = cfg.patch_size
+    patches = rearrange(frames.astype(dtype), "n t (h p) (w q) c -> n t h p w q c", p=p, q=p)
     kernel = self.param("patch_kernel", normal_init((None, None, None, None, "embed")),
                         (1, p, p, channels, cfg.width), param_dtype)
     bias = self.param("patch_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                       (cfg.width,), param_dtype)
     x = jnp.einsum("nthpwqc,pqcd->nthwd", patches, kernel[0].astype(dtype)) + bias.astype(dtype)
-    x = x.reshape(n, t * g * g, cfg.width)
+    x = rearrange(x, "n t h w d -> n (t h w) d")
     table = position_tables.umt_position_table(cfg.image_size, t, cfg.width, cfg.patch_size)
     x = constrain(x + jnp.asarray(table, dtype), ("act_clips", None, "act_emb"))
 

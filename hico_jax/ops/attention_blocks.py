@@ -1,4 +1,6 @@
-"""Per-block attention kernels for ring attention: one query chunk against one key/value chunk.
+"""Attention kernels, a leaf that both the entry point (ops/attention.py) and the ring (ops/ring_attention.py)
+import: the mask rule, the dense XLA and cuDNN attention of one device, and the per-block kernels of ring
+attention (one query chunk against one key/value chunk).
 
 `forward` returns the block's normalised output and its log-sum-exp, both fp32, so that blocks merge by an
 online softmax. `backward` takes the FINAL output and log-sum-exp of the whole row (every block merged) and
@@ -22,15 +24,81 @@ q_slots (b, t), kv_slots (b, s)); lse (b, t, n); `scale` multiplies q·k.
 
 from __future__ import annotations
 
+from einops import rearrange
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
-from hico_jax.ops.attention import attention_mask
 
 # Log-sum-exp of a row that sees nothing in a block: exp(EMPTY_LSE - anything real) is exactly 0, and two
 # empty rows still merge to a finite value.
 EMPTY_LSE = float(np.finfo(np.float32).min)
+
+
+# The name remat policies save the attention output by (models/layers.py REMAT_POLICIES). The cuDNN kernel
+# gets no name: its forward primitive is what the policies save there (output and softmax statistics), and a
+# name on the same output as well made the backward pass keep it twice (9.5 GB for the vision tower at 256
+# frames).
+OUTPUT_NAME = "attention_out"
+
+
+def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, kv_slots, causal, impl):
+  """One device's whole attention with impl "xla" or "cudnn" (the entry point's kernels, and the ring's for a
+  device that holds every key); cuDNN where its kernel applies, XLA otherwise."""
+  if impl == "cudnn" and q_slots is None and kv_slots is None and q.shape[1] == k.shape[1]:
+    return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal)
+  if impl == "cudnn" and kv_slots is not None:
+    # Permuted positions: cuDNN's built-in causal mask compares array indices, so causality rides in the
+    # explicit mask instead (correct, but without the kernel's causal tile skipping).
+    mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots)
+    return cudnn_attention(q, k, v, None, None, False, mask=mask)
+  return checkpoint_name(xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots),
+                         OUTPUT_NAME)
+
+
+def attention_mask(q_len, kv_len, q_segment_ids=None, kv_segment_ids=None, q_slots=None, causal=True,
+                   kv_slots=None):
+  """Boolean (B or 1, T, S) mask: True where a query may attend to a key."""
+  if kv_slots is None:
+    kv_slots = jnp.arange(kv_len)[None, :]
+  if q_slots is None:
+    q_slots = kv_slots[:, kv_len - q_len:]
+  if causal:
+    mask = kv_slots[:, None, :] <= q_slots[:, :, None]
+  else:
+    mask = jnp.ones((1, q_len, kv_len), bool)
+  if q_segment_ids is not None:
+    mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+  return mask
+
+
+def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_slots=None, causal=True,
+                  kv_slots=None):
+  q_len, head_dim = q.shape[1], q.shape[3]
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  # Group the query heads by the K/V head they share, instead of repeating K/V for each in memory.
+  q = rearrange(q, "b t (k g) h -> b t k g h", k=num_kv_heads)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (head_dim ** -0.5)
+  if causal or q_segment_ids is not None:
+    mask = attention_mask(q_len, kv_len, q_segment_ids, kv_segment_ids, q_slots, causal, kv_slots)
+    # A finite minimum rather than -inf, so that even a row with nothing visible stays finite.
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  return rearrange(out, "b t k g h -> b t (k g) h").astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=True, mask=None):
+  """cuDNN flash attention. `mask` (B or 1, T, S), if given, replaces the segment mask."""
+  if q_segment_ids is not None:
+    # cuDNN takes no segment ids; a boolean mask broadcast over heads carries the packing and padding.
+    mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  if mask is not None:
+    mask = mask[:, None, :, :]
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+  return out.astype(q.dtype)
 
 
 def block_mask(rows, causal):
@@ -61,7 +129,7 @@ def backward(impl, q, k, v, rows, causal, scale, out, lse, dout):
 def _group(x, kv_heads):
   """(b, t, n, ...) -> (b, t, kv_heads, n // kv_heads, ...): query heads grouped by their K/V head, instead
   of repeating K/V in memory."""
-  return x.reshape(x.shape[:2] + (kv_heads, x.shape[2] // kv_heads) + x.shape[3:])
+  return rearrange(x, "b t (k g) ... -> b t k g ...", k=kv_heads)
 
 
 # --- xla ------------------------------------------------------------------------------------------------
@@ -203,8 +271,7 @@ def _splash_map(fn, q, k, v, q_seg, kv_seg):
 
 def _ungroup(x):
   """(b, kh, g, t, ...) -> (b, t, n, ...)."""
-  x = jnp.moveaxis(x, 3, 1)
-  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+  return rearrange(x, "b k g t ... -> b t (k g) ...")
 
 
 def _splash_case(rows, causal):

@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hico_jax.tokens import IGNORE_INDEX
+
 
 def token_cross_entropy(logits, labels):
   """Per-token -log p(label), float32. logits (..., V) any float dtype; labels (...) int."""
@@ -131,7 +133,7 @@ def _fused_loss_bwd(chunk_size, supervised_first, residuals, total_grad):
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
 
-def next_token_loss(hidden, kernel, labels, segment_ids=None, ignore_index: int = -100, chunk_size: int = 4096):
+def next_token_loss(hidden, kernel, labels, segment_ids=None, ignore_index: int = IGNORE_INDEX, chunk_size: int = 4096):
   """(Σ CE, number of supervised tokens) for next-token prediction.
 
   labels (B, L) are aligned with the inputs (HF convention): position t predicts labels[t + 1]. A target is

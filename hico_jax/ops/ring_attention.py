@@ -39,7 +39,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hico_jax import sharding
-from hico_jax.ops import attention as attention_ops
 from hico_jax.ops import attention_blocks as blocks
 
 Q_AXES = ("act_batch", "act_len", "act_heads", "act_head_dim")
@@ -140,8 +139,7 @@ def _local_attention(q, k, v, rows, causal, block_impl, kv_shards):
   q_seg, kv_seg, q_slots, kv_slots = rows
   natural = q_slots is None and kv_slots is None and q.shape[1] == k.shape[1]
   if block_impl != "splash":
-    return attention_ops.attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_slots=q_slots,
-                                   kv_slots=kv_slots, impl=block_impl, causal=causal)
+    return blocks.dense_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, causal, block_impl)
   if q_seg is None:
     q_seg = jnp.ones(q.shape[:2], jnp.int32)
     kv_seg = jnp.ones(k.shape[:2], jnp.int32)

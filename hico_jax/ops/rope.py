@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from hico_jax.config_dicts import check_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class YarnScaling:
@@ -68,10 +70,7 @@ class YarnScaling:
       kind = fields.pop(key, "yarn")
       if kind != "yarn":
         raise ValueError(f"{key} = {kind!r} is not supported (only 'yarn')")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"unknown YaRN key(s) {unknown}; known keys are {sorted(known)}")
+    check_fields(cls, fields, "YaRN")
     if "factor" not in fields:
       raise ValueError("YaRN needs the key 'factor'")
     original = fields.setdefault("original_max_position_embeddings", max_position_embeddings)

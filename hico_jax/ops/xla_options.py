@@ -6,6 +6,8 @@ decoder the Triton path is the faster one; so the option is set per program, not
 
 import jax
 
+from hico_jax import flops
+
 
 def vision_compiler_options() -> dict:
   if jax.default_backend() == "gpu":
@@ -16,7 +18,6 @@ def vision_compiler_options() -> dict:
 def train_compiler_options(model_config, frames_per_row: int, text_tokens_per_row: int = 512) -> dict:
   """Options for a train step: the vision ones when the vision tower does most of the FLOPs (long videos
   at 448 px), XLA's defaults otherwise (the decoder is faster with them)."""
-  from hico_jax import flops  # pylint: disable=import-outside-toplevel
   clips = frames_per_row // model_config.clip_frames
   vision = clips * flops.umt_clip_forward_flops(model_config.vit, model_config.llm.hidden_size)
   llm = flops.qwen2_forward_flops(model_config.llm, model_config.visual_tokens(frames_per_row) + text_tokens_per_row)

@@ -53,6 +53,8 @@ class MetricWriter:
     self._last_time, self._last_step = time.perf_counter(), start_step
     self._writer = None
     if jax.process_index() == 0:
+      # Lazily, and only on the process that writes: tensorboardX is absent from some GPU images, where a run
+      # on another process (or an import of this module) must not need it.
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._writer = SummaryWriter(workdir)
 

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import signal
-import types
 
 from absl import logging
 import flax.linen as nn
@@ -23,10 +22,10 @@ import jax
 from hico_jax import sharding, validate
 from hico_jax.data import pipeline, tfds_longvid
 from hico_jax.models import vit
-from hico_jax.models.hico import HiCo, HiCoConfig, init_inputs
+from hico_jax.models.hico import HiCoConfig
 from hico_jax.ops import xla_options
 from hico_jax.train import checkpoint as ckpt
-from hico_jax.train import evaluate, init_weights, metrics, optimizer as optim, step as step_lib
+from hico_jax.train import evaluate, init_weights, metrics, train_state
 
 
 def train(config, workdir: str) -> dict:
@@ -41,7 +40,7 @@ def train(config, workdir: str) -> dict:
   # "auto" vision blocks made concrete for a training step: unrolled on GPUs (models/vit.py).
   model_config = dataclasses.replace(model_config, vit=dataclasses.replace(
       model_config.vit, block_loop=vit.training_block_loop(model_config.vit.block_loop, jax.default_backend())))
-  data_config = pipeline.DataConfig.from_dict(dict(config.data))
+  data_config = pipeline.DataConfig.from_dict(dict(config.data), clip_frames=model_config.clip_frames)
   eval_shards = config.eval.get("shards") if config.get("eval") else None
   for path, what in ((data_config.shards, "data.shards"), (data_config.tokenizer_dir, "data.tokenizer_dir"),
                      (config.init.get("path"), "init.path"), (eval_shards, "eval.shards")):
@@ -56,7 +55,7 @@ def train(config, workdir: str) -> dict:
   validate.validate_training(config, model_config, mesh)      # every misfit named, before any compile
   if config.init.get("path"):
     init_weights.check_settings(config.init, model_config)    # settings no tensor shape carries
-  seq_shards = dict(mesh.shape)["seq"]
+  seq_shards = sharding.axis_size(mesh, "act_len")      # tokens of a row are split over this many devices
   logging.info("mesh %s on %d devices, %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   # -------------------------------------------------------------------------------------------- input pipeline
@@ -66,29 +65,19 @@ def train(config, workdir: str) -> dict:
                                   process_count=jax.process_count(), seq_shards=seq_shards)
   data_iter = iter(dataset)
 
-  # ------------------------------------------------------------------ model, optimizer, sharded state
-  model = HiCo(model_config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    built = init_train_state(model, model_config, config.optim, mesh, seed=config.seed)
-    state, tx, schedules, frozen = built.state, built.optimizer, built.schedules, built.frozen
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  # ------------------------------------------------------------------ model, optimizer, sharded state; the step
+  # The compiler options are the benchmark's: on GPUs, rows whose vision tower outweighs the decoder compile
+  # without XLA's Triton GEMMs (ops/xla_options.py).
+  text_tokens = max(data_config.token_budget - model_config.visual_tokens(data_config.frame_budget), 0)
+  built = train_state.build_train_step(
+      model_config, config.optim, mesh, accumulation_steps=config.accumulation_steps, seed=config.seed,
+      compiler_options=xla_options.train_compiler_options(model_config, data_config.frame_budget, text_tokens))
+  model, state, train_step = built.model, built.state, built.train_step
 
-    # ---------------------------------------------------------------------------------------- the step
-    # Donating the state lets XLA update parameters and moments in place: one copy of them in memory. The
-    # compiler options are the benchmark's: on GPUs, rows whose vision tower outweighs the decoder compile
-    # without XLA's Triton GEMMs (ops/xla_options.py).
-    text_tokens = max(data_config.token_budget - model_config.visual_tokens(data_config.frame_budget), 0)
-    train_step = jax.jit(
-        step_lib.make_train_step(model, tx, frozen, accumulation_steps=config.accumulation_steps,
-                                 schedules=schedules, seq_shards=seq_shards),
-        donate_argnums=(0,), out_shardings=(state_shardings, None),
-        compiler_options=xla_options.train_compiler_options(model_config, data_config.frame_budget, text_tokens))
-
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), RunResources(workdir, config) as run:
     # ---------------------------------------------------------------------------------- checkpoint restore
-    checkpointer = ckpt.Checkpointer(workdir, max_to_keep=config.checkpoint.keep,
-                                     save_interval_steps=config.checkpoint.every,
-                                     async_save=config.checkpoint.async_save)
-    abstract_target = ckpt.abstract_like(state, state_shardings)
+    checkpointer = run.checkpointer
+    abstract_target = ckpt.abstract_like(state, built.state_shardings)
     start_step = checkpointer.latest_step()
     if start_step is not None:
       state = checkpointer.restore(start_step, abstract_target, data_iter)
@@ -99,10 +88,8 @@ def train(config, workdir: str) -> dict:
     start_step = int(start_step or 0)
 
     # ------------------------------------------------------------------------------------------ the loop
-    stop = {"requested": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption
-    writer = metrics.MetricWriter(workdir, total_steps=config.total_steps, start_step=start_step,
-                                  flops_per_step=metrics.train_flops(model_config, config, data_config))
+    writer = run.open_writer(total_steps=config.total_steps, start_step=start_step,
+                             flops_per_step=metrics.train_flops(model_config, config, data_config))
     nonfinite_in_a_row, last = 0, {}
     since_log = collections.Counter()     # this process's rows; summed over processes when logged
     for step in range(start_step + 1, config.total_steps + 1):
@@ -113,7 +100,7 @@ def train(config, workdir: str) -> dict:
       # The step skipped its update if the loss or gradient was not finite; several in a row stop the run.
       nonfinite_in_a_row = 0 if bool(step_metrics["finite"]) else nonfinite_in_a_row + 1
       if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
-        checkpointer.close()
+        checkpointer.wait()           # a save still in flight is the last good checkpoint the message names
         raise FloatingPointError(f"loss or gradient non-finite {nonfinite_in_a_row} steps in a row, last at step "
                                  f"{step}; the last good checkpoint is step {checkpointer.latest_step()}")
       if step % config.log_every == 0 or step == config.total_steps:
@@ -122,19 +109,14 @@ def train(config, workdir: str) -> dict:
         since_log.clear()
         writer.write(step, last)
       checkpointer.save(step, state, data_iter, config=config_json,
-                        force=stop["requested"] or step == config.total_steps)
-      if stop["requested"]:
-        checkpointer.close()
-        writer.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+                        force=run.stop_requested or step == config.total_steps)
+      if run.stop_requested:
         logging.info("stopped at step %d on SIGTERM; checkpoint saved", step)
         return last
-    checkpointer.close()
-    writer.close()
-    signal.signal(signal.SIGTERM, previous_handler)
 
-    # ----------------------------------------------------------------------------------------- evaluation
-    results = dict(last)
+  # ----------------------------------------------------------------------------------------- evaluation
+  results = dict(last)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     if config.get("eval") and config.eval.get("shards"):
       results["eval"] = evaluate.evaluate_qa(model, state["params"], config.eval, data_config)
     if config.get("export_hf"):
@@ -145,29 +127,39 @@ def train(config, workdir: str) -> dict:
   return results
 
 
-def init_train_state(model, model_config, optim_config, mesh, *, seed: int = 0, params=None):
-  """The train state as train() makes it -> namespace(state, optimizer, schedules, frozen, param_shardings).
+class RunResources:
+  """What a run holds open: the checkpointer, the metric writer and the SIGTERM handler (preemption asks the
+  loop to save and stop). Closed together on every way out of the loop: its end, SIGTERM, the non-finite
+  stop, or any error."""
 
-  Parameters are born sharded by the logical rules (or, given `params`, placed with those shardings). The
-  optimizer state is made eagerly from them, so each moment lands with its parameter's sharding; its counters
-  (and the step) are replicated."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    abstract = jax.eval_shape(model.init, jax.random.key(seed), *init_inputs(model_config))
-    param_shardings = sharding.logical_to_sharding(abstract, mesh)["params"]
-    abstract_params = sharding.unbox_abstract(abstract)["params"]
-    tx, schedules = optim.make_optimizer(optim_config, abstract_params)
-    if params is None:
-      init_params = lambda rng: nn.unbox(model.init(rng, *init_inputs(model_config)))["params"]
-      params = jax.jit(init_params, out_shardings=param_shardings)(jax.random.key(seed))
-    else:
-      params = jax.device_put(params, param_shardings)
-    state = replicate_scalars(step_lib.init_state(params, tx), mesh)
-  return types.SimpleNamespace(state=state, optimizer=tx, schedules=schedules, param_shardings=param_shardings,
-                               frozen=optim.frozen_mask(abstract_params, optim_config.schedule))
+  def __init__(self, workdir: str, config):
+    self.workdir = workdir
+    self.checkpointer = ckpt.Checkpointer(workdir, max_to_keep=config.checkpoint.keep,
+                                          save_interval_steps=config.checkpoint.every,
+                                          async_save=config.checkpoint.async_save)
+    self.writer = None
+    self.stop_requested = False
+    self._previous_handler = None
 
+  def open_writer(self, **kwargs) -> metrics.MetricWriter:
+    """The metric writer, opened once the start step is known (metrics.MetricWriter's arguments)."""
+    self.writer = metrics.MetricWriter(self.workdir, **kwargs)
+    return self.writer
 
-def replicate_scalars(tree, mesh):
-  """Leaves that live on one device (counters made eagerly) -> replicated over the mesh."""
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: jax.device_put(x, replicated)
-                      if isinstance(x.sharding, jax.sharding.SingleDeviceSharding) else x, tree)
+  def _request_stop(self, *_):
+    self.stop_requested = True
+
+  def __enter__(self):
+    self._previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+    return self
+
+  def __exit__(self, *exc_info):
+    try:
+      self.checkpointer.close()       # waits for the saves in flight
+    finally:
+      try:
+        if self.writer is not None:
+          self.writer.close()
+      finally:
+        signal.signal(signal.SIGTERM, self._previous_handler)
+    return False

@@ -22,13 +22,12 @@ import numpy as np  # noqa: E402
 
 from hico_jax import presets, sharding  # noqa: E402
 from hico_jax.data import pipeline  # noqa: E402
-from hico_jax.models.hico import HiCo, HiCoConfig  # noqa: E402
-from hico_jax.train import metrics, step as step_lib, trainer  # noqa: E402
+from hico_jax.models.hico import HiCoConfig  # noqa: E402
+from hico_jax.train import metrics, train_state  # noqa: E402
 
 fields = presets.hico("tiny", dtype="float32", remat_policy="none")
 fields.vit.image_size, fields.llm.vocab_size, fields.encode_chunk = 64, 320, 4
 config = HiCoConfig.from_dict(dict(fields))
-model = HiCo(config)
 mesh = sharding.make_mesh((("data", -1),))
 
 rows, frames, text = 4, 4, 24
@@ -50,10 +49,9 @@ local = {k: (v[mine] if np.ndim(v) else v) for k, v in batch.items()}
 
 optim_config = ml_collections.ConfigDict(dict(lr=1e-3, total_steps=10, warmup_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
                                               weight_decay=0.0, grad_clip=1.0, schedule=((".*", 1.0),)))
-built = trainer.init_train_state(model, config, optim_config, mesh)   # as the trainer makes it
-state = built.state
+built = train_state.build_train_step(config, optim_config, mesh)   # as the trainer builds it
+state, step = built.state, built.train_step
 with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-  step = jax.jit(step_lib.make_train_step(model, built.optimizer, built.frozen))
   global_batch = pipeline.to_global(local, mesh)
   losses = []
   for _ in range(3):
