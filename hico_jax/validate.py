@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from hico_jax import sharding
 from hico_jax.data.order import zigzag_problem
+from hico_jax.data.text import VISUAL_TOKENS_PER_FRAME
 from hico_jax.models.qwen2 import Qwen2Config
 from hico_jax.train import optimizer
 
@@ -113,6 +114,12 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
                     f"{llm.max_position_embeddings}")
   if config.data.image_size != vit.image_size:
     problems.append(f"data.image_size={config.data.image_size} differs from model.vit.image_size={vit.image_size}")
+  placeholders = VISUAL_TOKENS_PER_FRAME * vit.clip_frames
+  if model_config.tokens_per_clip != placeholders:
+    # The model would splice fewer (or more) tokens than the rows hold slots for.
+    problems.append(f"model.tokens_per_clip={model_config.tokens_per_clip}, but the data pipeline writes "
+                    f"{VISUAL_TOKENS_PER_FRAME} placeholders a frame ({placeholders} a {vit.clip_frames}-frame "
+                    f"clip): training takes tokens_per_clip={placeholders} (inference takes any)")
   if config.total_steps < 1:
     problems.append(f"total_steps={config.total_steps} must be >= 1")
   problems += optimizer.config_problems(config.get("optim") or {})

@@ -123,6 +123,17 @@ def test_micro_batch_with_fewer_clips_than_the_chunk_must_still_split_over_the_c
     trainer.train(config, str(tmp_path / "run"))
 
 
+def test_a_merge_to_other_than_the_pipelines_placeholders_is_a_config_error_before_anything_compiles(
+    synthetic_data, tmp_path, nothing_compiles):
+  """The pipeline writes 16 placeholders a frame; a model merging a clip to 16 tokens would splice 4 a frame
+  into them (an index clamped by JAX, not an error)."""
+  config = trainer_config(synthetic_data)
+  config.model.tokens_per_clip = 16
+  with pytest.raises(ConfigError, match=r"model\.tokens_per_clip=16, but the data pipeline writes 16 placeholders "
+                                        r"a frame \(64 a 4-frame clip\)"):
+    trainer.train(config, str(tmp_path / "run"))
+
+
 def test_gpu_kernels_for_the_vision_tower_on_cpu_are_a_config_error_before_anything_compiles(
     synthetic_data, tmp_path, nothing_compiles):
   config = trainer_config(synthetic_data)

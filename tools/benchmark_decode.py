@@ -51,14 +51,11 @@ def main():
   parser.add_argument("--prompt", type=int, nargs="+", default=[16000, 160000])
   parser.add_argument("--new_tokens", type=int, default=33)
   parser.add_argument("--attention_impl", default="cudnn", help="the prefill's kernel (chunked on a CPU)")
-  parser.add_argument("--unroll", type=int, default=None, help="qwen2.DECODE_UNROLL for this run")
   parser.add_argument("--profile", action="store_true",
                       help="also trace one decode of --new_tokens tokens and print its largest kernels")
   parser.add_argument("--cache_form", nargs="+", default=["carry"], choices=["carry", "xs_ys"])
   args = parser.parse_args()
 
-  if args.unroll is not None:
-    qwen2.DECODE_UNROLL = args.unroll
   config = qwen2.Qwen2Config.from_dict(dict(presets.llm(args.preset, dtype="bfloat16", param_dtype="bfloat16",
                                                         attention_impl=args.attention_impl, remat_policy="none")))
   model = qwen2.Qwen2ForCausalLM(config)
@@ -75,7 +72,7 @@ def main():
       run = lambda n: generate.generate(model, params, ids, max_new_tokens=n, embeddings=embeddings)
       one, many = _seconds(lambda: run(1)), _seconds(lambda: run(args.new_tokens))
       print(json.dumps({
-          "preset": args.preset, "prompt": length, "cache_form": form, "unroll": qwen2.DECODE_UNROLL, "device": jax.devices()[0].device_kind,
+          "preset": args.preset, "prompt": length, "cache_form": form, "device": jax.devices()[0].device_kind,
           "prefill_s": round(one, 3), "decode_ms_per_token": round(1e3 * (many - one) / (args.new_tokens - 1), 2),
           "floor_ms_per_token": round(1e3 * (weight_bytes + cache_bytes) / HBM_BYTES_PER_S, 2),
           "date": time.strftime("%Y-%m-%d")}), flush=True)

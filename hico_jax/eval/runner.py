@@ -50,7 +50,9 @@ class Decoded:
 
 @dataclasses.dataclass
 class Options:
-  batch_size: int = 8
+  # One question per generate call: at the paper's 512 frames a question is 8,192 visual tokens, which keep a
+  # GPU busy alone; batches of 8 were 12% slower on an H200 (docs/benchmarks.md, benchmark evaluation).
+  batch_size: int = 1
   process_index: int = 0
   process_count: int = 1
   decode_workers: int = 4

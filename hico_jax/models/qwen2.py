@@ -226,9 +226,6 @@ def positions_from_segments(segment_ids):
 PREFILL_MLP_CHUNK = 8192
 
 
-DECODE_UNROLL = 1
-
-
 def init_cache(config: Qwen2Config, batch: int, lengths: int | Sequence[int],
                dropout: VisualDropoutConfig | None = None, dtype=None) -> tuple[dict, ...]:
   """An empty KV cache: one dict per stage of layers between visual drops (one stage without dropout).
@@ -422,7 +419,7 @@ class Qwen2ForCausalLM(nn.Module):
       return (x, {"k": stacked["k"], "v": stacked["v"]}, index + 1), None
 
     (hidden, layer_cache, _), _ = jax.lax.scan(layer, (hidden, layer_cache, jnp.zeros((), jnp.int32)),
-                                               self._layer_params(start, stop), unroll=DECODE_UNROLL)
+                                               self._layer_params(start, stop))
     return hidden, layer_cache
 
   def _drop(self, hidden, state, drop_stage, next_layer, compact_lengths):
