@@ -412,3 +412,20 @@ def test_to_global_shards_the_local_batch_over_the_mesh(epoch, mesh_config):
       assert shard.data.shape[0] == rows_per_device
       np.testing.assert_array_equal(np.asarray(shard.data), local[k][shard.index])
   assert "num_skipped" not in out       # a host's own count: the trainer sums it over processes when it logs
+
+
+def test_skipped_records_are_summed_by_reason_in_one_line_and_listed_in_a_file(tmp_path):
+  pipeline.reset_skip_log()
+  assert pipeline.skip_summary() == ""
+  for i in range(3):
+    pipeline._log_skip(f"a/{i}", "ValueError: the plain template takes one human turn")
+  pipeline._log_skip("a/0", "ValueError: the plain template takes one human turn")     # a second epoch: once
+  pipeline._log_skip("b/7", "VideoDecodeError: truncated")
+  line = pipeline.skip_summary(str(tmp_path / "skipped.tsv"))
+  assert line.startswith("skipped 4 records: 3 x ValueError: the plain template takes one human turn; "
+                         "1 x VideoDecodeError: truncated")
+  rows = (tmp_path / "skipped.tsv").read_text().splitlines()
+  assert rows == ["a/0\tValueError: the plain template takes one human turn",
+                  "a/1\tValueError: the plain template takes one human turn",
+                  "a/2\tValueError: the plain template takes one human turn", "b/7\tVideoDecodeError: truncated"]
+  pipeline.reset_skip_log()

@@ -99,12 +99,38 @@ def sample_frames(media: bytes, header: dict, cfg: DataConfig):
 
 
 _logged_once: set = set()
+# The records this process skipped, by reason: for one summary at the end of a stage instead of one warning a
+# record (stage 1 of the default skips 80 multi-turn records by a rule of the reference's plain template).
+# Grain's worker processes (num_workers > 0) keep their own; the step's counts still cover every skip.
+skipped_by_reason: dict[str, list[str]] = {}
 
 
 def _log_skip(record_id, reason):
   if record_id not in _logged_once:      # each bad record once per process, however many epochs
     _logged_once.add(record_id)
-    logging.warning("skipping record %s: %s", record_id, reason)
+    skipped_by_reason.setdefault(reason, []).append(record_id)
+    logging.info("skipping record %s: %s", record_id, reason)
+
+
+def reset_skip_log():
+  """Forgets the skips recorded so far (a new stage in the same process)."""
+  _logged_once.clear()
+  skipped_by_reason.clear()
+
+
+def skip_summary(path: str | None = None) -> str:
+  """One line: how many records were skipped, by reason (the three commonest); with `path`, every skipped
+  record and its reason are written there and the line names the file. "" when nothing was skipped."""
+  if not skipped_by_reason:
+    return ""
+  total = sum(len(ids) for ids in skipped_by_reason.values())
+  ranked = sorted(skipped_by_reason.items(), key=lambda item: -len(item[1]))
+  reasons = "; ".join(f"{len(ids)} x {reason[:120]}" for reason, ids in ranked[:3])
+  more = f"; {len(ranked) - 3} other reasons" if len(ranked) > 3 else ""
+  if path:
+    with open(path, "w") as f:
+      f.writelines(f"{record_id}\t{reason}\n" for reason, ids in ranked for record_id in ids)
+  return f"skipped {total} records: {reasons}{more}" + (f" (all in {path})" if path else "")
 
 
 class DecodeSample(grain.transforms.Map):

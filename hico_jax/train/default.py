@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from hico_jax.data import synthetic, tfds_longvid
 from hico_jax.data.tokenizer import build_qwen2_tokenizer_json
@@ -26,6 +26,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "steps per stage (default: the conf
 _STAGE_CONFIG = flags.DEFINE_string("stage_config", "configs/tiny_synthetic.py", "config file with get_config(stage)")
 _TRAIN_VIDEOS = flags.DEFINE_integer("train_videos", 2000, "synthetic training videos")
 _EVAL_VIDEOS = flags.DEFINE_integer("eval_videos", 500, "synthetic held-out videos")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "show the libraries' INFO logs (orbax's saves, every skipped "
+                             "record) besides the progress lines")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the model's initialisation and of the training data's order "
                              "(the synthetic videos themselves stay the same)")
 
@@ -56,6 +58,7 @@ def prepare_data(root: str, train_videos: int, eval_videos: int, size: int, **op
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)
   run_start = time.perf_counter()
   from hico_jax.train import evaluate, trainer
   module = load_config_module(_STAGE_CONFIG.value)

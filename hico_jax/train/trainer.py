@@ -33,6 +33,7 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------------------------------ config, workdir
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  pipeline.reset_skip_log()
   config_json = json.loads(config.to_json_best_effort())      # saved with the run and in every checkpoint
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config_json, f, indent=2)
@@ -113,6 +114,10 @@ def train(config, workdir: str) -> dict:
       if run.stop_requested:
         logging.info("stopped at step %d on SIGTERM; checkpoint saved", step)
         return last
+
+  summary = pipeline.skip_summary(os.path.join(workdir, "skipped_records.tsv"))
+  if summary and jax.process_index() == 0:
+    print(summary, flush=True)
 
   # ----------------------------------------------------------------------------------------- evaluation
   results = dict(last)
