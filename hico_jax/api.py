@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hico_jax import VIDEO_TOKEN_ID
+from hico_jax.tokens import VIDEO_TOKEN_ID
 from hico_jax.convert import qwen2_hf, run_dir, videochat_flash
 from hico_jax.infer import generate as generation, memory, visual
 from hico_jax.models import hico, qwen2

@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from hico_jax import VIDEO_TOKEN_ID
+from hico_jax.tokens import VIDEO_TOKEN_ID
 from hico_jax.data import image as image_io, text, video as video_io
 
 # chat()'s default `max_num_frames`, and the frame floor its `load_video` passes to the dynamic_fps1 sampler.
