@@ -11,22 +11,7 @@ import numpy as np
 import pytest
 
 from hico_jax.eval import benchmarks, tfds_benchmarks
-
-
-def _write_mp4(path, seed, frames=8, size=32):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  rng = np.random.default_rng(seed)
-  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (size, size))
-  assert writer.isOpened()
-  for _ in range(frames):
-    writer.write(cv2.resize(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), (size, size)))
-  writer.release()
-
-
-def _json(path, rows):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(rows, f)
+from tests.test_evaluate import _json, _write_mp4
 
 
 @pytest.fixture

@@ -154,11 +154,12 @@ def generate(model: qwen2.Qwen2ForCausalLM, params, input_ids, attention_mask=No
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
   if (prefix is not None or return_cache) and (model.dropout is not None or input_ids.shape[0] != 1):
     raise ValueError("a prompt's cache is kept or reused for one row of a model without visual dropout")
-  recorded = (np.asarray(input_ids[0])[np.asarray(attention_mask[0]) > 0] if prompt_ids is None
-              else np.asarray(prompt_ids))
-  length = int(np.sum(np.asarray(attention_mask[0]) > 0))
-  if prefix is not None:
-    recorded, length = np.concatenate([prefix.ids, recorded]), prefix.length + length
+  if return_cache:     # what the returned cache holds, read before right_pad reorders the rows
+    real = np.asarray(attention_mask[0]) > 0
+    recorded = np.asarray(input_ids[0])[real] if prompt_ids is None else np.asarray(prompt_ids)
+    length = int(np.sum(real))
+    if prefix is not None:
+      recorded, length = np.concatenate([prefix.ids, recorded]), prefix.length + length
   input_ids, attention_mask, embeddings, visual_mask = right_pad(
       input_ids, attention_mask, embeddings, visual_mask,
       multiple=1 if prefix is not None else _prefill_multiple(model.config))
