@@ -36,14 +36,17 @@ from hico_jax.models.visual_dropout import VisualDropoutConfig
 from hico_jax.ops import xla_options
 
 class CausalLM:
-  """A Qwen2 decoder (optionally with HiCo's video path) and its params, answering in numpy."""
+  """A Qwen2 decoder (optionally with HiCo's video path) and its params, answering in numpy.
+
+  `params` holds the decoder's layers one buffer per layer (`qwen2.unstack_layers`), which decodes twice as fast
+  as the stacked training layout; `stacked_params()` gives the training layout, on the host."""
 
   def __init__(self, config, params, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
                checkpoint_dtype: str = "float32"):
     self.config = config
-    self.params = jax.tree.map(jnp.asarray, params)
     self.eos_ids, self.pad_id, self.checkpoint_dtype = tuple(eos_ids), pad_id, checkpoint_dtype
     self.is_video_model = isinstance(config, hico.HiCoConfig)
+    self.params = _unstack_decoder(jax.tree.map(jnp.asarray, params), self.is_video_model)
     self.llm_config = config.llm if self.is_video_model else config
     self.dropout = config.visual_dropout if self.is_video_model else None
     self.llm = qwen2.Qwen2ForCausalLM(self.llm_config, dropout=self.dropout)
@@ -121,10 +124,17 @@ class CausalLM:
     decoder; in the dtype it was loaded in unless told otherwise (a run directory's: its params' dtype)."""
     dtype = dtype or self.checkpoint_dtype
     token_ids = {"eos_token_id": list(self.eos_ids) or None, "pad_token_id": self.pad_id}
-    run_dir.save_hf(out_dir, self.config, self.params, dtype=dtype, extra_fields=token_ids,
+    run_dir.save_hf(out_dir, self.config, self.stacked_params(), dtype=dtype, extra_fields=token_ids,
                     tokenizer_dir=getattr(self, "tokenizer_dir", None))   # from_pretrained's, when it found one
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(token_ids, f, indent=2)
+
+  def stacked_params(self) -> dict:
+    """The params in the training and checkpoint layout (each layer-stacked leaf one array), as numpy."""
+    params = jax.tree.map(np.asarray, jax.device_get(self.params))
+    if self.is_video_model:
+      return {**params, "llm": qwen2.stack_layers(params["llm"], stack=np.stack)}
+    return qwen2.stack_layers(params, stack=np.stack)
 
   def _check_memory(self, input_ids, video, visual_tokens, max_new_tokens):
     shape = np.shape(input_ids)
@@ -239,6 +249,12 @@ class CausalLM:
     return ids, mask, self._embed_images(self.params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(index))
 
 
+def _unstack_decoder(params, is_video_model: bool, free_stacked: bool = False):
+  if is_video_model:
+    return {**params, "llm": qwen2.unstack_layers(params["llm"], free_stacked=free_stacked)}
+  return qwen2.unstack_layers(params, free_stacked=free_stacked)
+
+
 def _expand_placeholders(ids, mask, count):
   """Each row's single placeholder becomes `count` placeholders (same mask value)."""
   rows_ids, rows_mask = [], []
@@ -304,6 +320,8 @@ def from_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | N
     if visual_dropout is not None:
       visual_dropout.check(config.llm.num_layers)
     config = dataclasses.replace(config, visual_dropout=visual_dropout)
+  # The loaded stacked leaves are ours: each is freed as soon as it is split into its layers.
+  params = _unstack_decoder(params, isinstance(config, hico.HiCoConfig), free_stacked=True)
   eos = token_ids.get("eos_token_id")
   eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
   pad = token_ids.get("pad_token_id")

@@ -6,6 +6,7 @@ import torch
 import transformers
 
 import hico_jax
+from hico_jax.models import qwen2
 from tests.hf_reference import make_hf_qwen2
 
 
@@ -18,6 +19,8 @@ def checkpoint(tmp_path_factory):
 def test_logits_and_greedy_generation_match_transformers(checkpoint):
   path, hf_model = checkpoint
   model = hico_jax.from_pretrained(str(path))
+  # The layout decoding is fast in (one buffer per layer), which the comparisons below then run through.
+  assert qwen2.layers_are_unstacked(model.params["layers"])
   ids = np.random.default_rng(0).integers(0, 320, (2, 40))
   logits = model(ids)
   assert logits.dtype == np.float32 and logits.shape == (2, 40, 320)

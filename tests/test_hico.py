@@ -308,7 +308,7 @@ def test_official_layout_save_load_save_is_bit_identical(tmp_path, dtype, tied):
   with open(first / "config.json") as f1, open(second / "config.json") as f2:
     assert json.load(f1) == json.load(f2)
   if dtype == "float32":                                      # the params themselves came back unchanged
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, reloaded.params), params)
+    jax.tree.map(np.testing.assert_array_equal, reloaded.stacked_params(), params)
   assert reloaded.config.vit == dataclasses.replace(config.vit, remat_policy="none")
   # from_pretrained's kernel for this machine (a CPU: the chunked one), not the saved config's.
   assert reloaded.config.llm == dataclasses.replace(config.llm, remat_policy="none", attention_impl="chunked")

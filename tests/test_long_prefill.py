@@ -80,8 +80,10 @@ def _params():
   return nn.unbox(qwen2.Qwen2ForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
 
 
+@pytest.mark.parametrize("layers", ["stacked", "per_layer"])
 @pytest.mark.parametrize("dropout", [None, CARD], ids=["plain", "dropout"])
-def test_cached_generation_through_the_chunked_prefill_equals_rerunning_the_whole_sequence(dropout, monkeypatch):
+def test_cached_generation_through_the_chunked_prefill_equals_rerunning_the_whole_sequence(dropout, layers,
+                                                                                           monkeypatch):
   # Small chunks, so the 40-token prompts cross several attention and MLP chunks.
   monkeypatch.setattr(chunked_attention, "DEFAULT_CHUNK", 8)
   monkeypatch.setattr(qwen2, "PREFILL_MLP_CHUNK", 16)
@@ -102,6 +104,9 @@ def test_cached_generation_through_the_chunked_prefill_equals_rerunning_the_whol
       params, tokens, visual_mask=vis if dropout else None, segment_ids=seg, targets=targets if dropout else None)[0])
   expected = rerun_greedy(rerun, ids, mask, visual, new)
   model = qwen2.Qwen2ForCausalLM(_llm_config("chunked"), dropout=dropout)
+  if layers == "per_layer":     # what from_pretrained holds: one buffer per layer, run as an unrolled loop
+    params = {"params": qwen2.unstack_layers(params["params"])}
+    assert qwen2.layers_are_unstacked(params["params"]["layers"])
   ours = gen.generate(model, params, np.where(mask > 0, ids, 0), mask, max_new_tokens=new,
                       visual_mask=jnp.asarray(visual) if dropout else None)
   np.testing.assert_array_equal(ours, expected)

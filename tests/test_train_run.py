@@ -133,7 +133,7 @@ def test_export_is_the_trained_model_for_transformers_qwen2_and_from_pretrained(
   # Complete: the tokenizer it was trained with beside the weights, as tools/chat.py reads it.
   for name in ("tokenizer.json", "tokenizer_config.json"):
     assert (export / name).read_bytes() == (Path(runs.config.data.tokenizer_dir) / name).read_bytes(), name
-  jax.tree.map(np.testing.assert_array_equal, numpy_tree(model.params), rounded)
+  jax.tree.map(np.testing.assert_array_equal, model.stacked_params(), rounded)
 
   rng = np.random.default_rng(0)
   config = HiCoConfig.from_dict(dict(runs.config.model))

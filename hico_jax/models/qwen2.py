@@ -9,6 +9,11 @@ onto the mesh.
 
 Packed rows: `segment_ids` (B, L) separate samples (0 = padding) and `positions` restart per sample.
 Decoding: a preallocated KV cache (`init_cache`, one part per stage) that the forward pass fills.
+
+Inference may hold the layers' parameters one buffer per layer instead (`unstack_layers`); decoding then runs
+them as an unrolled loop. A layer of the stacked form inside a scan is a slice that XLA copies out before every
+matmul, which costs as much as reading the weights: decoding a 7B model on an H200 took 11.7 ms a token stacked
+and 5.2 per layer (docs/benchmarks.md). Training keeps the stacked form (the checkpoint layout).
 """
 
 from __future__ import annotations
@@ -249,6 +254,45 @@ def init_cache(config: Qwen2Config, batch: int, lengths: int | Sequence[int],
   return tuple(caches)
 
 
+# The key under which unstack_layers keeps layer i's parameters (in place of the stacked tree under "layers").
+def layer_key(i: int) -> str:
+  return f"layer_{i}"
+
+
+def layers_are_unstacked(layer_params) -> bool:
+  return layer_key(0) in layer_params
+
+
+def unstack_layers(params: dict, *, free_stacked: bool = False) -> dict:
+  """The decoder's params (the tree `Qwen2ForCausalLM` reads: "embed_tokens", "layers", ...) with "layers" as
+  one tree per layer ({"layer_0": ..., "layer_1": ...}), each leaf its own buffer. free_stacked: delete each
+  stacked leaf once it is split, so the device never holds more than one leaf twice (for params the caller
+  owns, as from_pretrained's). Already unstacked params come back as they are."""
+  stacked = params["layers"]
+  if layers_are_unstacked(stacked):
+    return params
+  leaves, treedef = jax.tree.flatten(stacked)
+  per_leaf = []
+  for leaf in leaves:
+    per_leaf.append([leaf[i] for i in range(leaf.shape[0])])
+    if free_stacked and isinstance(leaf, jax.Array):
+      jax.block_until_ready(per_leaf[-1])
+      leaf.delete()
+  count = len(per_leaf[0])
+  layers = {layer_key(i): jax.tree.unflatten(treedef, [parts[i] for parts in per_leaf]) for i in range(count)}
+  return {**params, "layers": layers}
+
+
+def stack_layers(params: dict, stack=jnp.stack) -> dict:
+  """unstack_layers undone: "layers" as the stacked tree (the training and checkpoint layout); `stack` joins
+  the layers' leaves (np.stack to build it on the host)."""
+  layers = params["layers"]
+  if not layers_are_unstacked(layers):
+    return params
+  per_layer = [layers[layer_key(i)] for i in range(len(layers))]
+  return {**params, "layers": jax.tree.map(lambda *parts: stack(parts), *per_layer)}
+
+
 def _stage_bounds(config: Qwen2Config, dropout: VisualDropoutConfig | None):
   return [(0, config.num_layers)] if dropout is None else dropout.stage_bounds(config.num_layers)
 
@@ -378,21 +422,21 @@ class Qwen2ForCausalLM(nn.Module):
     return {"cos": cos, "sin": sin, "segment_ids": segment_ids, "slots": slots}
 
   def _layer_params(self, start, stop):
+    """Layers [start, stop): their stacked tree, or a list of per-layer trees when unstacked."""
     params = nn.meta.unbox(self.layers.variables["params"])
+    if layers_are_unstacked(params):
+      return [params[layer_key(i)] for i in range(start, stop)]
     if (start, stop) == (0, self.config.num_layers):
       return params
     return jax.tree.map(lambda p: p[start:stop], params)
 
   def _run_layers(self, hidden, meta, layer_cache, start, stop):
-    """Layers [start, stop) as one scan over their stacked parameters (and KV cache)."""
+    """Layers [start, stop), over their stacked parameters or per-layer ones (`unstack_layers`)."""
     cfg = self.config
-
-    if layer_cache is not None and not meta["prefill"]:
-      return self._decode_layers(hidden, meta, layer_cache, start, stop)
+    params = self._layer_params(start, stop)
     chunk = PREFILL_MLP_CHUNK if layer_cache is not None and hidden.shape[1] > PREFILL_MLP_CHUNK else 0
 
-    def layer(x, params_and_cache):
-      params, kv_cache = params_and_cache
+    def run_block(params, x, kv_cache):
       block = DecoderLayer(cfg, parent=None)
       if not chunk:
         return block.apply({"params": params}, x, meta, kv_cache)
@@ -400,26 +444,46 @@ class Qwen2ForCausalLM(nn.Module):
       return _in_token_chunks(lambda part: block.apply({"params": params}, part, method=DecoderLayer.feed_forward),
                               x, chunk), kv_cache
 
+    if layer_cache is not None and not meta["prefill"]:
+      return self._decode_layers(run_block, hidden, params, layer_cache)
+
+    # A forward pass or a prefill: one scan over the layers. Per-layer parameters are picked by the layer's
+    # index (a copy of one layer's weights, nothing beside a long prefill's work): unrolled, XLA kept a
+    # sequence-long buffer of every layer alive at once (58 GiB against 32 at 10,000 frames on an H200).
+    def layer(x, params_and_cache):
+      params, kv_cache = params_and_cache
+      if per_layer is not None:         # params is the layer's index
+        params = jax.lax.switch(params, [lambda p=p: p for p in per_layer])
+      return run_block(params, x, kv_cache)
+
+    per_layer = params if isinstance(params, list) else None
+    xs = jnp.arange(len(per_layer)) if per_layer is not None else params
     policy = REMAT_POLICIES[cfg.remat_policy]
     if policy is not None:
       # prevent_cse=False is safe (and faster) under scan, which already stops XLA from merging recomputes.
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-    return jax.lax.scan(layer, hidden, (self._layer_params(start, stop), layer_cache))
+    return jax.lax.scan(layer, hidden, (xs, layer_cache))
 
-  def _decode_layers(self, hidden, meta, layer_cache, start, stop):
-    """Layers [start, stop) against a filled KV cache. The stage's stacked cache rides in the scan's carry and
-    each layer writes only its new slots into it: as the scan's xs and ys (the prefill's form) every step
-    would copy the whole cache, 9 GB for a 7B model at 160,000 tokens, which made decoding 8x slower than
-    reading the weights and the cache once."""
-    cfg = self.config
+  def _decode_layers(self, run_block, hidden, params, layer_cache):
+    """The layers against a filled KV cache. The stage's stacked cache rides in the carry and each layer
+    writes only its new slots into it: as the scan's xs and ys (the prefill's form) every step would copy the
+    whole cache, 9 GB for a 7B model at 160,000 tokens, which made decoding 8x slower than reading the weights
+    and the cache once. Per-layer parameters run as an unrolled loop, so that each matmul reads its weights
+    where they are: a scan's slice of stacked weights is copied out first (11.7 against 5.2 ms a token for a
+    7B model on an H200)."""
 
     def layer(carry, params):
       x, stacked, index = carry
-      x, stacked = DecoderLayer(cfg, parent=None).apply({"params": params}, x, meta, {**stacked, "layer": index})
+      x, stacked = run_block(params, x, {**stacked, "layer": index})
       return (x, {"k": stacked["k"], "v": stacked["v"]}, index + 1), None
 
-    (hidden, layer_cache, _), _ = jax.lax.scan(layer, (hidden, layer_cache, jnp.zeros((), jnp.int32)),
-                                               self._layer_params(start, stop))
+    carry = (hidden, layer_cache, jnp.zeros((), jnp.int32))
+    if isinstance(params, list):
+      for layer_params in params:
+        carry, _ = layer(carry, layer_params)
+    else:
+      carry, _ = jax.lax.scan(layer, carry, params)
+    hidden, layer_cache, _ = carry
     return hidden, layer_cache
 
   def _drop(self, hidden, state, drop_stage, next_layer, compact_lengths):
@@ -430,7 +494,9 @@ class Qwen2ForCausalLM(nn.Module):
     else:
       # The next layer's view of the (detached) hidden states at the current positions.
       cos, sin = rope.rope_cos_sin(state.positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-      params = jax.tree.map(lambda p: p[next_layer], nn.meta.unbox(self.layers.variables["params"]))
+      params = nn.meta.unbox(self.layers.variables["params"])
+      params = (params[layer_key(next_layer)] if layers_are_unstacked(params)
+                else jax.tree.map(lambda p: p[next_layer], params))
       q, k = DecoderLayer(cfg, parent=None).apply({"params": params}, jax.lax.stop_gradient(hidden), cos, sin,
                                                   method=DecoderLayer.attention_query_key)
       scores = visual_dropout.attention_scores(q, k, state, dropout.query_rows)
