@@ -26,7 +26,7 @@ def test_the_mixed_row_packs_videos_then_images_with_their_tokens_indexed_videos
   np.testing.assert_array_equal(row["positions"][0], np.concatenate([np.arange(n) for n in lengths]))
   visual = [128, 128, 192]
   expected_index = np.zeros(sum(lengths), np.int32)
-  for sample, (start, count, first) in enumerate(zip(starts, visual, [0, 128, 256])):
+  for start, count, first in zip(starts, visual, [0, 128, 256]):
     placeholders = np.arange(start + 8, start + 8 + count)
     assert (ids[placeholders] == VIDEO_TOKEN_ID).all() and (ids[start:start + 8] >= 0).all()
     expected_index[placeholders] = first + np.arange(count)     # video tokens first, then the tiles' tokens

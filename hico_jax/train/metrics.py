@@ -53,7 +53,7 @@ class MetricWriter:
     self.show_mfu = jax.devices()[0].platform != "cpu"     # against an H100's peak a CPU's MFU means nothing
     self._last_time, self._last_step = time.perf_counter(), start_step
     self._writer = None
-    # One bar for the whole run, on the process that writes.
+    # The stage's one bar (or its plain lines), on the process that writes.
     self.progress = progress.StageProgress(desc, total_steps, start_step, enabled=jax.process_index() == 0)
     if jax.process_index() == 0:
       # Lazily, and only on the process that writes: tensorboardX is absent from some GPU images, where a run

@@ -40,7 +40,7 @@ class StageProgress:
     self.desc, self.total_steps, self.enabled, self._clock = desc, total_steps, enabled, clock
     stream = sys.stderr
     self._bar = None
-    self._last_plain = None            # perf_counter of the last plain line; None before the first
+    self._last_plain = None            # the clock when the last plain line went out; None before the first
     if enabled and _is_terminal(stream):
       self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", file=stream,
                        dynamic_ncols=True, bar_format=_BAR_FORMAT, leave=True)
