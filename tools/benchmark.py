@@ -28,6 +28,8 @@ and MFU (image tiles counted as one-frame clips) for the video-only row and the 
 `ceilings`: what this device gives before any model: a bf16 8192^3 matmul on random data through jax (XLA)
 and through torch (cuBLAS), and a device-to-device copy of 4 GiB (bytes read plus written). MFU is quoted
 against the nominal 989 TFLOP/s on every Hopper; these say how far that nominal is from this card.
+
+The cases, their reports and the subprocess they run in are hico_jax/bench/; this file is their command line.
 """
 
 from __future__ import annotations
