@@ -2,7 +2,12 @@
 with loss, speed and ETA; without one, a plain line at the first log step, at most one a minute after it and
 one at the last step. The trainer's own terminal output is checked in test_train_run.py."""
 
+import fcntl
 import io
+import os
+import pty
+import struct
+import termios
 
 from hico_jax.train import progress
 
@@ -47,3 +52,14 @@ def test_status_names_loss_speed_tokens_and_eta():
       "loss 2.3457, 1.25 s/step, 12,346 tok/s, MFU 41.2%, ETA 2.5 min")
   fast = dict(values, seconds_per_step=0.25)
   assert progress.status(fast, eta_s=30.0, show_mfu=False) == "loss 2.3457, 4.00 steps/s, 12,346 tok/s, ETA 0.5 min"
+
+
+def test_a_bar_needs_a_terminal_with_a_width():
+  """tqdm draws an empty line on a pseudo-terminal of 0 columns (script(1) without a terminal): plain lines."""
+  leader, follower = pty.openpty()
+  with os.fdopen(follower, "w") as stream:
+    for columns, bar in ((0, False), (100, True)):
+      fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+      assert progress._is_terminal(stream) is bar
+  os.close(leader)
+  assert not progress._is_terminal(io.StringIO())

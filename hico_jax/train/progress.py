@@ -10,6 +10,7 @@ the last log interval, not tqdm's own average (which would carry the first step'
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -29,7 +30,12 @@ def status(values: dict, eta_s: float, show_mfu: bool) -> str:
 
 
 def _is_terminal(stream) -> bool:
-  return hasattr(stream, "isatty") and stream.isatty()
+  """A terminal with a width: on a pseudo-terminal of 0 columns (script(1) run without one, some containers)
+  tqdm draws its bar as an empty line, so that one gets the plain lines."""
+  try:
+    return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+  except (AttributeError, OSError, ValueError):     # no file descriptor behind it (a StringIO, pytest's capture)
+    return False
 
 
 class StageProgress:
