@@ -23,6 +23,7 @@ from hico_jax import api, presets
 from hico_jax.data import tokenizer as tk
 from hico_jax.eval import benchmarks, results as results_io, runner, scoring
 from hico_jax.eval.benchmarks import parsing
+from hico_jax.infer import visual
 from hico_jax.models import hico
 from tests.random_params import random_hico_params
 
@@ -449,3 +450,18 @@ def test_a_resumed_run_and_a_split_run_equal_an_uninterrupted_one(loaded, data_r
     qids = [json.loads(line)["qid"] for line in lines]
     assert len(qids) == len(set(qids))       # nothing scored twice
   assert resumed == whole == split
+
+
+def test_a_benchmark_run_shows_its_question_bar_and_no_bar_of_the_video_encoder(loaded, data_root, tmp_path, capfd,
+                                                                              monkeypatch):
+  """The runner encodes each video itself, quietly: a user sees one bar, questions answered, not a second one
+  per video nested in it. Here every video is two encoder chunks and a bar would show at once."""
+  model, tokenizer = loaded
+  monkeypatch.setattr(visual, "PROGRESS_DELAY_S", 0.0)
+  monkeypatch.setattr(model, "_video_encoders", {None: visual.VideoEncoder(model.config, model.params,
+                                                                            chunk_clips=1)})
+  run = runner.Runner(model, tokenizer, str(tmp_path), runner.Options(batch_size=2, progress=True, limit=2))
+  run.run("mvbench", str(data_root / "mvbench"))
+  err = capfd.readouterr().err
+  assert "mvbench (0 done before)" in err and "2/2" in err, err
+  assert "encoding video" not in err, err

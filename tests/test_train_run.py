@@ -1,9 +1,12 @@
 """A stage run of the trainer end to end (configs/tiny_synthetic.py, small, on synthetic videos): preempted
 halfway and resumed, it is bit-identical to one that was not (params, optimizer state, batches); its log counts
-the real tokens; its resources are closed on every way out; its HF export is the trained model (transformers'
-Qwen2 and hico_jax.from_pretrained agree with it)."""
+the real tokens; its terminal is one progress bar; its resources are closed on every way out; its HF export is
+the trained model (transformers' Qwen2 and hico_jax.from_pretrained agree with it)."""
 
+import contextlib
+import io
 import os
+import re
 import signal
 import types
 from pathlib import Path
@@ -21,14 +24,15 @@ import hico_jax
 from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.data import pipeline, video as video_lib
 from hico_jax.models.hico import HiCo, HiCoConfig
-from hico_jax.train import checkpoint as ckpt, trainer
+from hico_jax.train import checkpoint as ckpt, progress, trainer
 from tests.hf_reference import qwen2_dir_from_videochat_flash
 from tests.train_setup import SIZE, numpy_tree, trainer_config
 
 
-def _train(config, workdir, kill_after=None):
+def _train(config, workdir, kill_after=None, terminal=None):
   """trainer.train, recording every batch it takes; with kill_after, SIGTERM (a preemption) arrives while the
-  trainer fetches that step's batch."""
+  trainer fetches that step's batch. With a list as `terminal`, the run's stdout and stderr are appended to it
+  as a terminal would show them (stderr taken for one, so the progress bar is drawn)."""
   batches, to_global = [], pipeline.to_global
 
   def recording(batch, mesh):
@@ -38,9 +42,13 @@ def _train(config, workdir, kill_after=None):
     return to_global(batch, mesh)
 
   previous = signal.getsignal(signal.SIGTERM)
-  with pytest.MonkeyPatch.context() as patch:
+  out, err = io.StringIO(), io.StringIO()
+  with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     patch.setattr(pipeline, "to_global", recording)
+    patch.setattr(progress, "_is_terminal", lambda stream: stream is err)
     result = trainer.train(config, str(workdir))
+  if terminal is not None:
+    terminal.append((out.getvalue(), err.getvalue()))
   assert signal.getsignal(signal.SIGTERM) is previous      # train() puts back the handler it found
   return result, batches
 
@@ -61,14 +69,15 @@ def runs(synthetic_data, tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   straight_config = trainer_config(synthetic_data)
   straight_config.export_hf = True
-  straight = _train(straight_config, root / "straight")
+  terminal = []
+  straight = _train(straight_config, root / "straight", terminal=terminal)
   killed = _train(trainer_config(synthetic_data), root / "resumed", kill_after=2)
   checkpointer = ckpt.Checkpointer(str(root / "resumed"))
   killed_steps = list(checkpointer.manager.all_steps())
   checkpointer.close()
-  resumed = _train(trainer_config(synthetic_data), root / "resumed")
+  resumed = _train(trainer_config(synthetic_data), root / "resumed", terminal=terminal)
   return types.SimpleNamespace(root=root, config=straight_config, straight=straight, killed=killed,
-                               killed_steps=killed_steps, resumed=resumed)
+                               killed_steps=killed_steps, resumed=resumed, terminal=terminal)
 
 
 def test_run_preempted_after_2_of_4_steps_and_resumed_is_bit_identical_to_4_straight_steps(runs):
@@ -121,6 +130,24 @@ def test_logged_tokens_are_the_real_tokens_of_every_step_since_the_last_log_line
   assert result["tokens_since_last_log"] == real_tokens
   # The run resumed at step 3 logs the same interval: the counts add up over a preemption.
   assert runs.resumed[0]["tokens_since_last_log"] == real_tokens
+
+
+def test_the_terminal_shows_one_progress_bar_with_loss_speed_and_eta_not_a_line_per_log_step(runs):
+  """The straight run logs at steps 2 and 4, the resumed one at step 4: the bar is drawn in place (carriage
+  returns) and ends on one newline, the resumed bar starts at the resumed step, and stdout stays empty."""
+  (straight_out, straight_err), (resumed_out, resumed_err) = runs.terminal
+  for out, err, result, start in ((straight_out, straight_err, runs.straight[0], 0),
+                                  (resumed_out, resumed_err, runs.resumed[0], 2)):
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    states = [state for state in err.strip().split("\r") if state]
+    assert not any(re.match(r"\s*step \d+/\d+", state) for state in states)     # the old per-log-step line
+    assert f"| {start}/4 [" in states[0], states[0]
+    final = states[-1]
+    assert final.startswith("stage2: 100%|") and "| 4/4 [" in final, final
+    loss = re.search(r"loss (\d+\.\d{4}), ", final)
+    assert loss and float(loss.group(1)) == pytest.approx(result["loss"], abs=1e-4)
+    assert re.search(r", \d+\.\d\d (s/step|steps/s), [\d,]+ tok/s, ETA 0\.0 min\]$", final), final
 
 
 def test_export_is_the_trained_model_for_transformers_qwen2_and_from_pretrained(runs, tmp_path):

@@ -23,7 +23,8 @@ import json
 import statistics
 import time
 
-from benchmark import _run_case_in_subprocess, _time  # one timer, one subprocess runner
+from hico_jax.bench.isolated import print_result, run_case_in_subprocess   # one subprocess runner, one timer
+from hico_jax.bench.timing import time_calls
 
 CARD = {"type": "uniform0_attention", "layers": (4, 18), "ratios": (1.0, 0.75, 0.25)}
 TEXT_TOKENS = 128
@@ -59,7 +60,7 @@ def run_dropout(case: dict) -> dict:
   start = time.perf_counter()
   run()
   compile_s = time.perf_counter() - start
-  times = _time(run, case["warmup"], case["iters"])
+  times = time_calls(run, case["warmup"], case["iters"])
   model_flops = (flops.qwen2_dropout_forward_flops(config, dropout, TEXT_TOKENS, visual) if dropout
                  else flops.qwen2_forward_flops(config, length))
   stats = jax.devices()[0].memory_stats() or {}
@@ -108,7 +109,7 @@ def run_seqlen(case: dict) -> dict:
     run = lambda: jax.block_until_ready(step(real, ids))
     try:
       run()
-      seconds = statistics.median(_time(run, 0, case["iters"]))
+      seconds = statistics.median(time_calls(run, 0, case["iters"]))
       train_flops = flops.qwen2_train_flops(config, longest)
       stats = jax.devices()[0].memory_stats() or {}
       result.update(step_s=seconds, tokens_per_s=longest / seconds, mfu=flops.mfu(train_flops, seconds),
@@ -152,7 +153,7 @@ def main():
   args = parser.parse_args()
   if args.case:
     case = json.loads(args.case)
-    print("RESULT " + json.dumps({"dropout": run_dropout, "seqlen": run_seqlen}[case["section"]](case)))
+    print_result({"dropout": run_dropout, "seqlen": run_seqlen}[case["section"]](case))
     return
   if args.section == "dropout":
     cases = [{"section": "dropout", "frames": f, "dropout": d, "warmup": args.warmup, "iters": args.iters}
@@ -162,7 +163,7 @@ def main():
               "iters": args.iters} for a in ("xla", "cudnn")]
   results = []
   for case in cases:
-    results.append(_run_case_in_subprocess(case, args.timeout, script=__file__))
+    results.append(run_case_in_subprocess(case, args.timeout, script=__file__))
     print(json.dumps(results[-1]), flush=True)
     if args.out:
       with open(args.out, "a") as f:

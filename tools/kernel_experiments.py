@@ -38,8 +38,9 @@ WIDTH, MLP_DIM = 1024, 4096
 
 
 def _time_ms(fn, *args, iters=10, repeats=3) -> float:
-  """Best of `repeats` means over `iters` back-to-back calls, after one warm-up call. Not benchmark._time,
-  which waits for each call: at a few milliseconds a kernel, the wait and the next launch would be in it."""
+  """Best of `repeats` means over `iters` back-to-back calls, after one warm-up call. Not
+  hico_jax.bench.timing.time_calls, which waits for each call: at a few milliseconds a kernel, the wait and the
+  next launch would be in it."""
   jax.block_until_ready(fn(*args))
   best = float("inf")
   for _ in range(repeats):

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Iterator, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -121,7 +122,9 @@ class Runner:
     if fill > 0:
       padded, mask = (np.concatenate([a, np.repeat(a[:1], fill, 0)]) for a in (padded, mask))
       pixels = np.concatenate([pixels, np.repeat(pixels[:1], fill, 0)])
-    new_ids = self.model.generate(padded, video=pixels, attention_mask=mask, max_new_tokens=max_new_tokens,
+    # Encoded here, without the encoder's own progress bar: the run's bar of questions is the one a user sees.
+    tokens = jnp.stack([self.model.encode_video(row, progress=False) for row in pixels])
+    new_ids = self.model.generate(padded, visual_tokens=tokens, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   eos_ids=self.stop_ids)
     answers = []
     for row in np.asarray(new_ids)[:len(batch)]:

@@ -12,7 +12,7 @@ from hico_jax.train import trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config (configs/*.py[:arg])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard events, HF export")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "show the libraries' INFO logs (orbax's saves, every skipped "
-                             "record) besides the progress lines")
+                             "record) besides the progress bar")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

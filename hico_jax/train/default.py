@@ -27,7 +27,7 @@ _STAGE_CONFIG = flags.DEFINE_string("stage_config", "configs/tiny_synthetic.py",
 _TRAIN_VIDEOS = flags.DEFINE_integer("train_videos", 2000, "synthetic training videos")
 _EVAL_VIDEOS = flags.DEFINE_integer("eval_videos", 500, "synthetic held-out videos")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "show the libraries' INFO logs (orbax's saves, every skipped "
-                             "record) besides the progress lines")
+                             "record) besides the progress bar")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the model's initialisation and of the training data's order "
                              "(the synthetic videos themselves stay the same)")
 

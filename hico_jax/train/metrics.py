@@ -1,16 +1,17 @@
-"""Training observability: a console line per log step (step, loss, tokens/s, MFU, ETA) and TensorBoard
-event files in the workdir (loss, learning rate per group, grad norm, skipped records, throughput)."""
+"""Training observability: the stage's progress bar in the terminal, updated at each log step (loss, speed,
+tokens/s, MFU, ETA; train/progress.py), and TensorBoard event files in the workdir with everything (loss,
+learning rate per group, grad norm, skipped records, throughput)."""
 
 from __future__ import annotations
 
 import time
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
 from hico_jax import flops
+from hico_jax.train import progress
 
 
 def train_flops(model_config, config, data_config):
@@ -46,12 +47,14 @@ def sum_over_processes(counts: dict[str, int]) -> dict[str, float]:
 
 class MetricWriter:
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, flops_per_step,
-               peak_flops_per_device: float = flops.H100_BF16_PEAK):
+               peak_flops_per_device: float = flops.H100_BF16_PEAK, desc: str = "training"):
     self.total_steps, self.flops_per_step = total_steps, flops_per_step
     self.peak = peak_flops_per_device * jax.device_count()
     self.show_mfu = jax.devices()[0].platform != "cpu"     # against an H100's peak a CPU's MFU means nothing
     self._last_time, self._last_step = time.perf_counter(), start_step
     self._writer = None
+    # The stage's one bar (or its plain lines), on the process that writes.
+    self.progress = progress.StageProgress(desc, total_steps, start_step, enabled=jax.process_index() == 0)
     if jax.process_index() == 0:
       # Lazily, and only on the process that writes: tensorboardX is absent from some GPU images, where a run
       # on another process (or an import of this module) must not need it.
@@ -71,13 +74,7 @@ class MetricWriter:
     values["tokens_per_s"] = values.get("tokens_since_last_log", 0.0) / seconds
     values["mfu"] = self.flops_per_step(values.get("num_tokens", 0.0)) / seconds_per_step / self.peak
     eta = seconds_per_step * (self.total_steps - step)
-    line = (f"step {step}/{self.total_steps} loss {values.get('loss', float('nan')):.4f} "
-            f"grad_norm {values.get('grad_norm', float('nan')):.3f} {values['tokens_per_s']:,.0f} tok/s "
-            + (f"MFU {100 * values['mfu']:.1f}% " if self.show_mfu else "")
-            + f"skipped {int(values.get('skipped_records_since_last_log', 0))} "
-            f"ETA {eta / 60:.1f} min")
-    logging.info(line)
-    print(line, flush=True)
+    self.progress.update(step, progress.status(values, eta, self.show_mfu))
     if self._writer is not None:
       for key, value in values.items():
         if isinstance(value, (int, float)):
@@ -85,5 +82,6 @@ class MetricWriter:
       self._writer.flush()
 
   def close(self):
+    self.progress.close()
     if self._writer is not None:
       self._writer.close()

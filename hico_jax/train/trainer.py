@@ -89,8 +89,10 @@ def train(config, workdir: str) -> dict:
     start_step = int(start_step or 0)
 
     # ------------------------------------------------------------------------------------------ the loop
+    # The terminal shows one progress bar for the stage; the writer's TensorBoard events keep every metric.
     writer = run.open_writer(total_steps=config.total_steps, start_step=start_step,
-                             flops_per_step=metrics.train_flops(model_config, config, data_config))
+                             flops_per_step=metrics.train_flops(model_config, config, data_config),
+                             desc=config.get("stage") or os.path.basename(workdir))
     nonfinite_in_a_row, last = 0, {}
     since_log = collections.Counter()     # this process's rows; summed over processes when logged
     for step in range(start_step + 1, config.total_steps + 1):
