@@ -58,6 +58,18 @@ def _fail(message: str) -> int:
 NEEDLE_SPLITS = {"single": "single_hop", "multi": "multi_hop"}
 
 
+def read_inputs(kind: str, *, tfds_dir: str | None = None, haystack: str | None = None, needles: str | None = None,
+                image_root: str = ""):
+  """(the needle records, their RGB images: one per single-hop record, a list per multi-hop one, the haystack's
+  uint8 RGB frames at 1 fps in chunks) from the downloaded files or from the dataset prepared from them."""
+  from hico_jax.eval import niah, tfds_niah
+  if tfds_dir:      # the builder checked the records' fields when it prepared them
+    items, images = tfds_niah.needles(tfds_dir, NEEDLE_SPLITS[kind])
+    return items, images, tfds_niah.haystack_chunks(tfds_dir)
+  items, images = niah.read_needles(needles, NEEDLE_SPLITS[kind], image_root)
+  return items, images, niah.haystack_chunks(haystack)
+
+
 def main(argv=None) -> int:
   args = _parse(argv)
   if not 0 < args.min_frame_num <= args.max_frame_num or args.frame_interval < 1:
@@ -78,15 +90,11 @@ def main(argv=None) -> int:
   import hico_jax
   from hico_jax.convert import videochat_flash
   from hico_jax.data import tokenizer as tokenizer_lib
-  from hico_jax.eval import niah, plots, tfds_niah
+  from hico_jax.eval import niah, plots
 
   try:
-    if args.tfds_dir:      # the builder checked the records' fields when it prepared them
-      items, images = tfds_niah.needles(args.tfds_dir, NEEDLE_SPLITS[args.kind])
-      chunks = tfds_niah.haystack_chunks(args.tfds_dir)
-    else:
-      items, images = niah.read_needles(args.needles, NEEDLE_SPLITS[args.kind], args.image_root)
-      chunks = niah.haystack_chunks(args.haystack)
+    items, images, chunks = read_inputs(args.kind, tfds_dir=args.tfds_dir, haystack=args.haystack,
+                                        needles=args.needles, image_root=args.image_root)
 
     model = hico_jax.from_pretrained(args.model, visual_dropout=None)
     if not model.is_video_model:

@@ -91,8 +91,8 @@ class EvalBenchmark(tfds.core.GeneratorBasedBuilder):
         try:
           frame_folders.frame_files(question.video)
           index = videos.setdefault(question.video, len(videos))
-        except (OSError, ValueError) as e:
-          error = f"unreadable frame folder: {e}"
+        except (OSError, ValueError) as e:     # named as the runner names it, by the path inside the download
+          error = f"unreadable frame folder: {e}".replace(question.video, os.path.relpath(question.video, root))
       elif os.path.isfile(question.video):
         index = videos.setdefault(question.video, len(videos))
       else:
