@@ -23,7 +23,7 @@ import sys
 
 def _parse(argv):
   from hico_jax.eval import benchmarks
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   kinds = parser.add_subparsers(dest="kind", required=True)
   bench = kinds.add_parser("benchmark", help="an evaluation benchmark's download")
   bench.add_argument("name", choices=benchmarks.names())
