@@ -14,10 +14,12 @@ from typing import Sequence
 import numpy as np
 
 from hico_jax.data import video as video_io
-from hico_jax.eval import benchmarks, frame_folders, tfds_benchmarks
+from hico_jax.eval import benchmarks, frame_folders
 from hico_jax.eval.benchmarks.base import MIN_FRAMES
 
 CLIP_FRAMES = 4
+# Where tfds_benchmarks.build puts a benchmark under its data_dir (tfds_benchmarks.prepared_dir).
+BUILDER_NAME, VERSION = "eval_benchmark", "2.0.0"
 
 
 @dataclasses.dataclass
@@ -63,14 +65,18 @@ class DownloadSource:
 
 
 class PreparedSource:
-  """The benchmark prepared under a TFDS data_dir (tools/prepare_tfds.py benchmark NAME ...)."""
+  """The benchmark prepared under a TFDS data_dir (tools/prepare_tfds.py benchmark NAME ...). A damaged record
+  is recorded as an unreadable video, as a corrupt file is."""
 
   def __init__(self, name: str, data_dir: str):
     self.name, self.data_dir = name, data_dir
-    self.path = tfds_benchmarks.prepared_dir(data_dir, name)
+    self.path = os.path.join(data_dir, BUILDER_NAME, name, VERSION)
     self._source = None
 
-  def _opened(self) -> tfds_benchmarks.BenchmarkSource:
+  def _opened(self):
+    # Imported here: an evaluation from downloads needs neither TFDS nor array_record (the GPU hosts the
+    # benchmarks run on have no array_record).
+    from hico_jax.eval import tfds_benchmarks
     if self._source is None:
       if not os.path.isfile(os.path.join(self.path, "dataset_info.json")):
         raise FileNotFoundError(f"no prepared {self.name} at {self.path}: prepare it with "
@@ -92,7 +98,7 @@ class PreparedSource:
       stored = source.video(i)
     except (OSError, ValueError) as e:       # a damaged record: counted as the question's video, never a crash
       return Decoded(question, None, error=f"unreadable stored video: {e}")
-    if stored.kind == tfds_benchmarks.KIND_FRAMES:
+    if stored.kind == "frames":
       try:
         pixels, duration = frame_folders.read_images(
             lambda k: np.frombuffer(stored.data[k], np.uint8), len(stored.data), stored.frame_rate,
