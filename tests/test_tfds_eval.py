@@ -68,9 +68,16 @@ def test_a_prepared_benchmark_gives_the_loaders_questions_and_the_video_files(mv
   assert counts == {"test": 5, "videos": 3}        # v1.mp4, shared by two questions, is stored once
 
 
-def test_unknown_benchmarks_and_unbuilt_paths_are_named(mvbench, tmp_path):
+def test_unknown_benchmarks_unbuilt_paths_and_videos_too_large_for_a_record_are_named(mvbench, tmp_path,
+                                                                                        monkeypatch):
   with pytest.raises(ValueError, match="unknown benchmark 'mvbench2'"):
     tfds_benchmarks.build("mvbench2", str(mvbench), str(tmp_path / "tfds"))
+  size = (mvbench / "video/clevrer/video_validation/c1.mp4").stat().st_size
+  monkeypatch.setattr(tfds_benchmarks, "MAX_VIDEO_BYTES", size - 1)     # the 2 GiB protobuf limit, scaled down
+  with pytest.raises(ValueError, match=r"c1.mp4 is 0.0 GiB; a TFDS record holds under 2 GiB: evaluate mvbench "
+                                       r"from its download \(--data_root\)"):
+    tfds_benchmarks.build("mvbench", str(mvbench), str(tmp_path / "tfds"), log=lambda _: None, quiet=True)
+  assert not (tmp_path / "tfds" / "eval_benchmark" / "mvbench" / "2.0.0").exists()
   with pytest.raises(FileNotFoundError, match="no prepared benchmark"):
     tfds_benchmarks.BenchmarkSource(str(tmp_path))
 

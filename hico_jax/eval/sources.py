@@ -18,7 +18,7 @@ from hico_jax.eval import benchmarks, frame_folders
 from hico_jax.eval.benchmarks.base import MIN_FRAMES
 
 CLIP_FRAMES = 4
-# Where tfds_benchmarks.build puts a benchmark under its data_dir (tfds_benchmarks.prepared_dir).
+# Where tfds_benchmarks.build puts a benchmark under its data_dir: <data_dir>/<BUILDER_NAME>/<name>/<VERSION>.
 BUILDER_NAME, VERSION = "eval_benchmark", "2.0.0"
 
 
@@ -98,7 +98,7 @@ class PreparedSource:
       stored = source.video(i)
     except (OSError, ValueError) as e:       # a damaged record: counted as the question's video, never a crash
       return Decoded(question, None, error=f"unreadable stored video: {e}")
-    if stored.kind == "frames":
+    if stored.kind == "frames":           # tfds_benchmarks.KIND_FRAMES
       try:
         pixels, duration = frame_folders.read_images(
             lambda k: np.frombuffer(stored.data[k], np.uint8), len(stored.data), stored.frame_rate,

@@ -19,7 +19,8 @@ hico_jax.eval.benchmarks, the user's download as the manual directory. Two split
           (MVBench's episodic_reasoning) in the order read_frames reads them with the folder's frame rate
 Several questions often share a video (LVBench's hour-long videos carry ~15 each): its bytes are stored once,
 and listing the questions reads none of them. `metadata.json` holds the loader's unreadable rows (`skipped`)
-and the questions without a video. Reading the benchmark's files directly (`--data_root`) stays the simpler
+and the questions without a video. A video of 2 GiB or more does not fit a record (one protobuf message):
+the build names it. Reading the benchmark's files directly (`--data_root`) stays the simpler
 way for most users; this is for keeping evaluation data where the training data is.
 """
 
@@ -39,6 +40,8 @@ from hico_jax.eval import benchmarks, frame_folders
 BUILDER_NAME = "eval_benchmark"
 VERSION = "2.0.0"
 KIND_FILE, KIND_FRAMES = "file", "frames"
+# A record is one protobuf message, which cannot reach 2 GiB.
+MAX_VIDEO_BYTES = 2**31 - 2**24
 
 
 class EvalBenchmark(tfds.core.GeneratorBasedBuilder):
@@ -105,6 +108,12 @@ class EvalBenchmark(tfds.core.GeneratorBasedBuilder):
     if not videos:
       raise ValueError(f"{self.builder_config.name}: no question under {root} has its video (is this the "
                        "benchmark's download?)")
+    for path in videos:
+      size = (sum(os.path.getsize(os.path.join(path, n)) for n in frame_folders.frame_files(path))
+              if os.path.isdir(path) else os.path.getsize(path))
+      if size > MAX_VIDEO_BYTES:
+        raise ValueError(f"{path} is {size / 2**30:.1f} GiB; a TFDS record holds under 2 GiB: evaluate "
+                         f"{self.builder_config.name} from its download (--data_root) instead")
     self.info.metadata["skipped"] = list(bad_rows)
     self.info.metadata["without_video"] = without
     self.info.metadata["num_questions"] = len(questions)
@@ -135,11 +144,6 @@ class EvalBenchmark(tfds.core.GeneratorBasedBuilder):
 def _read(path: str) -> bytes:
   with open(path, "rb") as f:
     return f.read()
-
-
-def prepared_dir(data_dir: str, name: str) -> str:
-  """Where build(name, ..., data_dir) puts benchmark `name`."""
-  return os.path.join(data_dir, BUILDER_NAME, name, VERSION)
 
 
 def prepare_command(name: str, data_dir: str) -> str:
