@@ -50,13 +50,19 @@ def _run(loaded, out, names, chosen):     # noqa: F811
   return runner.summarize(str(out), names, chosen, "tiny")
 
 
-def test_an_evaluation_through_the_prepared_benchmarks_gives_the_downloads_records(loaded, downloads, tmp_path,  # noqa: F811
-                                                                                   capsys):
+def test_an_evaluation_through_the_prepared_benchmarks_gives_the_downloads_records(loaded, downloads, tmp_path):  # noqa: F811
   names = ["mvbench", "lvbench"]
   from_files = sources.resolve(names, data_roots=[str(downloads)])
   from_tfds = sources.resolve(names, tfds_dirs=[str(downloads / "tfds")])
   assert {type(s) for s in from_files.values()} == {sources.DownloadSource}
   assert {type(s) for s in from_tfds.values()} == {sources.PreparedSource}
+  for name in names:       # the model's input, question by question: frames decoded from the stored bytes
+    questions, _ = from_files[name].load()
+    for q, p in zip(questions, from_tfds[name].load()[0]):
+      want, got = from_files[name].decode(q, 512, 32), from_tfds[name].decode(p, 512, 32)
+      assert (got.duration, got.error == "") == (want.duration, want.error == "")
+      if want.pixels is not None:
+        np.testing.assert_array_equal(got.pixels, want.pixels)
   want = _run(loaded, tmp_path / "files", names, from_files)
   got = _run(loaded, tmp_path / "tfds", names, from_tfds)
 
