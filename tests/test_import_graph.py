@@ -27,6 +27,9 @@ DELIBERATELY_LAZY = {
     # The stage sequence parses its flags before it loads the trainer.
     ("hico_jax.train.default", "hico_jax.train.evaluate"),
     ("hico_jax.train.default", "hico_jax.train.trainer"),
+    # An evaluation from the downloads needs neither TFDS nor array_record (the GPU hosts have no array_record);
+    # only --tfds_dir loads them.
+    ("hico_jax.eval.sources", "hico_jax.eval.tfds_benchmarks"),
 }
 
 

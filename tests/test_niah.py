@@ -225,8 +225,8 @@ def test_tool_names_a_missing_needle_image_a_bad_record_a_bad_yarn_factor_and_a_
   assert "YaRN factor must be >= 1, got 0.5" in capsys.readouterr().err
   qwen_dir = tmp_path / "qwen"
   make_hf_qwen2(qwen_dir)
-  assert niah_tool.main(["single", *common, "--model", str(qwen_dir), "--needles",
-                         str(niah_files / "single.json")]) == 2
+  assert niah_tool.main(["single", *common, "--model", str(qwen_dir), "--needles",      # needles read, then the model
+                         str(niah_files / "single.json"), "--image_root", str(niah_files)]) == 2
   assert "plain Qwen2 language model" in capsys.readouterr().err
   assert not (tmp_path / "o.json").exists()
 

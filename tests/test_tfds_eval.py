@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hico_jax.eval import benchmarks, tfds_benchmarks
+from tests.test_eval_frame_folders import write_frames
 from tests.test_evaluate import _json, _write_mp4
 
 
@@ -29,43 +30,54 @@ def mvbench(tmp_path):
       {"video": "s01e01_seg1", "question": "Who speaks?", "candidates": ["A", "B"], "answer": "B"}])
   _write_mp4(root / "video/perception/videos/v1.mp4", 1)
   _write_mp4(root / "video/clevrer/video_validation/c1.mp4", 2)
-  os.makedirs(root / "video/tvqa/frames_fps3_hq/s01e01_seg1")        # TVQA ships frame folders
+  write_frames(str(root / "video/tvqa/frames_fps3_hq/s01e01_seg1"), 10, lambda i: f"s01e01_seg1_{i}", ".png")
   return root
 
 
 def test_a_prepared_benchmark_gives_the_loaders_questions_and_the_video_files(mvbench, tmp_path):
   logged = []
   path = tfds_benchmarks.build("mvbench", str(mvbench), str(tmp_path / "tfds"), log=logged.append, quiet=True)
-  assert path.endswith(os.path.join("eval_benchmark", "mvbench", "1.0.0"))
+  assert path.endswith(os.path.join("eval_benchmark", "mvbench", "2.0.0"))
   source = tfds_benchmarks.BenchmarkSource(path)
-  questions, _ = benchmarks.get("mvbench").load(str(mvbench))
-  by_qid = {q.qid: q for q in questions}
-  # Hand count, in mvbench.yaml's task order: moving_count/0, then action_count/0 and /3 (one video, stored
-  # once); the rest skipped.
-  got = [source[i] for i in range(len(source))]
-  assert [q.qid for q, _ in got] == ["moving_count/0", "action_count/0", "action_count/3"]
+  questions, bad_rows = benchmarks.get("mvbench").load(str(mvbench))
+  # Every question the loader asks, in its order, the video's path relative to the download.
+  assert len(questions) == len(source) == 5
+  for got, want in zip(source.questions, questions):
+    assert got == type(want)(**{**want.__dict__, "video": os.path.relpath(want.video, mvbench)})
+  by_qid = {q.qid: i for i, q in enumerate(source.questions)}
+  assert (source.questions[by_qid["moving_count/0"]].start, source.questions[by_qid["action_count/3"]].answer) == (
+      0.5, "A")
   files = {"action_count/0": "video/perception/videos/v1.mp4", "action_count/3": "video/perception/videos/v1.mp4",
            "moving_count/0": "video/clevrer/video_validation/c1.mp4"}
-  for question, video_bytes in got:
-    want = by_qid[question.qid]
-    assert question == type(want)(**{**want.__dict__, "video": files[question.qid]})
-    assert video_bytes == (mvbench / files[question.qid]).read_bytes()
-  assert (got[0][0].start, got[0][0].end, got[1][0].answer) == (0.5, 1.75, "B")
-  skipped = json.loads(open(os.path.join(path, "metadata.json")).read())["skipped"]
-  assert len(logged) == len(skipped) == 17 + 3      # 17 of MVBench's 20 task files are not in this download
-  skipped = [line for line in skipped if not line.endswith("missing annotation file")]
-  assert "action_count.json row 2" in skipped[0]
-  assert "episodic_reasoning/0: frame folder" in skipped[1] and "action_count/1: missing video" in skipped[2]
+  for qid, file in files.items():
+    stored = source.video(by_qid[qid])
+    assert (stored.kind, stored.data) == ("file", [(mvbench / file).read_bytes()])
+  frames = source.video(by_qid["episodic_reasoning/0"])        # the folder's images in frame-number order
+  folder = mvbench / "video/tvqa/frames_fps3_hq/s01e01_seg1"
+  assert (frames.kind, frames.frame_rate) == ("frames", 3.0)
+  assert frames.data == [(folder / f"s01e01_seg1_{i}.png").read_bytes() for i in range(1, 11)]
+  assert source.video_error[by_qid["action_count/1"]] == "missing video video/perception/videos/gone.mp4"
+  with pytest.raises(ValueError, match="action_count/1 has no video: missing video"):
+    source.video(by_qid["action_count/1"])
+  assert source.bad_rows == bad_rows and len(bad_rows) == 17 + 1  # 17 of the 20 task files not in this download
+  assert "action_count.json row 2" in bad_rows[-1]
+  assert logged == [f"skipped {line}" for line in bad_rows] + ["skipped action_count/1: missing video "
+                                                               "video/perception/videos/gone.mp4"]
   info = json.loads(open(os.path.join(path, "dataset_info.json")).read())
-  assert [sum(int(n) for n in s["shardLengths"]) for s in info["splits"]] == [3]
-  # The shared video's bytes are in the first question's record only.
-  raw = [source._source[i] for i in range(3)]     # pylint: disable=protected-access
-  assert [len(r["video_bytes"]) for r in raw] == [1, 1, 0] and int(raw[2]["video_record"]) == 1
+  counts = {s["name"]: sum(int(n) for n in s["shardLengths"]) for s in info["splits"]}
+  assert counts == {"test": 5, "videos": 3}        # v1.mp4, shared by two questions, is stored once
 
 
-def test_unknown_benchmarks_and_unbuilt_paths_are_named(mvbench, tmp_path):
+def test_unknown_benchmarks_unbuilt_paths_and_videos_too_large_for_a_record_are_named(mvbench, tmp_path,
+                                                                                        monkeypatch):
   with pytest.raises(ValueError, match="unknown benchmark 'mvbench2'"):
     tfds_benchmarks.build("mvbench2", str(mvbench), str(tmp_path / "tfds"))
+  size = (mvbench / "video/clevrer/video_validation/c1.mp4").stat().st_size
+  monkeypatch.setattr(tfds_benchmarks, "MAX_VIDEO_BYTES", size - 1)     # the 2 GiB protobuf limit, scaled down
+  with pytest.raises(ValueError, match=r"c1.mp4 is 0.0 GiB; a TFDS record holds under 2 GiB: evaluate mvbench "
+                                       r"from its download \(--data_root\)"):
+    tfds_benchmarks.build("mvbench", str(mvbench), str(tmp_path / "tfds"), log=lambda _: None, quiet=True)
+  assert not (tmp_path / "tfds" / "eval_benchmark" / "mvbench" / "2.0.0").exists()
   with pytest.raises(FileNotFoundError, match="no prepared benchmark"):
     tfds_benchmarks.BenchmarkSource(str(tmp_path))
 

@@ -6,7 +6,9 @@
 
 --data_root: one folder (every benchmark's files under <root>/<name>/; videomme_w_subtitle reads videomme/,
 longvideobench_test longvideobench/) or NAME=DIR per benchmark, each the benchmark's download as published (see
-hico_jax/eval/benchmarks/<name>.py for the files it reads). Answers go to
+hico_jax/eval/benchmarks/<name>.py for the files it reads). --tfds_dir instead reads the download prepared as a
+TFDS dataset (python tools/prepare_tfds.py benchmark NAME --download DIR --data_dir TFDS_DIR), the same
+questions and frames: one TFDS_DIR for all, or NAME=TFDS_DIR; each benchmark from one of the two. Answers go to
 <out>/<benchmark>/results.*.jsonl as they come; a rerun skips what is there. Several processes (hosts or GPUs):
 give each --process_index i --process_count n (default: jax's), then run once more with --merge. Prints the
 Table 2 row and writes <out>/summary.md and <out>/summary.json. longvideobench_test has no answers: it is not
@@ -23,7 +25,9 @@ def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", required=True, help="VideoChat-Flash checkpoint directory (with tokenizer.json)")
   parser.add_argument("--benchmark", action="append", required=True, choices=benchmarks.names())
-  parser.add_argument("--data_root", action="append", required=True, help="DIR, or NAME=DIR per benchmark")
+  parser.add_argument("--data_root", action="append", default=[], help="DIR, or NAME=DIR per benchmark")
+  parser.add_argument("--tfds_dir", action="append", default=[],
+                      help="TFDS data_dir of the prepared benchmarks (tools/prepare_tfds.py), or NAME=DIR")
   parser.add_argument("--out", required=True, help="results folder")
   parser.add_argument("--batch_size", type=int, default=1,
                       help="questions of one frame count per generate call (1: fastest at 512 frames on an H200)")
@@ -39,31 +43,14 @@ def _parse(argv):
   return parser.parse_args(argv)
 
 
-def data_roots(values, names):
-  from hico_jax.eval import benchmarks
-  roots, default = {}, None
-  for value in values:
-    name, sep, path = value.partition("=")
-    if sep and name in names:
-      roots[name] = path
-    else:
-      default = value
-  for name in names:
-    if name not in roots:
-      if default is None:
-        raise ValueError(f"no --data_root for {name}: give {name}=DIR or one folder holding {name}/")
-      roots[name] = os.path.join(default, benchmarks.get(name).folder or name)
-  return roots
-
-
 def main(argv=None) -> int:
   args = _parse(argv)
-  from hico_jax.eval import benchmarks
+  from hico_jax.eval import benchmarks, sources
   names = [n for n in benchmarks.names() if n in args.benchmark]     # Table 2's column order
   try:
-    roots = data_roots(args.data_root, names)
+    roots = sources.resolve(names, args.data_root, args.tfds_dir)
     for name in names:       # a wrong folder is named before the model loads
-      benchmarks.get(name).load(roots[name])
+      roots[name].load()
   except (ValueError, FileNotFoundError) as e:
     print(f"evaluate: {e}", file=sys.stderr)
     return 2

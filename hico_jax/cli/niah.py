@@ -5,6 +5,7 @@
       --frame_interval 1000 --depth_interval 0.2 --out single.json --yarn_factor 4
   python tools/niah.py multi --model DIR --haystack video_haystack.mkv \
       --needles niah-coco-multihop-100.json --image_root DIR ... --out multi.json
+  python tools/niah.py single --model DIR --tfds_dir /data/tfds/niah_haystack/video_haystack/1.0.0 ...
 
 --model: a VideoChat-Flash checkpoint (official layout, with tokenizer.json). The needle files are the
 reference's: single-hop records {"question", "answer", "image"}, multi-hop {"images", "question1", "answer1",
@@ -16,6 +17,8 @@ without editing the file); for the reference's 160k-token prompts use YaRN x4. T
 from_pretrained's for the device (cuDNN's flash kernel on a GPU), which holds no (L x L) matrix. Writes the reference's result records (per frame count, and per depth
 for single-hop) to --out as JSON, and beside it (.png) the accuracy heat map of the paper's Figures 6-7 (frames
 across; depth down for single-hop, the caption and QA questions for multi-hop); prints the records and their mean.
+--tfds_dir reads the haystack's frames and the needles from the dataset tools/prepare_tfds.py niah made of the
+same files instead of --haystack, --needles and --image_root: the same frames and images, the same records.
 """
 
 import argparse
@@ -29,9 +32,11 @@ def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("kind", choices=("single", "multi"))
   parser.add_argument("--model", required=True, help="VideoChat-Flash checkpoint directory")
-  parser.add_argument("--haystack", required=True, help="the haystack video")
-  parser.add_argument("--needles", required=True, help="the reference's needle JSON file")
+  parser.add_argument("--haystack", help="the haystack video")
+  parser.add_argument("--needles", help="the reference's needle JSON file")
   parser.add_argument("--image_root", default="", help="directory the needle image paths are relative to")
+  parser.add_argument("--tfds_dir", help="instead of the three above: the prepared dataset's folder "
+                      "(tools/prepare_tfds.py niah prints it)")
   parser.add_argument("--min_frame_num", type=int, default=20)
   parser.add_argument("--max_frame_num", type=int, default=256)
   parser.add_argument("--frame_interval", type=int, default=20)
@@ -50,6 +55,21 @@ def _fail(message: str) -> int:
   return 2
 
 
+NEEDLE_SPLITS = {"single": "single_hop", "multi": "multi_hop"}
+
+
+def read_inputs(kind: str, *, tfds_dir: str | None = None, haystack: str | None = None, needles: str | None = None,
+                image_root: str = ""):
+  """(the needle records, their RGB images: one per single-hop record, a list per multi-hop one, the haystack's
+  uint8 RGB frames at 1 fps in chunks) from the downloaded files or from the dataset prepared from them."""
+  from hico_jax.eval import niah, tfds_niah
+  if tfds_dir:      # the builder checked the records' fields when it prepared them
+    items, images = tfds_niah.needles(tfds_dir, NEEDLE_SPLITS[kind])
+    return items, images, tfds_niah.haystack_chunks(tfds_dir)
+  items, images = niah.read_needles(needles, NEEDLE_SPLITS[kind], image_root)
+  return items, images, niah.haystack_chunks(haystack)
+
+
 def main(argv=None) -> int:
   args = _parse(argv)
   if not 0 < args.min_frame_num <= args.max_frame_num or args.frame_interval < 1:
@@ -57,28 +77,24 @@ def main(argv=None) -> int:
                  "0 < min <= max and step >= 1")
   if args.kind == "single" and not 0 < args.depth_interval <= 1:
     return _fail(f"--depth_interval must be in (0, 1], got {args.depth_interval}")
+  if args.tfds_dir and (args.haystack or args.needles or args.image_root):
+    return _fail("--tfds_dir replaces --haystack, --needles and --image_root: give one or the other")
+  if not args.tfds_dir and not (args.haystack and args.needles):
+    return _fail("give --haystack and --needles (the downloaded files), or --tfds_dir (the prepared dataset)")
   for name in ("model", "haystack", "needles"):
-    if not os.path.exists(getattr(args, name)):
+    if getattr(args, name) and not os.path.exists(getattr(args, name)):
       return _fail(f"--{name} {getattr(args, name)} does not exist")
 
-  import cv2
   import numpy as np
 
   import hico_jax
   from hico_jax.convert import videochat_flash
   from hico_jax.data import tokenizer as tokenizer_lib
-  from hico_jax.data import video as video_lib
   from hico_jax.eval import niah, plots
 
   try:
-    with open(args.needles) as f:
-      items = json.load(f)
-    keys = ("question", "answer", "image") if args.kind == "single" else (
-        "images", "question1", "answer1", "question2", "answer2")
-    for i, item in enumerate(items):
-      missing = [k for k in keys if k not in item]
-      if missing:
-        return _fail(f"{args.needles} record {i} has no {missing} (a {args.kind}-hop record needs {list(keys)})")
+    items, images, chunks = read_inputs(args.kind, tfds_dir=args.tfds_dir, haystack=args.haystack,
+                                        needles=args.needles, image_root=args.image_root)
 
     model = hico_jax.from_pretrained(args.model, visual_dropout=None)
     if not model.is_video_model:
@@ -94,19 +110,13 @@ def main(argv=None) -> int:
           "original_max_position_embeddings": args.yarn_original_max_positions})
     evaluator = niah.Evaluator(model.config, model.params, tokenizer_lib.load_tokenizer(args.model), llm_config)
 
-    def image(path):
-      frame = cv2.imread(os.path.join(args.image_root, path), cv2.IMREAD_COLOR)
-      if frame is None:
-        raise video_lib.VideoDecodeError(f"needle image {os.path.join(args.image_root, path)} does not decode")
-      return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-
     if args.kind == "single":
-      needles = [evaluator.encode_needle(image(item["image"])) for item in items]
+      needles = [evaluator.encode_needle(image) for image in images]
     else:
-      needles = [[evaluator.encode_needle(image(p)) for p in item["images"]] for item in items]
+      needles = [[evaluator.encode_needle(image) for image in chain] for chain in images]
     # Above 7,500 frames the reference encodes half and repeats it (its 10,000 frames are 5,000 twice).
     wanted = args.max_frame_num // 2 if args.max_frame_num > 7500 else args.max_frame_num
-    haystack = evaluator.encode_haystack(niah.haystack_chunks(args.haystack), -(-wanted // 4) * 4)[:wanted]
+    haystack = evaluator.encode_haystack(chunks, -(-wanted // 4) * 4)[:wanted]
   except (ValueError, FileNotFoundError) as e:     # VideoDecodeError is a ValueError
     return _fail(str(e))
   if len(haystack) < args.max_frame_num:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -72,14 +73,24 @@ def read_frames(folder: str, *, start: float | None, end: float | None, min_fram
                 clip_frames: int, image_size: int) -> tuple[np.ndarray, float]:
   """((T, S, S, 3) float32 frames ready for the model, duration in seconds)."""
   names = frame_files(folder)
-  indices, duration = frame_indices(len(names), frames_per_second(folder), start, end, min_frames=min_frames,
-                                    max_frames=max_frames, clip_frames=clip_frames)
+  paths = [os.path.join(folder, name) for name in names]
+  return read_images(lambda i: np.fromfile(paths[i], np.uint8), len(names), frames_per_second(folder),
+                     describe=paths.__getitem__, start=start, end=end, min_frames=min_frames,
+                     max_frames=max_frames, clip_frames=clip_frames, image_size=image_size)
+
+
+def read_images(load: Callable[[int], np.ndarray], count: int, fps: float, *, describe: Callable[[int], str],
+                start: float | None, end: float | None, min_frames: int, max_frames: int, clip_frames: int,
+                image_size: int) -> tuple[np.ndarray, float]:
+  """read_frames over `count` encoded images in their order: load(i) gives image i's file bytes (uint8), so a
+  folder on disk and one stored in a prepared dataset (hico_jax.eval.tfds_benchmarks) read alike."""
+  indices, duration = frame_indices(count, fps, start, end, min_frames=min_frames, max_frames=max_frames,
+                                    clip_frames=clip_frames)
   resized = {}
   for index in sorted(set(indices.tolist())):
-    path = os.path.join(folder, names[index])
-    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(load(index), cv2.IMREAD_COLOR)
     if image is None:
-      raise ValueError(f"unreadable frame image {path}")
+      raise ValueError(f"unreadable frame image {describe(index)}")
     rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     resized[index] = video_io.resize_frames(rgb[None], image_size)[0]
   return normalize(np.stack([resized[i] for i in indices.tolist()])), float(duration)

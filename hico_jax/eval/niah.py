@@ -15,6 +15,8 @@ output head: at 10,000 frames a prompt is 160,000 tokens, and logits over all of
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
@@ -32,6 +34,9 @@ POSTPROMPT = "<|im_end|>\n<|im_start|>assistant\n"
 TOKENS_PER_FRAME = 16     # 64 tokens a 4-frame clip
 # The reference's process_images with image_aspect_ratio "pad" fills with the processor's mean, int(x * 255).
 PAD_COLOUR = tuple(int(x * 255) for x in video_lib.IMAGENET_MEAN)
+# The fields of the reference's needle records.
+NEEDLE_KEYS = {"single_hop": ("question", "answer", "image"),
+               "multi_hop": ("images", "question1", "answer1", "question2", "answer2")}
 
 
 def expand_to_square(frames_uint8: np.ndarray) -> np.ndarray:
@@ -196,6 +201,29 @@ def haystack_chunks(path: str, chunk_frames: int = 64) -> Iterator[np.ndarray]:
       yield np.stack(frames)
   finally:
     capture.release()
+
+
+def read_needles(path: str, kind: str, image_root: str) -> tuple[list, list]:
+  """(the needle file's records, their RGB uint8 images: one per single-hop record, a list per multi-hop one),
+  read as the reference reads them (cv2.imread, colour). A record without its fields, or an image that does
+  not decode, is a one-line error."""
+  with open(path, encoding="utf-8") as f:
+    items = json.load(f)
+  keys = NEEDLE_KEYS[kind]
+  for i, item in enumerate(items):
+    missing = [key for key in keys if key not in item]
+    if missing:
+      raise ValueError(f"{path} record {i} has no {missing} (a {kind.replace('_', '-')} record needs {list(keys)})")
+
+  def image(name):
+    frame = cv2.imread(os.path.join(image_root, name), cv2.IMREAD_COLOR)
+    if frame is None:
+      raise video_lib.VideoDecodeError(f"needle image {os.path.join(image_root, name)} does not decode")
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+  if kind == "single_hop":
+    return items, [image(item["image"]) for item in items]
+  return items, [[image(name) for name in item["images"]] for item in items]
 
 
 def _check_frames(haystack: np.ndarray, num_frames: int) -> None:

@@ -6,7 +6,8 @@ max_new_tokens, answers stripped. Here questions of the same frame count go thro
 Per question: dynamic_fps1 sampling (floor 64 frames, cap 512; LVBench 640) over the question's span, the prompt
   <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n<image>\\n{time message}
   {doc_to_text}<|im_end|>\\n<|im_start|>assistant\\n
-and a JSON-lines record written as soon as its batch finishes (hico_jax.eval.results)."""
+and a JSON-lines record written as soon as its batch finishes (hico_jax.eval.results). The questions and their
+frames come from the benchmark's download or its prepared TFDS dataset alike (hico_jax.eval.sources)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from hico_jax.data import text
-from hico_jax.data import video as video_io
-from hico_jax.eval import benchmarks, frame_folders, results as results_io, scoring
-from hico_jax.eval.benchmarks.base import MIN_FRAMES
+from hico_jax.eval import benchmarks, results as results_io, scoring, sources
+from hico_jax.eval.sources import Decoded
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 STOP = "<|im_end|>"
-CLIP_FRAMES = 4
 # Prompts are padded to a multiple of this many tokens, so generation compiles once per length bucket.
 PROMPT_BUCKET = 64
 
@@ -39,14 +38,6 @@ def chat_prompt(question: str, duration: float, num_frames: int) -> str:
   """chat()'s whole prompt for a first turn (conv_qwen, the time message before the question)."""
   time_msg = text.time_message(duration, num_frames).strip()
   return f"{SYSTEM}<|im_start|>user\n{text.IMAGE_TAG}\n{time_msg} {question}{STOP}\n<|im_start|>assistant\n"
-
-
-@dataclasses.dataclass
-class Decoded:
-  question: benchmarks.Question
-  pixels: np.ndarray | None       # (T, S, S, 3) float32
-  duration: float = 0.0
-  error: str = ""
 
 
 @dataclasses.dataclass
@@ -62,33 +53,13 @@ class Options:
   progress: bool = True
 
 
-def _decode(question, max_frames, image_size) -> Decoded:
-  if os.path.isdir(question.video):     # MVBench's episodic_reasoning (TVQA) ships folders of frame images
-    try:
-      pixels, duration = frame_folders.read_frames(question.video, start=question.start, end=question.end,
-                                                   min_frames=MIN_FRAMES, max_frames=max_frames,
-                                                   clip_frames=CLIP_FRAMES, image_size=image_size)
-    except (OSError, ValueError) as e:
-      return Decoded(question, None, error=f"unreadable frame folder: {e}")
-    return Decoded(question, pixels, duration=duration)
-  if not os.path.isfile(question.video):
-    return Decoded(question, None, error=f"missing video {question.video}")
-  try:
-    frames, info = video_io.decode_frames(question.video, mode="dynamic_fps1", min_frames=MIN_FRAMES,
-                                          max_frames=max_frames, clip_frames=CLIP_FRAMES, start=question.start,
-                                          end=question.end)
-  except (video_io.VideoDecodeError, OSError, ValueError) as e:
-    return Decoded(question, None, error=f"unreadable video: {e}")
-  return Decoded(question, video_io.preprocess(frames, image_size), duration=float(info["duration"]))
-
-
-def _decoded(questions, max_frames, image_size, workers) -> Iterator[Decoded]:
+def _decoded(source, questions, max_frames, image_size, workers) -> Iterator[Decoded]:
   """Decodes ahead in threads (OpenCV releases the GIL), in order, a bounded number at a time."""
   with futures.ThreadPoolExecutor(max(1, workers)) as pool:
     queue = collections.deque()
     it = iter(questions)
     for q in it:
-      queue.append(pool.submit(_decode, q, max_frames, image_size))
+      queue.append(pool.submit(source.decode, q, max_frames, image_size))
       if len(queue) >= 2 * max(1, workers):
         yield queue.popleft().result()
     while queue:
@@ -134,11 +105,13 @@ class Runner:
       answers.append(answer[:-len(STOP)].strip() if answer.endswith(STOP) else answer)
     return answers
 
-  def run(self, name: str, data_root: str) -> dict:
-    """Answers this process's share of the benchmark's unanswered questions; returns the summary of what the
-    folder holds (every process's records)."""
+  def run(self, name: str, source: str | sources.Source) -> dict:
+    """Answers this process's share of the benchmark's unanswered questions from `source` (the download's
+    folder, or a sources.PreparedSource); returns the summary of what the folder holds (every process's
+    records)."""
     bench = benchmarks.get(name)
-    questions, bad_rows = bench.load(data_root)
+    source = sources.as_source(name, source)
+    questions, bad_rows = source.load()
     if self.options.limit is not None:
       questions = questions[:self.options.limit]
     done = results_io.read_records(self.out_dir, name)
@@ -157,7 +130,7 @@ class Runner:
           writer.write(_record(bench, d, raw))
         bar.update(len(batch))
 
-      for d in _decoded(todo, max_frames, size, self.options.decode_workers):
+      for d in _decoded(source, todo, max_frames, size, self.options.decode_workers):
         if d.pixels is None:
           writer.write(_record(bench, d, None))
           bar.update(1)
@@ -187,14 +160,14 @@ def _progress(total, desc, enabled):
   return tqdm(total=total, desc=desc, unit="q", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
-def summarize(out_dir: str, names: Sequence[str], data_roots: dict[str, str], model_name: str,
+def summarize(out_dir: str, names: Sequence[str], data_roots: dict[str, str | sources.Source], model_name: str,
               limit: int | None = None) -> list[dict]:
   """Merges every process's records into out_dir/summary.json and summary.md (Table 2's layout), and writes a
   split without answers' submission files under out_dir/submissions/ (as the official generate_submission_file)."""
   summaries = []
   for name in names:
     bench = benchmarks.get(name)
-    questions, bad = bench.load(data_roots[name])
+    questions, bad = sources.as_source(name, data_roots[name]).load()
     questions = questions if limit is None else questions[:limit]
     records = results_io.read_records(out_dir, name)
     summary = scoring.summarize(bench, questions, records, bad)

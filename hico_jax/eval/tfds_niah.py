@@ -13,7 +13,7 @@ directory. Every example is an index, images, and a JSON record:
   single_hop  one per published record, in the file's order: its image file's bytes as on disk, the record
   multi_hop   likewise, its `images` in order
 The haystack is decoded once here instead of at every evaluation, at the price of its frames' PNG size.
-tools/niah.py reading the files directly stays the default.
+tools/niah.py reading the files directly stays the default; `tools/niah.py --tfds_dir PATH` reads this.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from hico_jax.data import video as video_lib
 from hico_jax.eval import niah
 
 BUILDER_NAME = "niah_haystack"
-NEEDLE_KEYS = {"single_hop": ("question", "answer", "image"),
-               "multi_hop": ("images", "question1", "answer1", "question2", "answer2")}
+NEEDLE_KEYS = niah.NEEDLE_KEYS
 
 
 @dataclasses.dataclass(eq=False)
@@ -141,11 +140,13 @@ def build(manual_dir: str, data_dir: str, *, haystack: str, single_hop: str = ""
 
 def _source(path: str, split: str):
   if not os.path.isfile(os.path.join(path, "dataset_info.json")):
-    raise FileNotFoundError(f"no prepared NIAH data at {path!r}: build it with hico_jax.eval.tfds_niah.build")
+    raise FileNotFoundError(f"no prepared NIAH data at {path!r}: prepare it with `python tools/prepare_tfds.py niah "
+                            "--download DIR --data_dir DIR --haystack FILE --single_hop FILE ...`, which prints "
+                            "the folder to give")
   builder = tfds.builder_from_directory(path)
   if split not in builder.info.splits:
-    raise ValueError(f"{path} has no {split!r} split (it has {sorted(builder.info.splits)}): name the needle "
-                     "file when building")
+    raise ValueError(f"{path} has no {split!r} split (it has {sorted(builder.info.splits)}): prepare it with "
+                     f"--{split} FILE")
   return builder.as_data_source(split=split)
 
 
