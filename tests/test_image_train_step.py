@@ -87,10 +87,10 @@ def _alone_loss_sums(config, params, sample, frames):
 def test_mixed_rows_take_the_summed_loss_of_their_samples_alone(tiny, seq_shards):
   config, params = tiny
   rows = _rows(np.random.default_rng(0))
-  batch = pipeline._finish_batch(_pack(rows), seq_shards)
+  batch = pipeline._finish_batch(_pack(rows), seq_shards, tokens_per_frame=16)
   if seq_shards > 1:       # the index moved with its tokens
     np.testing.assert_array_equal(order.unzigzag(batch["visual_index"], seq_shards),
-                                  pipeline._finish_batch(_pack(rows), 1)["visual_index"])
+                                  pipeline._finish_batch(_pack(rows), 1, tokens_per_frame=16)["visual_index"])
   step = train_step.make_train_step(hico.HiCo(config), optax.sgd(0.0), jax.tree.map(lambda _: False, params),
                                     seq_shards=seq_shards)
   state = train_step.init_state(params, optax.sgd(0.0))

@@ -283,7 +283,7 @@ def _packed_row(config, rng, videos: int, frames: int, images: int, tiles: int, 
   8 text tokens, its visual tokens, then the rest of its text; the whole text supervised. Image tokens take
   their tiles in order (the anyres layout is a permutation: the same work)."""
   import numpy as np
-  size, per_tile = config.vit.image_size, config.tokens_per_clip
+  size, per_tile = config.vit.image_size, config.tokens_per_tile
   pieces, segments, video_rank, tile_tokens = [], [], 0, 0
   video_tokens = config.visual_tokens(frames) * videos
   for s in range(videos + images):
