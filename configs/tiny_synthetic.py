@@ -61,7 +61,7 @@ def get_config(arg=None):
     # cost (2-5 tiles of 16 tokens against 256 tokens a video), so stage 1 trains every module, with stage 2's
     # template and rates, on the four picture tasks alone: no frames in its rows, ~4 pictures a row of 352.
     # A step is 0.94 CPU-s (16 pictures) against a video step's 0.82 (4 videos), on the 2-core machine under
-    # load; 40 steps take the loss from 11.9 to ~6 (docs/default_run.md, "Pictures").
+    # load; a 30-step trial took the loss from 11.9 to 6.4 (docs/default_run.md, "pictures").
     c.optim.schedule = recipe.STAGES["stage2"]["schedule"]
     c.data.template = "qwen_2"
     c.data.strategies = tuple((task, "first:0") for task in synthetic.TASKS)
