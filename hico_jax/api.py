@@ -239,7 +239,7 @@ class CausalLM:
     size = self.config.vit.image_size
     ids, mask, index, tiles = image_io.expand_image_prompts(
         ids, mask, per_row, size, getattr(self.config, "image_grid_pinpoints", image_io.DEFAULT_PINPOINTS),
-        placeholder=VIDEO_TOKEN_ID, tokens_per_tile=self.config.tokens_per_clip)
+        placeholder=VIDEO_TOKEN_ID, tokens_per_tile=self.config.tokens_per_tile)
     pixels = video_io.normalize(tiles.reshape(-1, size, size, 3)).reshape(tiles.shape)
     if not hasattr(self, "_embed_images"):
       module = hico.HiCo(self.config)

@@ -83,7 +83,7 @@ def hico_train_flops(model_config, tokens: int, frames: int, supervised: int | N
   clips = frames // model_config.clip_frames
   vision = clips * umt_clip_forward_flops(model_config.vit, model_config.llm.hidden_size,
                                           model_config.tokens_per_clip)
-  vision += tiles * umt_tile_forward_flops(model_config.vit, model_config.llm.hidden_size, model_config.tokens_per_clip)
+  vision += tiles * umt_tile_forward_flops(model_config.vit, model_config.llm.hidden_size, model_config.tokens_per_tile)
   return 3 * (vision + qwen2_forward_flops(model_config.llm, tokens, head_tokens=supervised))
 
 

@@ -11,7 +11,6 @@ from jax.sharding import Mesh
 
 from hico_jax import sharding
 from hico_jax.data.order import zigzag_problem
-from hico_jax.data.text import VISUAL_TOKENS_PER_FRAME
 from hico_jax.models.qwen2 import Qwen2Config
 from hico_jax.train import optimizer
 
@@ -61,9 +60,10 @@ def validate(config, mesh: Mesh) -> Qwen2Config:
   return model
 
 
-def validate_training(config, model_config, mesh: Mesh) -> None:
-  """The numbers of a HiCo training config against the mesh (and the process count), all reported
-  together before anything compiles."""
+def validate_training(config, model_config, mesh: Mesh, data_config=None) -> None:
+  """The numbers of a HiCo training config against the mesh (and the process count), and the data pipeline's
+  (`data_config`, a DataConfig, when given) against the model, all reported together before anything
+  compiles."""
   problems = []
   size = dict(mesh.shape)
   tensor, seq = sharding.axis_size(mesh, "heads"), sharding.axis_size(mesh, "act_len")
@@ -114,12 +114,23 @@ def validate_training(config, model_config, mesh: Mesh) -> None:
                     f"{llm.max_position_embeddings}")
   if config.data.image_size != vit.image_size:
     problems.append(f"data.image_size={config.data.image_size} differs from model.vit.image_size={vit.image_size}")
-  placeholders = VISUAL_TOKENS_PER_FRAME * vit.clip_frames
-  if model_config.tokens_per_clip != placeholders:
-    # The model would splice fewer (or more) tokens than the rows hold slots for.
-    problems.append(f"model.tokens_per_clip={model_config.tokens_per_clip}, but the data pipeline writes "
-                    f"{VISUAL_TOKENS_PER_FRAME} placeholders a frame ({placeholders} a {vit.clip_frames}-frame "
-                    f"clip): training takes tokens_per_clip={placeholders} (inference takes any)")
+  # The pipeline writes a sample's placeholders frame by frame and tile by tile; the model splices its merged
+  # tokens into them, so the counts must agree (JAX would clamp an index past the end silently, not fail).
+  if model_config.tokens_per_clip % vit.clip_frames:
+    problems.append(f"model.tokens_per_clip={model_config.tokens_per_clip} is not a multiple of "
+                    f"model.vit.clip_frames={vit.clip_frames}: the data pipeline writes a video's placeholders "
+                    "frame by frame, the same count each")
+  elif data_config is not None:
+    per_frame, per_tile = model_config.tokens_per_clip // vit.clip_frames, model_config.tokens_per_tile
+    if (data_config.clip_frames, data_config.visual_tokens_per_frame) != (vit.clip_frames, per_frame):
+      problems.append(f"the data pipeline writes {data_config.visual_tokens_per_frame} placeholders a frame in "
+                      f"clips of {data_config.clip_frames}, but the model merges a {vit.clip_frames}-frame clip to "
+                      f"{model_config.tokens_per_clip} tokens ({per_frame} a frame): build the DataConfig with "
+                      "**model_config.pipeline_counts()")
+    if data_config.tile_budget and data_config.tokens_per_tile != per_tile:
+      problems.append(f"the data pipeline writes {data_config.tokens_per_tile} placeholders an image tile, but "
+                      f"the model gives a tile {per_tile} tokens: build the DataConfig with "
+                      "**model_config.pipeline_counts()")
   if config.total_steps < 1:
     problems.append(f"total_steps={config.total_steps} must be >= 1")
   problems += optimizer.config_problems(config.get("optim") or {})

@@ -122,9 +122,20 @@ def test_image_prompt_errors_are_clear(saved):
     model(np.array([[1, VIDEO_TOKEN_ID, 2]]), video=np.zeros((1, 4, 8, 8, 3)), images=[picture])
 
 
-def test_a_tower_whose_tiles_hold_fewer_than_64_patches_is_refused_naming_the_size_needed():
-  config = hico.HiCoConfig.from_dict({
-      "vit": dict(image_size=112, width=128, depth=1, num_heads=2, mlp_dim=256, dtype="float32"),
-      "llm": dict(presets.llm("tiny", dtype="float32", vocab_size=VOCAB, num_layers=1))})
-  with pytest.raises(ValueError, match="112x112 tile has 49 patch tokens.*at least 128 px"):
-    hico.check_tile_shape(config, (1, 2, 112, 112, 3))
+def test_a_tile_of_fewer_patches_than_64_keeps_every_patch_as_the_torch_tower_and_projector_give_them(tmp_path):
+  """64 px tiles of 16 px patches (the embedded default's): 16 patches a tile, fewer than the 64 a tile is merged
+  to, so every patch is kept (nothing to merge) and a tile gives 16 tokens: the torch tower's T = 1 patches
+  through the torch projector, in patch order. A 4-frame clip at 64 px is 64 patches, the 64 it keeps."""
+  config = _config(64)
+  assert config.tokens_per_tile == 16 and config.pipeline_counts() == {
+      "clip_frames": 4, "visual_tokens_per_frame": 16, "tokens_per_tile": 16}
+  api.CausalLM(config, random_hico_params(config, seed=5)).save_pretrained(str(tmp_path))
+  model = hico_jax.from_pretrained(str(tmp_path))
+  encoder, _ = videochat_flash_reference(tmp_path, config)
+  pixels = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+  with torch.no_grad():
+    expected = encoder.projector(encoder.encoder(_normalised(pixels))).numpy()       # (3, 16, H), no merge
+  tiles = _normalised(pixels)[:, 0].permute(0, 2, 3, 1).numpy()[None]
+  ours = hico.HiCo(model.config).apply({"params": model.params}, tiles, method=hico.HiCo.encode_images)
+  assert expected.shape == (3, 16, config.llm.hidden_size) and ours.shape == (1, 3 * 16, config.llm.hidden_size)
+  np.testing.assert_allclose(np.asarray(ours)[0], expected.reshape(-1, expected.shape[-1]), atol=1e-4, rtol=0)

@@ -38,3 +38,23 @@ def test_table_gives_each_tasks_p_value_marks_the_significant_ones_and_ends_on_t
   assert lines[5].startswith("mean choice over 4 tasks 42.2%")   # (31 + 30 + 96 + 12) / 4
   assert "(2 of 4 tasks" in lines[5]
   assert lines[6] == "not scored, the video did not decode: scene_relation 2"
+
+
+def test_picture_tasks_follow_the_video_tasks_line_with_their_own_and_leave_it_as_it_was():
+  videos = {  # 31 of 100 at chance 20%: p < 0.01; 30 of 100: not
+      "captioning": dict(choice=0.31, choice_chance=0.2, exact=0.0, exact_chance=0.02, count=100, skipped=0),
+      "event_counting": dict(choice=0.30, choice_chance=0.2, exact=0.3, exact_chance=0.2, count=100, skipped=0),
+  }
+  pictures = {  # 33 of 50 at chance 50%: P(X >= 33) = 0.016; 34 of 50: 0.0077
+      "image_comparison": dict(choice=0.66, choice_chance=0.5, exact=0.66, exact_chance=0.5, count=50, skipped=0,
+                               media="image"),
+      "shape_count": dict(choice=0.68, choice_chance=0.5, exact=0.6, exact_chance=0.2, count=50, skipped=1,
+                          media="image"),
+  }
+  alone = evaluate.format_results(videos).splitlines()
+  lines = evaluate.format_results({**pictures, **videos}).splitlines()
+  assert lines[:4] == alone                       # header, the two video rows, the video line unchanged
+  assert [_row(line)[0] for line in lines[4:6]] == ["image_comparison", "shape_count"]
+  assert _row(lines[4])[4] != "*" and _row(lines[5])[4] == "*"
+  assert lines[6] == "mean choice over 2 image tasks 67.0% (1 of 2 image tasks above chance at p < 0.01)"
+  assert lines[7] == "not scored, the picture did not decode: shape_count 1"

@@ -123,15 +123,36 @@ def test_micro_batch_with_fewer_clips_than_the_chunk_must_still_split_over_the_c
     trainer.train(config, str(tmp_path / "run"))
 
 
-def test_a_merge_to_other_than_the_pipelines_placeholders_is_a_config_error_before_anything_compiles(
+def test_a_merge_that_does_not_split_into_frames_is_a_config_error_before_anything_compiles(
     synthetic_data, tmp_path, nothing_compiles):
-  """The pipeline writes 16 placeholders a frame; a model merging a clip to 16 tokens would splice 4 a frame
-  into them (an index clamped by JAX, not an error)."""
+  """The pipeline writes a video's placeholders frame by frame (tokens_per_clip / clip_frames each): a merge to
+  10 tokens a 4-frame clip has no whole count a frame."""
   config = trainer_config(synthetic_data)
-  config.model.tokens_per_clip = 16
-  with pytest.raises(ConfigError, match=r"model\.tokens_per_clip=16, but the data pipeline writes 16 placeholders "
-                                        r"a frame \(64 a 4-frame clip\)"):
+  config.model.tokens_per_clip = 10
+  with pytest.raises(ConfigError, match=r"model\.tokens_per_clip=10 is not a multiple of model\.vit\.clip_frames=4"):
     trainer.train(config, str(tmp_path / "run"))
+
+
+def test_data_written_for_another_merge_is_a_config_error():
+  """A DataConfig built with the reference's counts (16 a frame, 64 a tile) for the tiny 64 px model that merges
+  a clip to 16 tokens (4 a frame) and gives a 4x4-patch tile 16 tokens: both counts named."""
+  from hico_jax.data import pipeline
+  from hico_jax.validate import validate_training
+  from hico_jax import sharding
+  model = HiCoConfig.from_dict(dict(presets.hico("tiny"), tokens_per_clip=16))
+  model = dataclasses.replace(model, vit=dataclasses.replace(model.vit, image_size=SIZE))
+  config = ml_collections.ConfigDict({"batch_size": 8, "accumulation_steps": 1, "total_steps": 1, "data": {
+      "frame_budget": 16, "token_budget": 512, "image_size": SIZE}})
+  mesh = sharding.make_mesh((("data", 8),))
+  data = pipeline.DataConfig(shards="s", tokenizer_dir="t", image_size=SIZE, frame_budget=16, tile_budget=4)
+  with pytest.raises(ConfigError) as error:
+    validate_training(config, model, mesh, data)
+  assert "writes 16 placeholders a frame in clips of 4, but the model merges a 4-frame clip to 16 tokens (4 a " \
+         "frame)" in str(error.value)
+  assert "writes 64 placeholders an image tile, but the model gives a tile 16 tokens" in str(error.value)
+  validate_training(config, model, mesh, pipeline.DataConfig(shards="s", tokenizer_dir="t", image_size=SIZE,
+                                                             frame_budget=16, tile_budget=4,
+                                                             **model.pipeline_counts()))
 
 
 def test_gpu_kernels_for_the_vision_tower_on_cpu_are_a_config_error_before_anything_compiles(

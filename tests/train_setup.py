@@ -120,6 +120,7 @@ def trainer_config(data_root, total_steps=4):
   c.data.shards, c.data.tokenizer_dir = str(data_root / "shards"), str(data_root / "tokenizer")
   c.data.num_frames = c.data.min_frames = c.data.max_frames = c.data.frame_budget = FRAMES
   c.data.token_budget = 160                       # the samples are 118-156 tokens with 4 frames
+  c.data.tile_budget, c.data.strategies = 0, ()   # videos only: the fixture's shards hold no pictures
   c.total_steps = total_steps
   c.log_every = 2                                 # a log line spans two steps' tokens
   c.checkpoint.every = 1000                       # only the forced saves: preemption and the last step

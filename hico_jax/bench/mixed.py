@@ -16,7 +16,7 @@ def packed_row(config: HiCoConfig, rng: np.random.Generator, videos: int, frames
   """One packed row: `videos` samples of `frames` frames, then `images` samples of `tiles` tiles, each sample
   8 text tokens, its visual tokens, then the rest of its text; the whole text supervised. Image tokens take
   their tiles in order (the anyres layout is a permutation: the same work)."""
-  size, per_tile = config.vit.image_size, config.tokens_per_clip
+  size, per_tile = config.vit.image_size, config.tokens_per_tile
   pieces, segments, video_rank, tile_tokens = [], [], 0, 0
   video_tokens = config.visual_tokens(frames) * videos
   for s in range(videos + images):

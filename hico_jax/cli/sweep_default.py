@@ -5,8 +5,8 @@ its own overrides and seed, each scored on the held-out questions; one JSON line
 
 runs.jsonl holds one run a line: {"name": "l4", "seed": 0, "overrides": {"model.llm.num_layers": 4}}. A key
 "data" in overrides names another data root (its shards/, eval_shards/ and tokenizer/, as
-hico_jax.train.default.prepare_data makes them). Each run trains stage 2 from scratch (stage 1 only trains the
-projector of a random model, so it is left out) in its own process, so that runs share nothing but the
+hico_jax.train.default.prepare_data makes them, pictures included: stage 2 names the picture datasets). Each run
+trains stage 2 from scratch (without stage 1's pictures) in its own process, so that runs share nothing but the
 machine. On one GPU, runs at once share it well (the tiny model leaves it mostly idle) once XLA's GEMM
 autotuning is off (`XLA_FLAGS=--xla_gpu_autotune_level=0`): with it on, six compiles at once took minutes.
 docs/default_run.md has the sweep that chose the default's settings.

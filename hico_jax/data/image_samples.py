@@ -2,7 +2,8 @@
 
 A sample's images become uint8 tiles (one image: anyres_nopad, base + up to 6x6; several: one padded tile each,
 hico_jax.data.image) and, per token, `image_order`: for the k-th placeholder of the sample's images, the index
-of the token it receives among the sample's tiles' tokens (tile by tile, 64 each); -1 for every other token.
+of the token it receives among the sample's tiles' tokens (tile by tile, tokens_per_tile each: the reference's 64,
+fewer for a tile of fewer patches, as the model's HiCoConfig.tokens_per_tile says); -1 for every other token.
 Packing then concatenates the rows' tiles in sample order, as it does frames, and `visual_index` (in
 FinishBatch, before any zig-zag) turns both into the index each placeholder takes in the model's row of visual
 tokens: the row's video tokens (frame_budget·16, clips in order) then its tiles' tokens
@@ -15,14 +16,12 @@ from __future__ import annotations
 import numpy as np
 
 from hico_jax.data import image as image_io
-from hico_jax.data.text import SampleTooLongError, VISUAL_TOKENS_PER_FRAME
+from hico_jax.data.text import SampleTooLongError
 from hico_jax.tokens import VIDEO_TOKEN_ID
 
-TOKENS_PER_TILE = image_io.TOKENS_PER_TILE
 
-
-def decode_images(blobs: list[bytes], header: dict, image_size: int, tile_budget: int,
-                  pinpoints=image_io.DEFAULT_PINPOINTS) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+def decode_images(blobs: list[bytes], header: dict, image_size: int, tile_budget: int, pinpoints: str, *,
+                  tokens_per_tile: int) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
   """(tiles (N, S, S, 3) uint8, visual token count per image, token order per image offset to the sample's
   tiles). ImageDecodeError for an image that does not decode; SampleTooLongError past tile_budget."""
   if tile_budget <= 0:
@@ -39,8 +38,8 @@ def decode_images(blobs: list[bytes], header: dict, image_size: int, tile_budget
     raise SampleTooLongError(f"{num_tiles} image tiles exceed data.tile_budget={tile_budget}")
   counts, orders, first = [], [], 0
   for tiles, grid in per_image:
-    counts.append(len(tiles) * TOKENS_PER_TILE)
-    orders.append(first * TOKENS_PER_TILE + image_io.anyres_token_order(grid, TOKENS_PER_TILE))
+    counts.append(len(tiles) * tokens_per_tile)
+    orders.append(first * tokens_per_tile + image_io.anyres_token_order(grid, tokens_per_tile))
     first += len(tiles)
   return np.concatenate([tiles for tiles, _ in per_image]), counts, orders
 
@@ -59,7 +58,7 @@ def image_order(input_ids: np.ndarray, orders: list[np.ndarray]) -> np.ndarray:
 
 
 def visual_index(input_ids: np.ndarray, image_orders: np.ndarray, segment_ids: np.ndarray,
-                 frame_budget: int) -> np.ndarray:
+                 frame_budget: int, tokens_per_frame: int) -> np.ndarray:
   """(B, L) packed rows -> for each placeholder its index in the row's visual tokens (video tokens, then tile
   tokens); 0 elsewhere. Rows must be in packed order (segments contiguous), not zig-zagged."""
   is_visual = input_ids == VIDEO_TOKEN_ID
@@ -69,8 +68,8 @@ def visual_index(input_ids: np.ndarray, image_orders: np.ndarray, segment_ids: n
   positions = np.arange(input_ids.shape[1])
   starts = np.concatenate([np.ones((len(segment_ids), 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   segment_start = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
-  # A sample's image tokens follow the image tokens of the row's earlier samples, one tile's 64 for 64 tokens.
+  # A sample's image tokens follow the image tokens of the row's earlier samples.
   tile_offset = np.take_along_axis(images_before, segment_start, axis=1)
-  video_tokens = frame_budget * VISUAL_TOKENS_PER_FRAME
+  video_tokens = frame_budget * tokens_per_frame
   index = np.where(is_image, video_tokens + tile_offset + image_orders, np.where(is_visual, video_rank, 0))
   return index.astype(np.int32)

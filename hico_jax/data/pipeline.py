@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import grain
 import numpy as np
@@ -57,17 +58,27 @@ class DataConfig:
   num_workers: int = 0
   seed: int = 0
   num_epochs: int | None = None      # None: repeat forever
-  # The vision tower's frames per clip (model.vit.clip_frames), given to from_dict by whoever builds the
-  # model: rows hold whole clips, so frame counts are multiples of it.
+  # The model's numbers, given to from_dict by whoever builds the model (HiCoConfig.pipeline_counts()); the
+  # defaults are the reference's. The vision tower's frames per clip (model.vit.clip_frames): rows hold whole
+  # clips, so frame counts are multiples of it. Placeholders a frame (model.tokens_per_clip / clip_frames) and
+  # a tile (HiCoConfig.tokens_per_tile: 64, or a tile's patches where fewer): the model splices exactly that
+  # many visual tokens into them, so the data must be written for the model that trains on it.
   clip_frames: int = 4
+  visual_tokens_per_frame: int = 16
+  tokens_per_tile: int = 64
 
   @classmethod
-  def from_dict(cls, fields, clip_frames: int = 4) -> "DataConfig":
-    """`fields`: the config's data section; `clip_frames`: the vision tower's (model.vit.clip_frames)."""
+  def from_dict(cls, fields, clip_frames: int = 4, visual_tokens_per_frame: int = 16,
+                tokens_per_tile: int = 64) -> "DataConfig":
+    """`fields`: the config's data section; the rest the model's (`**model_config.pipeline_counts()`)."""
     fields = dict(fields)
     if "clip_frames" in fields:
       raise ValueError("data.clip_frames is the vision tower's: set model.vit.clip_frames instead")
-    fields["clip_frames"] = clip_frames
+    for name in ("visual_tokens_per_frame", "tokens_per_tile"):
+      if name in fields:
+        raise ValueError(f"data.{name} is the model's (its merge): set model.tokens_per_clip instead")
+    fields.update(clip_frames=clip_frames, visual_tokens_per_frame=visual_tokens_per_frame,
+                  tokens_per_tile=tokens_per_tile)
     check_fields(cls, fields, "data")
     if "strategies" in fields:
       fields["strategies"] = tuple(tuple(x) for x in (fields["strategies"].items() if isinstance(
@@ -84,6 +95,12 @@ class DataConfig:
       raise ValueError(f"data.packing={config.packing!r} is not first_fit or best_fit")
     if config.tile_budget < 0:
       raise ValueError(f"data.tile_budget={config.tile_budget} must be >= 0 (0: the stage takes no images)")
+    if config.visual_tokens_per_frame < 1 or config.tokens_per_tile < 1:
+      raise ValueError(f"visual tokens a frame ({config.visual_tokens_per_frame}) and a tile "
+                       f"({config.tokens_per_tile}) must be >= 1: check model.tokens_per_clip")
+    if config.tile_budget and math.isqrt(config.tokens_per_tile) ** 2 != config.tokens_per_tile:
+      raise ValueError(f"an image tile of {config.tokens_per_tile} tokens cannot take the anyres layout, which views "
+                       "a tile's tokens as a square: set model.tokens_per_clip to a square (the reference's 64)")
     image.grid_pinpoints(config.image_grid_pinpoints, config.image_size)   # a bad string fails here, named
     return config
 
@@ -159,10 +176,11 @@ class DecodeSample(grain.transforms.Map):
           raise text.SampleTooLongError(f"{num_frames} frames exceed data.frame_budget={cfg.frame_budget}")
       elif header["media_type"] == "image":
         tiles, image_tokens, orders = image_samples.decode_images(blobs, header, cfg.image_size, cfg.tile_budget,
-                                                                  cfg.image_grid_pinpoints)
+                                                                  cfg.image_grid_pinpoints,
+                                                                  tokens_per_tile=cfg.tokens_per_tile)
       sample = text.encode_sample(header["conversations"], self._tokenizer, num_frames=num_frames,
                                   duration=duration, template=cfg.template, max_length=cfg.token_budget,
-                                  image_tokens=image_tokens)
+                                  image_tokens=image_tokens, tokens_per_frame=cfg.visual_tokens_per_frame)
     except (ValueError, KeyError, TypeError, IndexError) as e:   # VideoDecodeError, SampleTooLongError are ValueErrors
       _log_skip(record_id, f"{type(e).__name__}: {e}")
       return {"skip": np.int32(1)}
@@ -228,14 +246,16 @@ class SkipCounting(grain.IterDataset):
 class FinishBatch(grain.transforms.Map):
   """Packed batch -> the names the trainer uses; zig-zag along the sequence for seq-parallel meshes."""
 
-  def __init__(self, seq_shards: int):
+  def __init__(self, seq_shards: int, tokens_per_frame: int):
     self.seq_shards = seq_shards
+    self.tokens_per_frame = tokens_per_frame
 
   def map(self, batch: dict) -> dict:
-    return _finish_batch(batch, self.seq_shards)
+    return _finish_batch(batch, self.seq_shards, self.tokens_per_frame)
 
 
-def _finish_batch(batch: dict, seq_shards: int) -> dict:
+def _finish_batch(batch: dict, seq_shards: int, tokens_per_frame: int) -> dict:
+  """`tokens_per_frame`: DataConfig.visual_tokens_per_frame (a row's video tokens come before its tiles')."""
   out = {
       "input_ids": batch["input_ids"], "targets": batch["targets"],
       "segment_ids": batch["input_ids_segment_ids"], "positions": batch["input_ids_positions"],
@@ -244,7 +264,8 @@ def _finish_batch(batch: dict, seq_shards: int) -> dict:
   if "tiles" in batch:      # rows with images: each placeholder's index in the row's visual tokens
     out["tiles"] = batch["tiles"]
     out["visual_index"] = image_samples.visual_index(out["input_ids"], batch["image_order"], out["segment_ids"],
-                                                     frame_budget=batch["frames"].shape[1])
+                                                     frame_budget=batch["frames"].shape[1],
+                                                     tokens_per_frame=tokens_per_frame)
   if seq_shards > 1:
     for key in [k for k in ("input_ids", "targets", "segment_ids", "positions", "visual_index") if k in out]:
       out[key] = zigzag(out[key], seq_shards)
@@ -280,7 +301,7 @@ def make_dataset(config: DataConfig, *, batch_size: int, process_index: int = 0,
   it = packer(it, length_struct=lengths,
               num_packing_bins=config.num_packing_bins, seed=config.seed, meta_features=("num_skipped",))
   it = it.batch(batch_size, drop_remainder=True)
-  it = it.map(FinishBatch(seq_shards))
+  it = it.map(FinishBatch(seq_shards, config.visual_tokens_per_frame))
   if config.num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=2))
   return it

@@ -15,7 +15,8 @@ does not depend on how many pictures or which tasks are asked for.
 
 `make_image_dataset` writes out_dir/images/<task>_<index>.png, out_dir/annotations/<task>.jsonl (LLaVA records
 {"id", "image", "conversations", "task"}; "image" a path relative to images/, or a list of two) and
-out_dir/data.yaml (media_type image), the layout `hico_jax.data.tfds_longvid.build` reads.
+out_dir/data.yaml (media_type image), the layout `hico_jax.data.tfds_longvid.build` reads, and
+out_dir/manifest.json (the parameters, written last): a later call with the same ones writes nothing.
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ def make_image_dataset(out_dir, *, num_images: int = 100, seed: int = 0, size: i
   if num_images < 1 or size < 16:
     raise ValueError(f"need num_images >= 1 and size >= 16, got {num_images} and {size}")
   out_dir = Path(out_dir)
+  params = {"num_images": num_images, "seed": seed, "size": size, "tasks": list(tasks)}
+  manifest_path, yaml_path = out_dir / "manifest.json", out_dir / "data.yaml"
+  if manifest_path.is_file() and yaml_path.is_file():      # written last: a crashed build has none
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("params") == params:
+      return SyntheticDataset(yaml_path=yaml_path, counts=manifest["counts"], reused=True)
+    manifest_path.unlink()
   (out_dir / "images").mkdir(parents=True, exist_ok=True)
   (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
   counts = {task: num_images // len(tasks) + (k < num_images % len(tasks)) for k, task in enumerate(tasks)}
@@ -120,5 +128,6 @@ def make_image_dataset(out_dir, *, num_images: int = 100, seed: int = 0, size: i
     (out_dir / "annotations" / f"{task}.jsonl").write_text("".join(line + "\n" for line in lines))
     datasets.append({"name": task, "json_path": f"annotations/{task}.jsonl", "data_root": "images",
                      "sampling_strategy": "all", "media_type": "image"})
-  (out_dir / "data.yaml").write_text(yaml.safe_dump({"datasets": datasets}, sort_keys=False))
-  return SyntheticDataset(yaml_path=out_dir / "data.yaml", counts=counts)
+  yaml_path.write_text(yaml.safe_dump({"datasets": datasets}, sort_keys=False))
+  manifest_path.write_text(json.dumps({"params": params, "counts": counts}) + "\n")
+  return SyntheticDataset(yaml_path=yaml_path, counts=counts)

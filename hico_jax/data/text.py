@@ -29,7 +29,9 @@ import numpy as np
 
 from hico_jax.tokens import IGNORE_INDEX, VIDEO_TOKEN_ID
 
-VISUAL_TOKENS_PER_FRAME = 16   # 4-frame clips of 64 tokens after the HiCo merge (§1)
+# The reference's placeholders a frame: 4-frame clips of 64 tokens after the HiCo merge (§1). The default of
+# `tokens_per_frame` below; training passes the model's (DataConfig.visual_tokens_per_frame).
+VISUAL_TOKENS_PER_FRAME = 16
 IMAGE_TAG = "<image>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 TEMPLATES = ("qwen_2", "plain")
@@ -57,17 +59,19 @@ def time_message(duration: float, num_frames: int) -> str:
 def encode_sample(conversations: Sequence[dict], tokenizer, *, num_frames: int | None = None,
                   duration: float | None = None, template: str = "qwen_2",
                   system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_length: int | None = None,
-                  image_tokens: Sequence[int] | None = None) -> dict:
+                  image_tokens: Sequence[int] | None = None,
+                  tokens_per_frame: int = VISUAL_TOKENS_PER_FRAME) -> dict:
   """One LLaVA-format record as training arrays: {"input_ids": int32 (L,), "labels": int32 (L,)}.
 
   conversations: `[{"from": "human"|"gpt", "value": str}, ...]`, alternating, `<image>` once in the first human
     turn for a video sample and nowhere for a text-only one.
   num_frames: the number of sampled frames T for a video sample (None: text-only). The `<image>` becomes
-    `VISUAL_TOKENS_PER_FRAME * T` copies of VIDEO_TOKEN_ID, labelled IGNORE_INDEX.
+    `tokens_per_frame * T` copies of VIDEO_TOKEN_ID, labelled IGNORE_INDEX.
   duration: seconds, for the time message; None leaves the message out (the reference's `time_msg=None`).
   template: "qwen_2" (stages 2-4) or "plain" (stage 1: caption only, no system prompt, no time message).
   max_length: right-truncate to this many tokens as the reference does; SampleTooLongError when the visual span
     itself does not fit.
+  tokens_per_frame: placeholders a frame (the model's tokens_per_clip / clip_frames; the reference's 16).
   image_tokens: for an image sample (instead of num_frames), each image's visual token count; the j-th
     `<image>` of the conversation becomes the j-th image's placeholders. A lone tag moves to the front of its turn
     as for a video, with no time message (the reference's preprocess_multimodal with msg="").
@@ -89,7 +93,7 @@ def encode_sample(conversations: Sequence[dict], tokenizer, *, num_frames: int |
     visual_counts = _check_image_sample(turns, image_tokens, has_video, template)
   else:
     _check_image_tags(turns, has_video)
-    visual_counts = [VISUAL_TOKENS_PER_FRAME * num_frames] if has_video else []
+    visual_counts = [tokens_per_frame * num_frames] if has_video else []
 
   if template == "plain":
     pieces, masked = _plain_pieces(turns, bool(visual_counts))
@@ -119,7 +123,7 @@ def encode_sample(conversations: Sequence[dict], tokenizer, *, num_frames: int |
     if visual.size and visual[-1] >= max_length:
       raise SampleTooLongError(
         f"sample is {len(input_ids)} tokens and its {visual.size}-token visual span "
-        f"({'images' if image_tokens is not None else f'{VISUAL_TOKENS_PER_FRAME} x {num_frames} frames'}) ends "
+        f"({'images' if image_tokens is not None else f'{tokens_per_frame} x {num_frames} frames'}) ends "
         f"at token {visual[-1] + 1}, past max_length={max_length}: visual tokens cannot be truncated")
     input_ids, labels = input_ids[:max_length], labels[:max_length]
   return {"input_ids": input_ids, "labels": labels}

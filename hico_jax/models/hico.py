@@ -8,7 +8,8 @@ k-th visual token. Clips are folded into one batch, sharded over (data, fsdp, se
 at a time (`nn.scan`), so memory stays bounded whatever the frame count.
 
 Images (videochat_flash.md §2, "Image layout") come as tiles (B, N, S, S, 3): each tile is one T = 1 frame of the
-same tower (its image position table), merged alone to 64 tokens and projected. Their layout (an anyres image's
+same tower (its image position table), merged alone to 64 tokens (`tokens_per_tile`: fewer where a tile has
+fewer patches) and projected. Their layout (an anyres image's
 base tile first, then its tiles' 8x8 blocks as one raster) is data, not model: `visual_index` tells each
 placeholder which of the row's visual tokens (video tokens, then tile tokens) it receives.
 """
@@ -61,6 +62,24 @@ class HiCoConfig:
     """Visual tokens of a video of `frames` frames (16 per frame)."""
     return frames // self.clip_frames * self.tokens_per_clip
 
+  @property
+  def tokens_per_tile(self) -> int:
+    """Visual tokens of one image tile: the clip's count (the reference merges a tile, alone, to the same 64 a
+    clip keeps), or every patch of the tile when it has fewer (a 64 px tile of 16 px patches has 16; there is
+    nothing to merge). Derived rather than a config field: the released configs have no such setting (one merge
+    size serves both), a field would let a config ask a tile for more tokens than it has patches, and the data
+    pipeline reads this same property (`pipeline_counts`), so the two cannot disagree. min() of two squares is a
+    square, as the anyres layout needs (a tile's tokens viewed as side x side) for every square tokens_per_clip.
+    """
+    return min(self.tokens_per_clip, self.vit.grid ** 2)
+
+  def pipeline_counts(self) -> dict[str, int]:
+    """What the training data must be written for: `DataConfig.from_dict(fields, **model.pipeline_counts())`.
+    Placeholders a frame are tokens_per_clip / clip_frames (a row's frames are whole clips);
+    hico_jax.validate checks that the division is exact."""
+    return {"clip_frames": self.clip_frames, "visual_tokens_per_frame": self.tokens_per_clip // self.clip_frames,
+            "tokens_per_tile": self.tokens_per_tile}
+
 
 class Projector(nn.Module):
   """Linear(vision width -> H), exact GELU, Linear(H -> H)."""
@@ -79,15 +98,17 @@ class Projector(nn.Module):
 
 
 class ClipEncoder(nn.Module):
-  """A chunk of clips (n, 4, S, S, 3) -> (n, 64, H): vision tower, merge, projector. Scanned over chunks."""
+  """A chunk of clips (n, 4, S, S, 3) -> (n, 64, H): vision tower, merge, projector. Scanned over chunks.
+  Image tiles come as one-frame clips (n, 1, S, S, 3) and leave as (n, tokens_per_tile, H)."""
   config: HiCoConfig
 
   @nn.compact
   def __call__(self, carry, clips):
     cfg = self.config
     clips = constrain(clips, ("act_clips", None, None, None, None))
-    features = UMTViT(cfg.vit, name="vision_tower")(clips)                 # (n, 4·g·g, width)
-    merged = tome.merge_tokens(features, cfg.tokens_per_clip, cfg.vit.num_heads)   # (n, 64, width)
+    features = UMTViT(cfg.vit, name="vision_tower")(clips)                 # (n, T·g·g, width)
+    target = cfg.tokens_per_clip if clips.shape[1] == cfg.clip_frames else cfg.tokens_per_tile
+    merged = tome.merge_tokens(features, target, cfg.vit.num_heads)        # (n, 64, width); no-op at g·g = target
     tokens = Projector(cfg.llm.hidden_size, DTYPES[cfg.llm.dtype], DTYPES[cfg.llm.param_dtype],
                        name="projector")(merged)
     return carry, constrain(tokens, ("act_clips", None, "act_emb"))
@@ -124,8 +145,9 @@ class HiCo(nn.Module):
     return tokens[0]
 
   def encode_images(self, tiles):
-    """(B, N, S, S, 3) normalised image tiles -> (B, N·64, H): each tile a T = 1 frame of the tower (its image
-    position table), merged alone to 64 tokens (the reference's compress=False), tile after tile."""
+    """(B, N, S, S, 3) normalised image tiles -> (B, N·tokens_per_tile, H): each tile a T = 1 frame of the tower
+    (its image position table), merged alone to 64 tokens (the reference's compress=False; every patch where a
+    tile has fewer), tile after tile."""
     cfg = self.config
     batch, num_tiles = tiles.shape[:2]
     check_tile_shape(cfg, tiles.shape)
@@ -243,11 +265,6 @@ def check_tile_shape(config: HiCoConfig, shape) -> None:
                      f"{tuple(shape)}")
   if shape[1] == 0:
     raise ValueError("image tiles must hold at least one tile a row (pass images=None for none)")
-  if config.vit.grid ** 2 < config.tokens_per_clip:
-    side = math.isqrt(config.tokens_per_clip - 1) + 1          # patches a side for that many tokens
-    raise ValueError(f"a {size}x{size} tile has {config.vit.grid ** 2} patch tokens, fewer than the "
-                     f"{config.tokens_per_clip} an image tile is merged to: use a vision tower of at least "
-                     f"{side * config.vit.patch_size} px")
 
 
 def init_inputs(config: HiCoConfig):

@@ -6,7 +6,10 @@ Two scores for each held-out record's first question:
           as multiple-choice video QA benchmarks are scored. Chance is 1 / num_choices.
   exact   teacher-forced, the greedy choice equals the reference at every answer token (the reference's
           NIAH rule). Chance is 1 / the number of distinct answers of the task.
-The prompt is laid out exactly as in training.
+The prompt is laid out exactly as in training. Video records take the sampled frames; image records (one
+picture: anyres tiles; several: one padded tile each) the tiles and token layout of the training pipeline
+(hico_jax.data.image_samples). Each task's result says which ("media"), and the table lists the image tasks
+apart, with their own summary line.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hico_jax.data import pipeline, text, tfds_longvid
+from hico_jax.data import image_samples, pipeline, text, tfds_longvid
 from hico_jax.data.tokenizer import load_tokenizer
 from hico_jax.models.hico import HiCo
 from hico_jax.train.step import normalize_frames
@@ -63,6 +66,16 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
     logits = jnp.einsum("bkd,dv->bkv", hidden, kernel, preferred_element_type=jnp.float32)
     return jax.nn.log_softmax(logits, axis=-1)
 
+  @jax.jit
+  def image_answer_log_probs(params, ids, tiles, visual_index, where):
+    """answer_log_probs for rows of one image sample: its tiles and each placeholder's tile token."""
+    _, aux = model.apply({"params": params}, ids, images=normalize_frames(tiles), visual_index=visual_index,
+                         return_logits=False)
+    hidden = jnp.take_along_axis(aux["hidden"], where[..., None], axis=1)
+    kernel = model.apply({"params": params}, method=lambda m: m.llm.head_kernel())
+    logits = jnp.einsum("bkd,dv->bkv", hidden, kernel, preferred_element_type=jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1)
+
   headers = [source[i] for i in range(len(source))]
   answers = collections.defaultdict(list)
   for header, _ in headers:
@@ -70,22 +83,33 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
   distinct = {task: sorted(set(values)) for task, values in answers.items()}
 
   choice, exact, seen, skipped = (collections.Counter() for _ in range(4))
+  media_of = {}
   for header, media in headers:
     task = header["dataset"]
     if seen[task] >= max_per_task:
       continue
+    media_of[task] = header["media_type"]
     question, answer = header["conversations"][0], header["conversations"][1]
+    is_image = header["media_type"] == "image"
     try:
-      frames, info = pipeline.sample_frames(media[0], header, data_config)
-    except (ValueError, IndexError):   # a video that does not decode: counted and reported, not scored
+      if is_image:     # every tile the picture asks for: no row budget here
+        tiles, image_tokens, orders = image_samples.decode_images(
+            media, header, size, 10**6, data_config.image_grid_pinpoints, tokens_per_tile=data_config.tokens_per_tile)
+      else:
+        frames, info = pipeline.sample_frames(media[0], header, data_config)
+    except (ValueError, IndexError):   # media that do not decode: counted and reported, not scored
       skipped[task] += 1
       continue
-    frames = frames[:frame_budget]
     others = [a for a in distinct[task] if a != answer["value"].strip()]
     candidates = [answer["value"].strip()] + list(rng.choice(others, min(num_choices - 1, len(others)), replace=False))
-    encoded = [text.encode_sample([question, {"from": "gpt", "value": c}], tokenizer, num_frames=len(frames),
-                                  duration=info["duration"], template=data_config.template)["input_ids"]
-               for c in candidates]
+    if is_image:
+      sample_args = dict(image_tokens=image_tokens)
+    else:
+      frames = frames[:frame_budget]
+      sample_args = dict(num_frames=len(frames), duration=info["duration"],
+                         tokens_per_frame=data_config.visual_tokens_per_frame)
+    encoded = [text.encode_sample([question, {"from": "gpt", "value": c}], tokenizer, template=data_config.template,
+                                  **sample_args)["input_ids"] for c in candidates]
     spans = [_answer_span(ids, c, tokenizer, data_config.template) for ids, c in zip(encoded, candidates)]
     length = _bucket(max(len(ids) for ids in encoded))
     batch = np.zeros((len(encoded), length), np.int32)
@@ -93,9 +117,16 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
     for row, (ids, (start, end)) in enumerate(zip(encoded, spans)):
       batch[row, :len(ids)] = ids
       where[row, :end - start] = np.arange(start - 1, end - 1)     # position t predicts token t + 1
-    clip = np.zeros((len(encoded), frame_budget, size, size, 3), np.uint8)
-    clip[:, :len(frames)] = frames
-    scores = np.asarray(answer_log_probs(params, jnp.asarray(batch), jnp.asarray(clip), jnp.asarray(where)))
+    if is_image:      # tiles padded to a multiple of 4 (fewer shapes to compile); padding is never looked at
+      padded = np.zeros((len(encoded), _bucket(len(tiles), 4), size, size, 3), np.uint8)
+      padded[:, :len(tiles)] = tiles
+      index = np.stack([np.maximum(image_samples.image_order(row, orders), 0) for row in batch])
+      scores = np.asarray(image_answer_log_probs(params, jnp.asarray(batch), jnp.asarray(padded), jnp.asarray(index),
+                                                 jnp.asarray(where)))
+    else:
+      clip = np.zeros((len(encoded), frame_budget, size, size, 3), np.uint8)
+      clip[:, :len(frames)] = frames
+      scores = np.asarray(answer_log_probs(params, jnp.asarray(batch), jnp.asarray(clip), jnp.asarray(where)))
     likelihoods = []
     for row, (ids, (start, end)) in enumerate(zip(encoded, spans)):
       answer_ids = ids[start:end]
@@ -107,7 +138,8 @@ def evaluate_qa(model: HiCo, params, eval_config, data_config) -> dict:
   score = lambda hits, task: hits[task] / seen[task] if seen[task] else float("nan")
   return {task: {"choice": score(choice, task), "choice_chance": 1.0 / min(num_choices, len(distinct[task])),
                  "exact": score(exact, task), "exact_chance": 1.0 / max(len(distinct[task]), 1),
-                 "count": seen[task], "skipped": skipped[task]} for task in sorted(set(seen) | set(skipped))}
+                 "count": seen[task], "skipped": skipped[task], "media": media_of.get(task, "video")}
+          for task in sorted(set(seen) | set(skipped))}
 
 
 def guessing_p_value(hits: int, count: int, chance: float) -> float:
@@ -136,22 +168,33 @@ def _format_p(p: float) -> str:
 
 def format_results(results: dict) -> str:
   """The per-task table; `p` is the chance of choosing at least this well by guessing (binomial tail over the
-  task's `n` questions), `*` marks p < SIGNIFICANCE."""
+  task's `n` questions), `*` marks p < SIGNIFICANCE. The video tasks come first with their summary line; tasks
+  whose "media" is "image" follow, with their own line, so the video line says the same with or without them."""
   lines = [f"{'task':22s} {'choice':>8s} {'chance':>8s} {'p':>8s}   {'exact':>8s} {'chance':>8s} {'n':>4s}"]
-  above, means = 0, []
-  for task, r in results.items():
-    hits = int(round(r["choice"] * r["count"])) if r["count"] else 0
-    p = guessing_p_value(hits, r["count"], r["choice_chance"])
-    mark = "*" if p < SIGNIFICANCE else " "
-    above += p < SIGNIFICANCE
-    if r["count"]:
-      means.append(r["choice"])
-    lines.append(f"{task:22s} {100 * r['choice']:7.1f}% {100 * r['choice_chance']:7.1f}% {_format_p(p):>8s} {mark} "
-                 f"{100 * r['exact']:7.1f}% {100 * r['exact_chance']:7.1f}% {r['count']:4d}")
-  mean = 100 * sum(means) / len(means) if means else float("nan")
-  lines.append(f"mean choice over {len(means)} tasks {mean:.1f}%; * = above chance at p < {SIGNIFICANCE} "
-               f"({above} of {len(results)} tasks; p: the chance of at least this many right by guessing)")
-  skipped = {task: r["skipped"] for task, r in results.items() if r.get("skipped")}
-  if skipped:
-    lines.append("not scored, the video did not decode: " + ", ".join(f"{t} {n}" for t, n in skipped.items()))
+  videos = {task: r for task, r in results.items() if r.get("media", "video") != "image"}
+  images = {task: r for task, r in results.items() if r.get("media", "video") == "image"}
+  for group, what in ((videos, ""), (images, "image ")):
+    if not group:
+      continue
+    above, means = 0, []
+    for task, r in group.items():
+      hits = int(round(r["choice"] * r["count"])) if r["count"] else 0
+      p = guessing_p_value(hits, r["count"], r["choice_chance"])
+      mark = "*" if p < SIGNIFICANCE else " "
+      above += p < SIGNIFICANCE
+      if r["count"]:
+        means.append(r["choice"])
+      lines.append(f"{task:22s} {100 * r['choice']:7.1f}% {100 * r['choice_chance']:7.1f}% {_format_p(p):>8s} {mark} "
+                   f"{100 * r['exact']:7.1f}% {100 * r['exact_chance']:7.1f}% {r['count']:4d}")
+    mean = 100 * sum(means) / len(means) if means else float("nan")
+    if what:
+      lines.append(f"mean choice over {len(means)} {what}tasks {mean:.1f}% ({above} of {len(group)} {what}tasks "
+                   f"above chance at p < {SIGNIFICANCE})")
+    else:
+      lines.append(f"mean choice over {len(means)} tasks {mean:.1f}%; * = above chance at p < {SIGNIFICANCE} "
+                   f"({above} of {len(group)} tasks; p: the chance of at least this many right by guessing)")
+  for group, what in ((videos, "video"), (images, "picture")):
+    skipped = {task: r["skipped"] for task, r in group.items() if r.get("skipped")}
+    if skipped:
+      lines.append(f"not scored, the {what} did not decode: " + ", ".join(f"{t} {n}" for t, n in skipped.items()))
   return "\n".join(lines)

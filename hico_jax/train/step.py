@@ -39,7 +39,8 @@ def make_train_step(model: HiCo, optimizer: optax.GradientTransformation, frozen
   def micro_sums(params, micro):
     # Frozen leaves are constants to autodiff: XLA then drops their weight-gradient matmuls.
     params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-    video = normalize_frames(micro["frames"])[:, None]
+    # A stage of still images only has rows of no frames (data.frame_budget 0): no video to encode.
+    video = normalize_frames(micro["frames"])[:, None] if micro["frames"].shape[1] else None
     slots = None
     # Rows with images carry their tiles and each placeholder's index into the row's visual tokens (video
     # tokens, then tile tokens), an index that moves with its token when rows are zig-zagged.

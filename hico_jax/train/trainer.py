@@ -41,7 +41,8 @@ def train(config, workdir: str) -> dict:
   # "auto" vision blocks made concrete for a training step: unrolled on GPUs (models/vit.py).
   model_config = dataclasses.replace(model_config, vit=dataclasses.replace(
       model_config.vit, block_loop=vit.training_block_loop(model_config.vit.block_loop, jax.default_backend())))
-  data_config = pipeline.DataConfig.from_dict(dict(config.data), clip_frames=model_config.clip_frames)
+  # The data are written for this model: its clip length and how many tokens a frame and a tile merge to.
+  data_config = pipeline.DataConfig.from_dict(dict(config.data), **model_config.pipeline_counts())
   eval_shards = config.eval.get("shards") if config.get("eval") else None
   for path, what in ((data_config.shards, "data.shards"), (data_config.tokenizer_dir, "data.tokenizer_dir"),
                      (config.init.get("path"), "init.path"), (eval_shards, "eval.shards")):
@@ -53,7 +54,7 @@ def train(config, workdir: str) -> dict:
   # -------------------------------------------------------------------------------------------------- mesh
   # jax.distributed.initialize() has already run (launch/) when there are several processes.
   mesh = sharding.make_mesh(config.mesh)
-  validate.validate_training(config, model_config, mesh)      # every misfit named, before any compile
+  validate.validate_training(config, model_config, mesh, data_config)   # every misfit named, before any compile
   if config.init.get("path"):
     init_weights.check_settings(config.init, model_config)    # settings no tensor shape carries
   seq_shards = sharding.axis_size(mesh, "act_len")      # tokens of a row are split over this many devices
