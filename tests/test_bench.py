@@ -14,17 +14,18 @@ from hico_jax.tokens import IGNORE_INDEX, VIDEO_TOKEN_ID
 
 
 def test_the_mixed_row_packs_videos_then_images_with_their_tokens_indexed_videos_first():
-  config = HiCoConfig.from_dict(dict(presets.hico("tiny")))          # 64 tokens a clip of 4 frames, or a tile
+  config = HiCoConfig.from_dict(dict(presets.hico("tiny")))          # 64 tokens a clip of 4 frames
   row = mixed.packed_row(config, np.random.default_rng(0), videos=2, frames=8, images=1, tiles=3, text_tokens=20)
-  # Samples: two videos of 2 clips (128 tokens each), one image of 3 tiles (192), each with 20 text tokens.
-  lengths = [128 + 20, 128 + 20, 192 + 20]
+  # Samples: two videos of 2 clips (128 tokens each), one image of 3 tiles, each with 20 text tokens. A 112 px
+  # tile of 16 px patches has 7 x 7 = 49 patches, fewer than 64, so it keeps all 49 (147 for the image).
+  lengths = [128 + 20, 128 + 20, 147 + 20]
   ids, segments, targets = row["input_ids"][0], row["segment_ids"][0], row["targets"][0]
   assert ids.shape == (sum(lengths),) and row["frames"].shape == (1, 16, 112, 112, 3)
   assert row["tiles"].shape == (1, 3, 112, 112, 3)
   starts = np.cumsum([0] + lengths[:-1])
   np.testing.assert_array_equal(segments, np.repeat([1, 2, 3], lengths))
   np.testing.assert_array_equal(row["positions"][0], np.concatenate([np.arange(n) for n in lengths]))
-  visual = [128, 128, 192]
+  visual = [128, 128, 147]
   expected_index = np.zeros(sum(lengths), np.int32)
   for start, count, first in zip(starts, visual, [0, 128, 256]):
     placeholders = np.arange(start + 8, start + 8 + count)
