@@ -125,6 +125,7 @@ EPISODIC_ROWS = [  # the published row's fields (json/episodic_reasoning.json)
      "show_name": "x", "start": 0.0, "end": 5.0, "fps": 3}]
 
 
+@pytest.mark.slow   # ~22 s on 2 cores; test_eval_tfds_source runs frame folders through the runner by default
 def test_the_tool_answers_episodic_reasoning_from_its_frame_folders(loaded, tmp_path):
   root = tmp_path / "mvbench"
   _json(root / "json/episodic_reasoning.json", EPISODIC_ROWS)

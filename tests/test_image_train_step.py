@@ -83,7 +83,8 @@ def _alone_loss_sums(config, params, sample, frames):
   return apply(params, ids, targets, video, images, index)
 
 
-@pytest.mark.parametrize("seq_shards", [1, 2])
+# One shard is ~20 s on 2 cores: slow; two shards run the same rows through the sequence-parallel step.
+@pytest.mark.parametrize("seq_shards", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_mixed_rows_take_the_summed_loss_of_their_samples_alone(tiny, seq_shards):
   config, params = tiny
   rows = _rows(np.random.default_rng(0))

@@ -254,7 +254,8 @@ def test_seq_shards_must_divide_the_token_budget(built):
 # ---------------------------------------------------------------------------------------------------------------
 # Iterator state
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+# Two worker processes take ~21 s on 2 cores: slow; in-process reading restores through the same state.
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_restored_iterator_continues_with_the_identical_batches(built, num_workers):
   config = _config(built, num_workers=num_workers, num_epochs=None)
   dataset = pipeline.make_dataset(config, batch_size=2)

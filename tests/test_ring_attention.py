@@ -200,6 +200,7 @@ def _splash_case(impl):
   _assert_close([unzigzag(x, 2) for x in got], want)
 
 
+@pytest.mark.slow   # ~14 s on 2 cores (Pallas interpret mode); the plain splash block test above stays
 @pytest.mark.usefixtures("xla_fallback_poisoned")
 def test_ring_with_splash_blocks_matches_dense_in_interpret_mode():
   _splash_case("ring")

@@ -185,6 +185,7 @@ def test_dropped_video_end_hands_its_newline_target_to_the_last_visual_token_kep
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 
+@pytest.mark.slow   # ~21 s on 2 cores; test_long_prefill's dropout case (the same check, padded batch) stays
 def test_cached_generation_with_dropout_equals_rerunning_the_whole_sequence_each_step():
   config = _llm_config()
   model = qwen2.Qwen2ForCausalLM(config, dropout=CARD)
@@ -219,6 +220,7 @@ def test_cached_generation_with_dropout_equals_rerunning_the_whole_sequence_each
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
+@pytest.mark.slow   # ~30 s on 2 cores; the training rule's masked = compacted tests above stay in the default suite
 def test_training_steps_with_dropout_on_an_8_device_mesh_reduce_the_loss_on_a_fixed_batch():
   compute = dict(dtype="float32", param_dtype="float32", remat_policy="none")
   config = HiCoConfig.from_dict({"vit": dict(presets.VIT_PRESETS["tiny"], image_size=64, **compute),
@@ -251,6 +253,7 @@ def test_training_steps_with_dropout_on_an_8_device_mesh_reduce_the_loss_on_a_fi
   assert float(metrics["num_tokens"]) == np.sum(targets >= 0)
 
 
+@pytest.mark.slow   # ~21 s on 2 cores; masked = compacted on packed and padded rows stays in the default suite
 def test_compacted_rows_without_segment_ids_equal_the_masked_form_though_rows_drop_different_counts():
   """Unpacked rows run without any attention mask once compacted (the tail padding is hidden by causality);
   the row that drops fewer tokens pads the other at its end."""
