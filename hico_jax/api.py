@@ -132,9 +132,7 @@ class CausalLM:
   def stacked_params(self) -> dict:
     """The params in the training and checkpoint layout (each layer-stacked leaf one array), as numpy."""
     params = jax.tree.map(np.asarray, jax.device_get(self.params))
-    if self.is_video_model:
-      return {**params, "llm": qwen2.stack_layers(params["llm"], stack=np.stack)}
-    return qwen2.stack_layers(params, stack=np.stack)
+    return _on_decoder(params, self.is_video_model, lambda llm: qwen2.stack_layers(llm, stack=np.stack))
 
   def _check_memory(self, input_ids, video, visual_tokens, max_new_tokens):
     shape = np.shape(input_ids)
@@ -249,10 +247,13 @@ class CausalLM:
     return ids, mask, self._embed_images(self.params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(index))
 
 
+def _on_decoder(params, is_video_model: bool, fn):
+  """params with `fn` applied to the decoder's part (all of a plain Qwen2's, "llm" of a video model's)."""
+  return {**params, "llm": fn(params["llm"])} if is_video_model else fn(params)
+
+
 def _unstack_decoder(params, is_video_model: bool, free_stacked: bool = False):
-  if is_video_model:
-    return {**params, "llm": qwen2.unstack_layers(params["llm"], free_stacked=free_stacked)}
-  return qwen2.unstack_layers(params, free_stacked=free_stacked)
+  return _on_decoder(params, is_video_model, lambda llm: qwen2.unstack_layers(llm, free_stacked=free_stacked))
 
 
 def _expand_placeholders(ids, mask, count):

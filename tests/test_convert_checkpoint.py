@@ -33,6 +33,7 @@ from hico_jax.models.qwen2 import Qwen2ForCausalLM
 from hico_jax.train import checkpoint as ckpt, init_weights
 from hico_jax.cli import convert_checkpoint as tool
 from tests.hf_reference import make_hf_qwen2, qwen2_dir_from_videochat_flash
+from tests.train_setup import hico_video_prompt_logits
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, SIZE = 320, 64
@@ -231,10 +232,8 @@ def test_run_and_its_export_compute_a_video_prompt_as_hico_with_the_runs_params(
   frames = video_lib.normalize(rng.integers(0, 256, (1, 4, SIZE, SIZE, 3), dtype=np.uint8))
   ids = rng.integers(0, VOCAB, (1, 12))
   ids[0, 5] = VIDEO_TOKEN_ID
-  expanded = np.concatenate([ids[:, :5], np.full((1, config.visual_tokens(4)), VIDEO_TOKEN_ID), ids[:, 6:]], axis=1)
-  want, _ = jax.jit(lambda p, i, v: HiCo(config).apply({"params": p}, i, v))(params, expanded, frames[:, None])
   got = from_run(ids, video=frames)
-  np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got, hico_video_prompt_logits(config, params, ids, frames), atol=1e-4, rtol=0)
   np.testing.assert_array_equal(got, from_export(ids, video=frames))
 
 

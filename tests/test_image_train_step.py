@@ -83,37 +83,10 @@ def _alone_loss_sums(config, params, sample, frames):
   return apply(params, ids, targets, video, images, index)
 
 
-# One shard is ~20 s on 2 cores: slow; two shards run the same rows through the sequence-parallel step.
-@pytest.mark.parametrize("seq_shards", [pytest.param(1, marks=pytest.mark.slow), 2])
-def test_mixed_rows_take_the_summed_loss_of_their_samples_alone(tiny, seq_shards):
-  config, params = tiny
-  rows = _rows(np.random.default_rng(0))
-  batch = pipeline._finish_batch(_pack(rows), seq_shards, tokens_per_frame=16)
-  if seq_shards > 1:       # the index moved with its tokens
-    np.testing.assert_array_equal(order.unzigzag(batch["visual_index"], seq_shards),
-                                  pipeline._finish_batch(_pack(rows), 1, tokens_per_frame=16)["visual_index"])
+def _assert_step_loss_is_the_samples_alone(config, params, rows, batch, seq_shards):
+  """The train step's loss and token count on the packed batch equal the sums of each sample run alone."""
   step = train_step.make_train_step(hico.HiCo(config), optax.sgd(0.0), jax.tree.map(lambda _: False, params),
                                     seq_shards=seq_shards)
-  state = train_step.init_state(params, optax.sgd(0.0))
-  _, metrics = jax.jit(step)(state, {k: v for k, v in batch.items() if k != "num_skipped"})
-
-  total = count = 0.0
-  for samples in rows:
-    for sample, frames in samples:
-      t, c = _alone_loss_sums(config, params, sample, frames)
-      total, count = total + float(t), count + float(c)
-  assert float(metrics["num_tokens"]) == count
-  np.testing.assert_allclose(float(metrics["loss"]), total / count, rtol=1e-5)
-
-
-def test_rows_of_pictures_alone_take_no_frames_and_the_summed_loss_of_their_samples(tiny):
-  """A stage of pictures only (data.frame_budget 0, the embedded default's stage 1): rows carry no frames, the
-  step encodes no video, and the tiles' tokens are the row's only visual tokens."""
-  config, params = tiny
-  rows = [[(sample, None) for sample, frames in samples if frames is None] for samples in _rows(np.random.default_rng(1))]
-  batch = pipeline._finish_batch(_pack(rows, frame_budget=0), 1, tokens_per_frame=16)
-  assert batch["frames"].shape[1] == 0
-  step = train_step.make_train_step(hico.HiCo(config), optax.sgd(0.0), jax.tree.map(lambda _: False, params))
   _, metrics = jax.jit(step)(train_step.init_state(params, optax.sgd(0.0)),
                              {k: v for k, v in batch.items() if k != "num_skipped"})
   total = count = 0.0
@@ -123,3 +96,25 @@ def test_rows_of_pictures_alone_take_no_frames_and_the_summed_loss_of_their_samp
       total, count = total + float(t), count + float(c)
   assert float(metrics["num_tokens"]) == count
   np.testing.assert_allclose(float(metrics["loss"]), total / count, rtol=1e-5)
+
+
+# One shard is ~20 s on 2 cores: slow; two shards run the same rows through the sequence-parallel step.
+@pytest.mark.parametrize("seq_shards", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_mixed_rows_take_the_summed_loss_of_their_samples_alone(tiny, seq_shards):
+  config, params = tiny
+  rows = _rows(np.random.default_rng(0))
+  batch = pipeline._finish_batch(_pack(rows), seq_shards, tokens_per_frame=16)
+  if seq_shards > 1:       # the index moved with its tokens
+    np.testing.assert_array_equal(order.unzigzag(batch["visual_index"], seq_shards),
+                                  pipeline._finish_batch(_pack(rows), 1, tokens_per_frame=16)["visual_index"])
+  _assert_step_loss_is_the_samples_alone(config, params, rows, batch, seq_shards)
+
+
+def test_rows_of_pictures_alone_take_no_frames_and_the_summed_loss_of_their_samples(tiny):
+  """A stage of pictures only (data.frame_budget 0, the embedded default's stage 1): rows carry no frames, the
+  step encodes no video, and the tiles' tokens are the row's only visual tokens."""
+  config, params = tiny
+  rows = [[(sample, None) for sample, frames in samples if frames is None] for samples in _rows(np.random.default_rng(1))]
+  batch = pipeline._finish_batch(_pack(rows, frame_budget=0), 1, tokens_per_frame=16)
+  assert batch["frames"].shape[1] == 0
+  _assert_step_loss_is_the_samples_alone(config, params, rows, batch, seq_shards=1)

@@ -23,10 +23,10 @@ import transformers
 import hico_jax
 from hico_jax import VIDEO_TOKEN_ID
 from hico_jax.data import pipeline, video as video_lib
-from hico_jax.models.hico import HiCo, HiCoConfig
+from hico_jax.models.hico import HiCoConfig
 from hico_jax.train import checkpoint as ckpt, progress, trainer
 from tests.hf_reference import qwen2_dir_from_videochat_flash
-from tests.train_setup import SIZE, numpy_tree, trainer_config
+from tests.train_setup import SIZE, hico_video_prompt_logits, numpy_tree, trainer_config
 
 
 def _train(config, workdir, kill_after=None, terminal=None):
@@ -178,10 +178,8 @@ def test_export_is_the_trained_model_for_transformers_qwen2_and_from_pretrained(
   frames = video_lib.normalize(rng.integers(0, 256, (1, 8, SIZE, SIZE, 3), dtype=np.uint8))
   ids = rng.integers(0, vocab, (1, 20))
   ids[0, 6] = VIDEO_TOKEN_ID
-  expanded = np.concatenate([ids[:, :6], np.full((1, config.visual_tokens(8)), VIDEO_TOKEN_ID), ids[:, 7:]], axis=1)
-  ours, _ = jax.jit(lambda p, i, v: HiCo(config).apply({"params": p}, i, v))(rounded, expanded, frames[:, None])
   logits = model(ids, video=frames)
   assert logits.shape == (1, 19 + 128, vocab)
-  np.testing.assert_allclose(logits, np.asarray(ours), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits, hico_video_prompt_logits(config, rounded, ids, frames), atol=1e-4, rtol=0)
 
 

@@ -128,3 +128,12 @@ def trainer_config(data_root, total_steps=4):
   c.export_hf = False
   return c
 
+
+def hico_video_prompt_logits(config, params, ids, frames):
+  """HiCo.__call__'s logits for a prompt (1, T) holding one VIDEO_TOKEN_ID and its normalised frames (1, F, ...):
+  the placeholder expanded to the video's visual tokens by hand, the reference a loaded model is checked against."""
+  at = int(np.flatnonzero(ids[0] == VIDEO_TOKEN_ID)[0])
+  expanded = np.concatenate([ids[:, :at], np.full((1, config.visual_tokens(frames.shape[1])), VIDEO_TOKEN_ID),
+                             ids[:, at + 1:]], axis=1)
+  logits, _ = jax.jit(lambda p, i, v: HiCo(config).apply({"params": p}, i, v))(params, expanded, frames[:, None])
+  return np.asarray(logits)
