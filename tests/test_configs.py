@@ -63,21 +63,25 @@ def test_stage_learning_rates_follow_the_reference():
   assert _config("configs/hico_7b.py", "stage1").data.template == "plain"
 
 
-def test_sweep_overrides_reach_the_stage2_config():
-  """tools/sweep_default.py: dotted overrides land where named (lists become the tuples configs use), a data
-  root rewires shards, tokenizer and held-out shards together, and a misspelt key fails instead of being
-  ignored."""
+def test_sweep_overrides_reach_the_stage_configs():
+  """tools/sweep_default.py: dotted overrides land where named (lists become the tuples configs use), a
+  "stage:" prefix limits one to that stage, a data root rewires shards, tokenizer and held-out shards together,
+  only the scored stage reads held-out shards, and a misspelt key fails instead of being ignored."""
   base = _config("configs/tiny_synthetic.py", "stage2")
-  config = sweep_default.stage2_config({"data": "/d", "model.llm.num_layers": 6, "optim.lr": 1e-3,
-                                "optim.schedule": [["visual/vision_tower/.*", 1.0], [".*", 1.0]]}, 3, 7)
+  overrides = {"data": "/d", "model.llm.num_layers": 6, "optim.lr": 1e-3, "stage1:total_steps": 90,
+               "optim.schedule": [["visual/vision_tower/.*", 1.0], [".*", 1.0]]}
+  config = sweep_default.stage_config("stage2", overrides, 3, 7)
   assert config.model.llm.num_layers == 6 != base.model.llm.num_layers
   assert config.optim.lr == 1e-3 and config.optim.schedule == (("visual/vision_tower/.*", 1.0), (".*", 1.0))
   assert (config.data.shards, config.data.tokenizer_dir, config.eval.shards) == ("/d/shards", "/d/tokenizer",
                                                                                    "/d/eval_shards")
   assert (config.seed, config.data.seed, config.eval.max_per_task) == (3, 3, 7)
+  assert config.total_steps == base.total_steps                     # stage 1's key left stage 2 alone
   assert config.model.vit.width == base.model.vit.width            # what was not named stays the default's
+  stage1 = sweep_default.stage_config("stage1", overrides, 3, None)
+  assert stage1.total_steps == 90 and stage1.model.llm.num_layers == 6 and stage1.eval.shards is None
   with pytest.raises((AttributeError, KeyError)):
-    sweep_default.stage2_config({"model.llm.num_layer": 6}, 0, 1)
+    sweep_default.stage_config("stage2", {"model.llm.num_layer": 6}, 0, 1)
 
 
 def test_every_model_field_named_in_the_readme_overrides_from_the_command_line(monkeypatch):
