@@ -63,3 +63,27 @@ def test_a_bar_needs_a_terminal_with_a_width():
       assert progress._is_terminal(stream) is bar
   os.close(leader)
   assert not progress._is_terminal(io.StringIO())
+
+
+def test_a_count_bar_draws_on_a_terminal_and_prints_one_line_elsewhere(monkeypatch, capfd):
+  """progress.count_bar (the held-out questions after training): a bar that counts on a terminal and is gone
+  when closed; elsewhere one line saying how many, and nothing per item; disabled, nothing at all."""
+  stream = io.StringIO()
+  monkeypatch.setattr(progress, "_is_terminal", lambda s: s is stream)
+  monkeypatch.setattr(progress.sys, "stderr", stream)
+  bar = progress.count_bar(3, "scoring held-out questions", "questions")
+  assert stream.getvalue().startswith("\rscoring held-out questions:   0%|") and "| 0/3 [" in stream.getvalue()
+  for _ in range(3):
+    bar.update()
+  assert bar.n == 3 and not bar.disable
+  bar.close()
+  assert stream.getvalue().endswith("\r") and "\n" not in stream.getvalue()     # cleared, not left behind
+  monkeypatch.undo()
+
+  for enabled, expected in ((True, ["scoring held-out questions: 3 questions"]), (False, [])):
+    bar = progress.count_bar(3, "scoring held-out questions", "questions", enabled=enabled)
+    for _ in range(3):
+      bar.update()
+    bar.close()
+    out, err = capfd.readouterr()
+    assert out == "" and err.splitlines() == expected

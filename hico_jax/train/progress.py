@@ -1,4 +1,5 @@
-"""A stage's progress in the terminal: one line that a run updates at each log step.
+"""A stage's progress in the terminal: one line that a run updates at each log step (and `count_bar`, the same
+rule for a count of items, such as the held-out questions scored after training).
 
 On a terminal it is a tqdm bar on stderr,
   stage2:  50%|█████     | 100/200 [01:23, loss 2.3456, 1.23 s/step, 812 tok/s, ETA 2.1 min]
@@ -70,3 +71,13 @@ class StageProgress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
+
+
+def count_bar(total: int, desc: str, unit: str, *, enabled: bool = True) -> tqdm:
+  """A bar on stderr for `total` items on a terminal, gone when closed. Elsewhere one plain line now ("desc:
+  total unit") and a silent bar: the items are quick, so a line per item would only be noise."""
+  on_terminal = enabled and _is_terminal(sys.stderr)
+  if enabled and not on_terminal:
+    print(f"{desc}: {total} {unit}", file=sys.stderr, flush=True)
+  return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
+              disable=not on_terminal)

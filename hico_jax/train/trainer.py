@@ -126,7 +126,8 @@ def train(config, workdir: str) -> dict:
   results = dict(last)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     if config.get("eval") and config.eval.get("shards"):
-      results["eval"] = evaluate.evaluate_qa(model, state["params"], config.eval, data_config)
+      results["eval"] = evaluate.evaluate_qa(model, state["params"], config.eval, data_config,
+                                             show_progress=jax.process_index() == 0)
     if config.get("export_hf"):
       tokenizer_dir = data_config.tokenizer_dir
       has_tokenizer = bool(tokenizer_dir) and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json"))
