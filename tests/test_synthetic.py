@@ -330,6 +330,7 @@ def test_multi_turn_per_task_adds_second_questions_and_changes_nothing_else(tmp_
     else:
       assert turns == [len(r["conversations"]) // 2 for r in before]
     for r in after:
-      assert (decode(plain.out_dir / "videos" / r["video"])[0] == decode(asked.out_dir / "videos" / r["video"])[0]).all()
+      frames = [decode(d.out_dir / "videos" / r["video"])[0] for d in (plain, asked)]
+      assert (frames[0] == frames[1]).all()
   with pytest.raises(ValueError, match="scene_relations"):
     synthetic.make_dataset(tmp_path / "bad", multi_turn={"scene_relations": 1.0}, **options)

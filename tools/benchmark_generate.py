@@ -9,9 +9,9 @@
 2. `jax`: `hico_jax.from_pretrained(dir)` with its defaults (plus the model card's visual dropout for
    "card": uniform0_attention, layers [4, 18], ratios [1, 0.75, 0.25]), then `model.generate(ids, video=frames,
    max_new_tokens=16)` for a chat()-style prompt and a video of F frames at the tower's size, for each F in
-   ascending order in one process: the first call (compile + run), then the median of three more; device peak memory
-   after each F (the allocator's peak so far: F ascending makes it F's), the time to load and the host's peak
-   memory while loading. eos is ignored, so every run makes 16 tokens.
+   ascending order in one process: the first call (compile + run), then the median of three more; device peak
+   memory after each F (the allocator's peak so far: F ascending makes it F's), the time to load and the host's
+   peak memory while loading. eos is ignored, so every run makes 16 tokens.
 3. `torch`: what the official chat() runs, in bf16 on the same weights: the independent PyTorch tower + merge +
    projector (tests/torch_reference, SDPA attention) over the clips (64 at a time), spliced into
    transformers' Qwen2ForCausalLM (sdpa) and its `generate(inputs_embeds=..., max_new_tokens=16)`.
@@ -36,8 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARD = {"type": "uniform0_attention", "layers": [4, 18], "ratios": [1.0, 0.75, 0.25]}
 QUESTION = "What happens in the video? Describe it in detail."
 MAX_NEW_TOKENS = 16
-# Calls timed after the first (which compiles, or warms PyTorch's kernels up): one PyTorch run varied by 10%
-# between runs (1.11-1.22 s at 1,000 frames), so the median of three is what a row reports.
+# Calls timed after the first (which compiles, or warms PyTorch's kernels up): the PyTorch path's time varies
+# by up to 25% from call to call (1.11-1.40 s at 1,000 frames), so a row reports the median of three.
 TIMED_RUNS = 3
 
 

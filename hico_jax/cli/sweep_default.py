@@ -7,8 +7,10 @@ runs.jsonl holds one run a line: {"name": "l4", "seed": 0, "overrides": {"model.
 applies to every stage; "stage2:total_steps" to one stage only. A key "data" names another data root (its
 shards/, eval_shards/ and tokenizer/, as hico_jax.train.default.prepare_data makes them, pictures included).
 Each run trains the stages of --stages in order (by default the default's: stage 1 on the pictures, then stage 2
-from it), in its own process, so that runs share nothing but the machine. On one GPU, runs at once share it well (the tiny model leaves it mostly idle) once XLA's GEMM
-autotuning is off (`XLA_FLAGS=--xla_gpu_autotune_level=0`): with it on, six compiles at once took minutes.
+from it), in its own process, so that runs share nothing but the machine. On one GPU, runs at once share it
+well (the tiny model leaves it mostly idle) once XLA's GEMM autotuning is off
+(`XLA_FLAGS=--xla_gpu_autotune_level=0`: with it on, six compiles at once took minutes), up to about one run a
+host CPU core: on an H200 host of 16 cores 12 runs at once took 4.2 minutes each, 24 three times longer.
 docs/default_run.md has the sweep that chose the default's settings.
 """
 
