@@ -18,16 +18,7 @@ DATA = "data/synthetic"
 # with durations drawn from 4-40 s that number is a key to each training video: the tiny model learned the
 # 600 training answers by it (training loss 0.14) and stayed at chance on held-out videos. With one duration
 # the answers can only come from the pixels.
-#
-# Every scene- and event-relation video is asked both of its questions (before and after; first and last), not a
-# quarter of them. Those two tasks are about order: with one question a video, a trained model named one of the
-# two colours in the video 99 times in 100 on held-out scene relations, but the one the question asked for only
-# half the time (seed 2, 2026-12-04), i.e. it saw the colours and never learnt to tell "before" from "after".
-# Both answers of the same frames side by side are that contrast. Each video and its first question (the one the
-# held-out table scores) stay as they were, and the second turn keeps a row's supervised tokens within the
-# head's chunk of 32 (26 and 30; captioning and grounding would need 33 and 46, so they keep a quarter).
-SYNTHETIC = dict(fps_range=(8, 8), duration_range=(8.0, 8.0),
-                 multi_turn={"scene_relation": 1.0, "event_relation": 1.0})
+SYNTHETIC = dict(fps_range=(8, 8), duration_range=(8.0, 8.0))
 # Still pictures (hico_jax.data.synthetic_images: a shape's colour, a count of shapes, a caption, which of two
 # pictures has more shapes), to train on and held out: (1000, 200), 50 held-out questions a picture task (the
 # videos keep their 100). Stage 1 takes ~640 of the 1000, stage 2 replays 50 a task.
