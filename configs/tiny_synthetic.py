@@ -50,8 +50,8 @@ def get_config(arg=None):
   # norm falls tenfold in the first ~150 steps, while the template is learnt (3.3 at step 10, clipped to 1; a
   # median 0.34 from step 200); with 0.999 those early gradients dominate the second moment for the rest of a
   # 1,000-step run and shrink every later update, which is when the answers are learnt. Mean over the five video
-  # tasks, seeds 0/1/2: GPU sweep 44 / 49 / 56% against 37-41% for 0.999; the 2-core CPU 53.4 / 39.4 / 57.4%
-  # against 56.4 / 44.0 / 39.4% (docs/default_run.md).
+  # tasks, seeds 0/1/2: GPU sweep 44 / 49 / 56% against 37-41% for 0.999; the 2-core CPU (at the 3e-3 of then)
+  # 53.4 / 39.4 / 57.4% against 56.4 / 44.0 / 39.4% (docs/default_run.md).
   c.optim.b2 = 0.95
   # The synthetic events start and end on sixteenths of each video, so 16 frames taken from the middles of 16
   # equal segments see every event; ~1 fps sampling can miss short ones (hico_jax/data/synthetic.py).
