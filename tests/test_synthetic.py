@@ -308,29 +308,3 @@ def test_cli_builds_reports_counts_and_rejects_bad_arguments(tmp_path):
   bad = subprocess.run(tool + ["--out", str(tmp_path / "e"), "--size", "63"], capture_output=True, text=True,
                        env=env)
   assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith("got 63")
-
-
-def test_multi_turn_per_task_adds_second_questions_and_changes_nothing_else(tmp_path):
-  """multi_turn={task: p}: the named tasks ask a second question as often as p says, the others keep
-  MULTI_TURN, and every video and first question is the one the default draws (the held-out first questions
-  stay comparable); a task that does not exist is refused."""
-  options = dict(num_videos=20, seed=3, size=32, fps_range=(8, 8), duration_range=(2.0, 2.0))
-  plain = synthetic.make_dataset(tmp_path / "plain", **options)
-  asked = synthetic.make_dataset(tmp_path / "asked", multi_turn={"scene_relation": 1.0, "event_relation": 0.0},
-                                 **options)
-  for task in synthetic.TASKS:
-    before = records(plain.out_dir / "annotations" / f"{task}.jsonl")
-    after = records(asked.out_dir / "annotations" / f"{task}.jsonl")
-    assert [r["conversations"][:2] for r in before] == [r["conversations"][:2] for r in after]
-    turns = [len(r["conversations"]) // 2 for r in after]
-    if task == "scene_relation":
-      assert turns == [2] * 4
-    elif task == "event_relation":
-      assert turns == [1] * 4
-    else:
-      assert turns == [len(r["conversations"]) // 2 for r in before]
-    for r in after:
-      frames = [decode(d.out_dir / "videos" / r["video"])[0] for d in (plain, asked)]
-      assert (frames[0] == frames[1]).all()
-  with pytest.raises(ValueError, match="scene_relations"):
-    synthetic.make_dataset(tmp_path / "bad", multi_turn={"scene_relations": 1.0}, **options)

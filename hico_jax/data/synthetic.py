@@ -13,7 +13,7 @@ The five LongVid task types (paper §3.3), each a tiny rendered world with a fix
   event_counting      N white full-screen flashes, N uniform in 1..5
                       "How many times does the screen flash?" -> "3."
 
-About a quarter of the records (multi_turn, settable per task) ask a second question about the same video.
+About a quarter of the records (multi_turn) ask a second question about the same video.
 
 Time is cut into `slots` equal parts (16 by default) and every event starts and ends on a slot boundary, so the
 number of frames T is a multiple of `slots`. Any sampler that takes the middle frame of each of n equal segments
@@ -45,7 +45,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -66,7 +66,6 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
 WHITE = (245, 245, 245)
 TASKS = ("captioning", "temporal_grounding", "event_relation", "scene_relation", "event_counting")
-MULTI_TURN = 0.25     # the share of records that ask a second question about their video
 CORRUPT_KINDS = ("truncated_video", "missing_video", "malformed_json", "empty_conversation")
 
 
@@ -361,8 +360,8 @@ def _check_params(num_videos, seed, size, tasks, fps_range, duration_range, slot
     raise ValueError(f"slots must be an integer >= 10 (counting up to 5 flashes needs 9), got {slots!r}")
   if not isinstance(corrupt, int) or corrupt < 0:
     raise ValueError(f"corrupt must be a non-negative integer, got {corrupt!r}")
-  if not all(0 <= p <= 1 for p in (multi_turn.values() if isinstance(multi_turn, dict) else [multi_turn])):
-    raise ValueError(f"multi_turn must be a probability in [0, 1] (or one a task), got {multi_turn!r}")
+  if not 0 <= multi_turn <= 1:
+    raise ValueError(f"multi_turn must be a probability in [0, 1], got {multi_turn!r}")
 
 
 def _clear_previous(out_dir: Path) -> None:
@@ -412,14 +411,12 @@ def _write_corrupt(videos: Path, count: int, seed: int, size: int, slots: int, f
 
 def make_dataset(out_dir, *, num_videos: int = 100, seed: int = 0, size: int = 64, tasks=TASKS,
                  fps_range=(4, 24), duration_range=(4.0, 40.0), slots: int = 16, corrupt: int = 0,
-                 multi_turn: float | Mapping[str, float] = MULTI_TURN) -> SyntheticDataset:
+                 multi_turn: float = 0.25) -> SyntheticDataset:
   """Builds (or finds already built) a synthetic dataset in out_dir; returns it, usable as data.yaml's path.
 
   num_videos is the total, split evenly over `tasks` (the first tasks take the remainder). fps is an integer
   drawn from fps_range; the duration is drawn from duration_range, then rounded so that the frame count is a
-  multiple of `slots`. About multi_turn of the records ask a second question about the same video; a mapping
-  {task: probability} sets it per task (tasks it does not name keep MULTI_TURN). The second question never
-  changes a video or its first question (each video's generator draws the same numbers up to it). corrupt=k
+  multiple of `slots`. About multi_turn of the records ask a second question about the same video. corrupt=k
   adds k bad records in annotations/corrupt.jsonl (see SyntheticDataset.corrupt). Deterministic given the
   arguments; a folder already holding the same parameters is returned as it is.
   """
@@ -430,11 +427,6 @@ def make_dataset(out_dir, *, num_videos: int = 100, seed: int = 0, size: int = 6
   if len(duration_range) != 2:
     raise ValueError(f"duration_range must be two numbers of seconds (lo, hi), got {duration_range!r}")
   fps_range, duration_range = tuple(int(v) for v in fps_range), tuple(float(v) for v in duration_range)
-  if isinstance(multi_turn, Mapping):
-    unknown = sorted(set(multi_turn) - set(TASKS))
-    if unknown:
-      raise ValueError(f"multi_turn names tasks {unknown} that do not exist; tasks are {TASKS}")
-    multi_turn = {task: float(multi_turn.get(task, MULTI_TURN)) for task in tasks}
   _check_params(num_videos, seed, size, tasks, fps_range, duration_range, slots, corrupt, multi_turn)
   params = {"version": GENERATOR_VERSION, "num_videos": num_videos, "seed": seed, "size": size,
             "tasks": list(tasks), "fps_range": list(fps_range), "duration_range": list(duration_range),
@@ -464,7 +456,7 @@ def make_dataset(out_dir, *, num_videos: int = 100, seed: int = 0, size: int = 6
     for i in range(count):
       frames, fps, conversations = GENERATORS[task](
           sample_rng(seed, task, i), size=size, fps_range=fps_range, duration_range=duration_range, slots=slots,
-          multi_turn=multi_turn[task] if isinstance(multi_turn, dict) else multi_turn)
+          multi_turn=multi_turn)
       name = f"{task}_{i:05d}"
       write_video(videos / f"{name}.mp4", frames, fps)
       records.append({"id": name, "video": f"{name}.mp4", "conversations": conversations, "task": task})
