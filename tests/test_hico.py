@@ -215,6 +215,24 @@ def test_kth_placeholder_receives_kth_visual_token_and_text_keeps_its_embedding(
     np.testing.assert_array_equal(embedded[row, text], table[ids[row, text]])
 
 
+def test_visual_tokens_encoded_beforehand_give_the_videos_logits_and_both_are_refused(tiny):
+  """visual_tokens= (the held-out scoring encodes a question's video once for its candidate rows): the same
+  logits as passing the video itself, the path the torch parity test checks; video and tokens together are
+  refused, since which to splice would be a guess."""
+  _, model, params = tiny
+  rng = np.random.default_rng(5)
+  video = _frames(rng, 1, 1, 8, 112, 112, 3)
+  ids = rng.integers(0, VOCAB, (3, 140)).astype(np.int32)
+  for row, at in enumerate((2, 5, 9)):
+    ids[row, at:at + 128] = VIDEO_TOKEN_ID
+  with_video, _ = model.apply({"params": params}, ids, np.repeat(video, 3, axis=0))
+  tokens = _encode(model, params, video)                         # (1, 128, H), broadcast to the three rows
+  beforehand, _ = model.apply({"params": params}, ids, visual_tokens=np.repeat(tokens, 3, axis=0))
+  np.testing.assert_allclose(beforehand, with_video, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="not both"):
+    model.apply({"params": params}, ids, np.repeat(video, 3, axis=0), visual_tokens=np.repeat(tokens, 3, axis=0))
+
+
 def test_packed_row_gets_sample_1s_tokens_then_sample_2s(tiny):
   """Two samples per row, each with its video (B, 2, T, ...); each sample's placeholders sit inside its own
   text, so the two spans are apart."""

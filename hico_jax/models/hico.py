@@ -208,13 +208,20 @@ class HiCo(nn.Module):
     return constrain(jnp.where(is_visual[..., None], spliced, text), ("act_batch", "act_len", "act_emb"))
 
   def __call__(self, input_ids, video=None, *, segment_ids=None, positions=None, return_logits=True,
-               targets=None, slots=None, compact_lengths=None, images=None, visual_index=None):
+               targets=None, slots=None, compact_lengths=None, images=None, visual_index=None, visual_tokens=None):
     """(logits (B, L, V), aux) as Qwen2ForCausalLM returns them, for a prompt with its videos.
 
     With visual dropout configured, the visual tokens are dropped inside the LLM (masked rows, or compacted
-    to the static `compact_lengths`); `targets` switch the text-guided query rule to training's."""
+    to the static `compact_lengths`); `targets` switch the text-guided query rule to training's.
+    visual_tokens: (B, N, H) from `visual_tokens_of_row`, encoded beforehand instead of `video` / `images`
+    (rows that share a video, such as one question's candidate answers, encode it once)."""
     visual_mask = input_ids == VIDEO_TOKEN_ID if self.config.visual_dropout is not None else None
-    embeddings = self.embed(input_ids, video, slots, images, visual_index)
+    if visual_tokens is not None:
+      if video is not None or images is not None:
+        raise ValueError("give visual_tokens or the video / images they come from, not both")
+      embeddings = self.splice_visual_tokens(input_ids, visual_tokens, slots, visual_index)
+    else:
+      embeddings = self.embed(input_ids, video, slots, images, visual_index)
     return self.llm(embeddings=embeddings, segment_ids=segment_ids, positions=positions,
                     return_logits=return_logits, visual_mask=visual_mask, targets=targets, slots=slots,
                     compact_lengths=compact_lengths)
