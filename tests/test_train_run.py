@@ -102,6 +102,19 @@ def test_run_preempted_after_2_of_4_steps_and_resumed_is_bit_identical_to_4_stra
   assert data == expected_data and data
 
 
+def test_a_workdir_of_another_seed_is_refused_before_anything_is_built(runs, synthetic_data):
+  """The resumed run's workdir holds its checkpoints up to step 4, seed 0. The same config with seed 1 would
+  resume them and report seed 0's model as its own: refused, naming both seeds and what to do, and the
+  checkpoints stay as they were."""
+  config = trainer_config(synthetic_data)
+  config.seed = config.data.seed = 1
+  before = sorted(os.listdir(runs.root / "resumed" / "checkpoints"))
+  with pytest.raises(ValueError, match=r"up to step 4, with seed 0 \(this run's: 1\) and data.seed 0 "
+                                       r"\(this run's: 1\).*its own --workdir"):
+    trainer.train(config, str(runs.root / "resumed"))
+  assert sorted(os.listdir(runs.root / "resumed" / "checkpoints")) == before
+
+
 def test_run_resources_are_all_closed_when_the_loop_stops_on_a_non_finite_loss(tmp_path):
   """The trainer's non-finite stop raises out of RunResources: the save in flight completes, the metric writer
   closes and the SIGTERM handler the run found is back. (The runs above cover the loop's end and SIGTERM.)"""

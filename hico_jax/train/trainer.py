@@ -33,6 +33,7 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------------------------------ config, workdir
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  check_resumable(workdir, config)
   pipeline.reset_skip_log()
   config_json = json.loads(config.to_json_best_effort())      # saved with the run and in every checkpoint
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -134,6 +135,27 @@ def train(config, workdir: str) -> dict:
       init_weights.export_hf(os.path.join(workdir, "hf"), model_config, state["params"],
                              tokenizer_dir=tokenizer_dir if has_tokenizer else None)
   return results
+
+
+def check_resumable(workdir: str, config) -> None:
+  """A workdir with checkpoints resumes from the latest. Refuse one whose run had another seed: resuming would
+  continue that run and report it as this one (the default's `--seed 1` after `--seed 0` in one checkout once
+  scored seed 0's model as seed 1's)."""
+  checkpointer = ckpt.Checkpointer(workdir)
+  try:
+    step = checkpointer.latest_step()
+    saved = checkpointer.saved_config(step) if step is not None else None
+  finally:
+    checkpointer.close()
+  if not saved:
+    return
+  pairs = (("seed", saved.get("seed"), config.get("seed")),
+           ("data.seed", saved.get("data", {}).get("seed"), config.data.get("seed")))
+  mismatched = [f"{key} {before} (this run's: {now})" for key, before, now in pairs if before != now]
+  if mismatched:
+    raise ValueError(f"{workdir} holds the checkpoints of another run, up to step {step}, with "
+                     f"{' and '.join(mismatched)}; resuming would continue that run under this one's name. "
+                     f"Give this run its own --workdir, or delete {workdir} to start over.")
 
 
 class RunResources:
