@@ -99,3 +99,12 @@ def test_a_few_steps_of_each_stage_train_and_the_table_lists_the_picture_tasks_a
   assert lines[6].startswith("mean choice over 5 tasks ") and "of 5 tasks; p:" in lines[6]
   assert [line.split()[0] for line in lines[7:11]] == sorted(synthetic_images.IMAGE_TASKS)
   assert lines[11].startswith("mean choice over 4 image tasks ") and len(lines) == 12
+
+
+def test_a_stage_whose_workdir_was_already_trained_says_so_instead_of_a_nan_loss():
+  """A second run of the default in the same checkout resumes each stage at its last step: no step runs, no
+  loss is logged, and the line says that instead of "final loss nan"."""
+  assert default.stage_line("stage2", 1000, 8.24, {"loss": 0.0781, "step": 1000}, "runs/tiny/stage2") == (
+      "stage2: 1000 steps in 8.2 min, final loss 0.078")
+  assert default.stage_line("stage1", 40, 0.01, {"eval": {}}, "runs/tiny/stage1") == (
+      "stage1: already trained to step 40 in runs/tiny/stage1; nothing to do (delete it to train again)")

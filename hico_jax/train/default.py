@@ -86,6 +86,14 @@ def prepare_data(root: str, train_videos: int, eval_videos: int, size: int, trai
   print(f"data ready in {time.perf_counter() - start:.1f} s")
 
 
+def stage_line(stage: str, steps: int, minutes: float, result: dict, workdir: str) -> str:
+  """The line a stage ends on. A workdir that already held the stage's last checkpoint trains nothing and
+  logs no loss: say so, rather than "final loss nan"."""
+  if "loss" not in result:
+    return f"{stage}: already trained to step {steps} in {workdir}; nothing to do (delete it to train again)"
+  return f"{stage}: {steps} steps in {minutes:.1f} min, final loss {result['loss']:.3f}"
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)
@@ -111,8 +119,7 @@ def main(argv):
     workdir = os.path.join(_WORKDIR.value, stage)
     start = time.perf_counter()
     results[stage] = trainer.train(config, workdir)
-    print(f"{stage}: {config.total_steps} steps in {(time.perf_counter() - start) / 60:.1f} min, "
-          f"final loss {results[stage].get('loss', float('nan')):.3f}")
+    print(stage_line(stage, config.total_steps, (time.perf_counter() - start) / 60, results[stage], workdir))
     previous = workdir
   final = results[_STAGES.value[-1]]
   with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
