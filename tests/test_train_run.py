@@ -109,7 +109,7 @@ def test_a_workdir_of_another_seed_is_refused_before_anything_is_built(runs, syn
   config = trainer_config(synthetic_data)
   config.seed = config.data.seed = 1
   before = sorted(os.listdir(runs.root / "resumed" / "checkpoints"))
-  with pytest.raises(ValueError, match=r"up to step 4, with seed 0 \(this run's: 1\) and data.seed 0 "
+  with pytest.raises(trainer.OtherRunInWorkdir, match=r"up to step 4, with seed 0 \(this run's: 1\) and data.seed 0 "
                                        r"\(this run's: 1\).*its own --workdir"):
     trainer.train(config, str(runs.root / "resumed"))
   assert sorted(os.listdir(runs.root / "resumed" / "checkpoints")) == before

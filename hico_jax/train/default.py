@@ -118,7 +118,10 @@ def main(argv):
       config.export_hf = stage == _STAGES.value[-1]
     workdir = os.path.join(_WORKDIR.value, stage)
     start = time.perf_counter()
-    results[stage] = trainer.train(config, workdir)
+    try:
+      results[stage] = trainer.train(config, workdir)
+    except trainer.OtherRunInWorkdir as error:    # a user's mistake, not a bug: one line, no traceback
+      raise SystemExit(f"error: {error}") from None
     print(stage_line(stage, config.total_steps, (time.perf_counter() - start) / 60, results[stage], workdir))
     previous = workdir
   final = results[_STAGES.value[-1]]

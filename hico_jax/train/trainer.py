@@ -137,6 +137,10 @@ def train(config, workdir: str) -> dict:
   return results
 
 
+class OtherRunInWorkdir(ValueError):
+  """The workdir holds checkpoints saved with another seed (check_resumable)."""
+
+
 def check_resumable(workdir: str, config) -> None:
   """A workdir with checkpoints resumes from the latest. Refuse one whose run had another seed: resuming would
   continue that run and report it as this one (the default's `--seed 1` after `--seed 0` in one checkout once
@@ -153,7 +157,7 @@ def check_resumable(workdir: str, config) -> None:
            ("data.seed", saved.get("data", {}).get("seed"), config.data.get("seed")))
   mismatched = [f"{key} {before} (this run's: {now})" for key, before, now in pairs if before != now]
   if mismatched:
-    raise ValueError(f"{workdir} holds the checkpoints of another run, up to step {step}, with "
+    raise OtherRunInWorkdir(f"{workdir} holds the checkpoints of another run, up to step {step}, with "
                      f"{' and '.join(mismatched)}; resuming would continue that run under this one's name. "
                      f"Give this run its own --workdir, or delete {workdir} to start over.")
 
