@@ -3,6 +3,7 @@ every module on the picture tasks alone (rows of no frames), stage 2 on videos a
 configs build for the 64 px model (16 tokens a tile); a few steps of each, small, train, and the held-out table
 lists the picture tasks apart from the five video tasks, whose summary line stays as it was."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -108,3 +109,29 @@ def test_a_stage_whose_workdir_was_already_trained_says_so_instead_of_a_nan_loss
       "stage2: 1000 steps in 8.2 min, final loss 0.078")
   assert default.stage_line("stage1", 40, 0.01, {"eval": {}}, "runs/tiny/stage1") == (
       "stage1: already trained to step 40 in runs/tiny/stage1; nothing to do (delete it to train again)")
+  # Stopped by SIGTERM before its first logged step: no loss either, and not finished.
+  assert default.stage_line("stage1", 40, 0.1, {"stopped_at": 3}, "runs/tiny/stage1") == (
+      "stage1: stopped at step 3 of 40 on SIGTERM, its checkpoint saved in runs/tiny/stage1; the same command "
+      "resumes it")
+
+
+def test_a_stage_stopped_by_sigterm_ends_the_sequence_instead_of_starting_the_next_from_it(monkeypatch, tmp_path,
+                                                                                           capsys):
+  """The trainer returns `stopped_at` when SIGTERM stopped it (tests/test_train_run.py checks that); the default
+  then stops too, rather than start stage 2 from an unfinished stage 1 while the job is being shut down."""
+  from absl import flags
+  from absl.testing import flagsaver
+  stages = []
+
+  def stopped_after_3_steps(config, workdir):
+    stages.append(os.path.basename(workdir))
+    return {"stopped_at": 3}
+
+  monkeypatch.setattr(default, "prepare_data", lambda *args, **kwargs: None)
+  monkeypatch.setattr(trainer, "train", stopped_after_3_steps)
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(workdir=str(tmp_path / "runs"), stage_config=str(REPO / "configs" / "tiny_synthetic.py")):
+    default.main([])
+  assert stages == ["stage1"]
+  assert "stage1: stopped at step 3 of 40 on SIGTERM" in capsys.readouterr().out

@@ -85,6 +85,7 @@ def test_run_preempted_after_2_of_4_steps_and_resumed_is_bit_identical_to_4_stra
       runs.straight, runs.killed, runs.resumed)
   assert killed["step"] == 2 and 2 in runs.killed_steps and max(runs.killed_steps) == 2
   assert resumed["step"] == straight["step"] == 4
+  assert killed["stopped_at"] == 2 and "stopped_at" not in resumed    # what the default's stage chain reads
   # The data iterator resumes at batch 3: the same batches, in the same order, as without the preemption.
   assert len(killed_batches) == 2 and len(resumed_batches) == 2 and len(straight_batches) == 4
   for i, (got, want) in enumerate(zip(killed_batches + resumed_batches, straight_batches)):

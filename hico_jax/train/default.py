@@ -89,6 +89,9 @@ def prepare_data(root: str, train_videos: int, eval_videos: int, size: int, trai
 def stage_line(stage: str, steps: int, minutes: float, result: dict, workdir: str) -> str:
   """The line a stage ends on. A workdir that already held the stage's last checkpoint trains nothing and
   logs no loss: say so, rather than "final loss nan"."""
+  if "stopped_at" in result:
+    return (f"{stage}: stopped at step {result['stopped_at']} of {steps} on SIGTERM, its checkpoint saved in "
+            f"{workdir}; the same command resumes it")
   if "loss" not in result:
     return f"{stage}: already trained to step {steps} in {workdir}; nothing to do (delete it to train again)"
   return f"{stage}: {steps} steps in {minutes:.1f} min, final loss {result['loss']:.3f}"
@@ -123,6 +126,8 @@ def main(argv):
     except trainer.OtherRunInWorkdir as error:    # a user's mistake, not a bug: one line, no traceback
       raise SystemExit(f"error: {error}") from None
     print(stage_line(stage, config.total_steps, (time.perf_counter() - start) / 60, results[stage], workdir))
+    if "stopped_at" in results[stage]:   # SIGTERM: the next stage must not start from an unfinished one
+      return
     previous = workdir
   final = results[_STAGES.value[-1]]
   with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:

@@ -117,7 +117,7 @@ def train(config, workdir: str) -> dict:
                         force=run.stop_requested or step == config.total_steps)
       if run.stop_requested:
         logging.info("stopped at step %d on SIGTERM; checkpoint saved", step)
-        return last
+        return {**last, "stopped_at": step}      # callers that chain stages must not go on
 
   summary = pipeline.skip_summary(os.path.join(workdir, "skipped_records.tsv"))
   if summary and jax.process_index() == 0:
