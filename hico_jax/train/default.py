@@ -87,8 +87,8 @@ def prepare_data(root: str, train_videos: int, eval_videos: int, size: int, trai
 
 
 def stage_line(stage: str, steps: int, minutes: float, result: dict, workdir: str) -> str:
-  """The line a stage ends on. A workdir that already held the stage's last checkpoint trains nothing and
-  logs no loss: say so, rather than "final loss nan"."""
+  """The line a stage ends on. A stage stopped by SIGTERM says where its checkpoint is; a workdir that already
+  held the stage's last checkpoint trains nothing and logs no loss: say so, rather than "final loss nan"."""
   if "stopped_at" in result:
     return (f"{stage}: stopped at step {result['stopped_at']} of {steps} on SIGTERM, its checkpoint saved in "
             f"{workdir}; the same command resumes it")

@@ -158,8 +158,8 @@ def check_resumable(workdir: str, config) -> None:
   mismatched = [f"{key} {before} (this run's: {now})" for key, before, now in pairs if before != now]
   if mismatched:
     raise OtherRunInWorkdir(f"{workdir} holds the checkpoints of another run, up to step {step}, with "
-                     f"{' and '.join(mismatched)}; resuming would continue that run under this one's name. "
-                     f"Give this run its own --workdir, or delete {workdir} to start over.")
+                            f"{' and '.join(mismatched)}; resuming would continue that run under this one's "
+                            f"name. Give this run its own --workdir, or delete {workdir} to start over.")
 
 
 class RunResources:
