@@ -103,15 +103,21 @@ def test_run_preempted_after_2_of_4_steps_and_resumed_is_bit_identical_to_4_stra
   assert data == expected_data and data
 
 
-def test_a_workdir_of_another_seed_is_refused_before_anything_is_built(runs, synthetic_data):
-  """The resumed run's workdir holds its checkpoints up to step 4, seed 0. The same config with seed 1 would
-  resume them and report seed 0's model as its own: refused, naming both seeds and what to do, and the
-  checkpoints stay as they were."""
+def test_a_workdir_of_another_seed_or_rope_base_is_refused_before_anything_is_built(runs, synthetic_data):
+  """The resumed run's workdir holds its checkpoints up to step 4, seed 0, RoPE base 1e4. The same config with
+  seed 1 would resume them and report seed 0's model as its own: refused, naming both seeds and what to do, and
+  the checkpoints stay as they were; likewise another RoPE base."""
   config = trainer_config(synthetic_data)
   config.seed = config.data.seed = 1
   before = sorted(os.listdir(runs.root / "resumed" / "checkpoints"))
   with pytest.raises(trainer.OtherRunInWorkdir, match=r"up to step 4, with seed 0 \(this run's: 1\) and data.seed 0 "
                                        r"\(this run's: 1\).*its own --workdir"):
+    trainer.train(config, str(runs.root / "resumed"))
+  # The same seed with another RoPE base: the checkpoint would restore without a shape error and compute
+  # something else.
+  config = trainer_config(synthetic_data)
+  config.model.llm.rope_theta = 1e6
+  with pytest.raises(trainer.OtherRunInWorkdir, match=r"model\.llm\.rope_theta 10000\.0 \(this run's: 1000000\.0\)"):
     trainer.train(config, str(runs.root / "resumed"))
   assert sorted(os.listdir(runs.root / "resumed" / "checkpoints")) == before
 

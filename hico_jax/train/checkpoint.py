@@ -59,6 +59,17 @@ class Checkpointer:
     self.manager.close()
 
 
+def latest_config(workdir: str) -> tuple[int | None, dict]:
+  """(the latest finished step, the config saved with it) of a run directory, read without restoring any array:
+  (None, {}) when it has no step, {} for a step saved without a config."""
+  checkpointer = Checkpointer(workdir)
+  try:
+    step = checkpointer.latest_step()
+    return step, (checkpointer.saved_config(step) or {}) if step is not None else {}
+  finally:
+    checkpointer.close()
+
+
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` carrying `shardings` (a restore target on any mesh)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

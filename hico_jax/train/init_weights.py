@@ -46,13 +46,7 @@ def check_settings(init, model_config):
   saved with a run's latest step, or the HF config.json of the other kinds."""
   path, kind = init.path, init.get("kind", "run")
   if kind == "run":
-    checkpointer = ckpt.Checkpointer(path)
-    try:
-      step = checkpointer.latest_step()
-      saved = (checkpointer.saved_config(step) or {}) if step is not None else {}
-    finally:
-      checkpointer.close()
-    saved = saved.get("model", {}).get("llm", {})   # nothing to compare for steps saved without a config
+    saved = ckpt.latest_config(path)[1].get("model", {}).get("llm", {})   # {} for steps saved without a config
   elif kind == "videochat_flash":
     saved = dataclasses.asdict(videochat_flash.hf_config_to_hico(qwen2_hf.read_config(path), path).llm)
   elif kind == "qwen2":

@@ -138,23 +138,22 @@ def train(config, workdir: str) -> dict:
 
 
 class OtherRunInWorkdir(ValueError):
-  """The workdir holds checkpoints saved with another seed (check_resumable)."""
+  """The workdir holds checkpoints saved with another seed or decoder settings (check_resumable)."""
 
 
 def check_resumable(workdir: str, config) -> None:
-  """A workdir with checkpoints resumes from the latest. Refuse one whose run had another seed: resuming would
-  continue that run and report it as this one (the default's `--seed 1` after `--seed 0` in one checkout once
-  scored seed 0's model as seed 1's)."""
-  checkpointer = ckpt.Checkpointer(workdir)
-  try:
-    step = checkpointer.latest_step()
-    saved = checkpointer.saved_config(step) if step is not None else None
-  finally:
-    checkpointer.close()
+  """A workdir with checkpoints resumes from the latest. Refuse one whose run had another seed, or decoder
+  settings that no tensor's shape carries (init_weights.UNCARRIED_LLM_FIELDS: a RoPE base restores without a
+  shape error and computes something else): resuming would continue that run and report it as this one (the
+  default's `--seed 1` after `--seed 0` in one checkout once scored seed 0's model as seed 1's)."""
+  step, saved = ckpt.latest_config(workdir)
   if not saved:
     return
-  pairs = (("seed", saved.get("seed"), config.get("seed")),
-           ("data.seed", saved.get("data", {}).get("seed"), config.data.get("seed")))
+  pairs = [("seed", saved.get("seed"), config.get("seed")),
+           ("data.seed", saved.get("data", {}).get("seed"), config.data.get("seed"))]
+  saved_llm = saved.get("model", {}).get("llm", {})
+  pairs += [(f"model.llm.{name}", saved_llm[name], config.model.llm.get(name))
+            for name in init_weights.UNCARRIED_LLM_FIELDS if name in saved_llm]
   mismatched = [f"{key} {before} (this run's: {now})" for key, before, now in pairs if before != now]
   if mismatched:
     raise OtherRunInWorkdir(f"{workdir} holds the checkpoints of another run, up to step {step}, with "
